@@ -1,7 +1,7 @@
 """Typed wire messages for every channel, and the one codec that moves them.
 
 Channels (see docs/ARCHITECTURE.md):
-  gateway  -> scheduler : AddRequest, AbortRequest
+  gateway  -> scheduler : AddRequest, AbortRequest, StatsRequest
   scheduler -> gateway  : RequestOutputs, RequestError, SchedulerStats
   scheduler -> executor : ExecutorHello, StepPlan, Shutdown
   executor -> scheduler : ExecutorReady, StepResult, ExecutorError
@@ -75,6 +75,10 @@ class AddRequest(Message, tag="add"):
 
 class AbortRequest(Message, tag="abort"):
     request_id: str
+
+
+class StatsRequest(Message, tag="stats_request"):
+    """Ask the scheduler for a SchedulerStats reply (the gateway's /metrics and /health)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,7 +229,7 @@ class ExecutorError(Message, tag="executor_error"):
 # Codec
 
 AnyMessage = Union[
-    AddRequest, AbortRequest,
+    AddRequest, AbortRequest, StatsRequest,
     RequestOutputs, RequestError, SchedulerStats,
     ExecutorHello, StepPlan, Shutdown,
     ExecutorReady, StepResult, ExecutorError,

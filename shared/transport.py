@@ -1,0 +1,66 @@
+"""ZeroMQ plumbing shared by the services: addresses, sockets, framed send/recv through the codec.
+
+Topology (docs/ARCHITECTURE.md):
+  scheduler binds ROUTER at the *gateway address*; each gateway connects a DEALER.
+  executor  binds ROUTER at the *executor address*; the scheduler connects a DEALER.
+ROUTER sides receive ``[identity, frame]`` and answer to the same identity, so one scheduler can
+serve several gateways and a gateway can front several schedulers.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import zmq
+
+from shared.messages import Message, decode, encode
+
+
+def runtime_dir() -> str:
+    """A private directory for ipc:// sockets (mode 0700)."""
+    return tempfile.mkdtemp(prefix="pagedserve-")
+
+
+def ipc_address(directory: str, name: str) -> str:
+    return f"ipc://{os.path.join(directory, name)}.sock"
+
+
+def check_address(addr: str) -> str:
+    """Reject addresses ZeroMQ would choke on, with a message naming the flag's value."""
+    if not addr.startswith(("ipc://", "tcp://", "inproc://")):
+        raise ValueError(f"address must start with ipc://, tcp:// or inproc://, got {addr!r}")
+    return addr
+
+
+def router(ctx: zmq.Context, addr: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+    sock.bind(check_address(addr))
+    return sock
+
+
+def dealer(ctx: zmq.Context, addr: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(check_address(addr))
+    return sock
+
+
+def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None) -> None:
+    frame = encode(msg)
+    if identity is None:
+        sock.send(frame, copy=False)
+    else:
+        sock.send_multipart([identity, frame], copy=False)
+
+
+def recv(sock: zmq.Socket):
+    """DEALER side: one decoded message (raises ProtocolError on a bad frame)."""
+    return decode(sock.recv(copy=False).buffer)
+
+
+def recv_routed(sock: zmq.Socket):
+    """ROUTER side: (identity, raw frame). Decode separately so a bad frame can be answered."""
+    identity, frame = sock.recv_multipart(copy=False)
+    return identity.bytes, frame.buffer
