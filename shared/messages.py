@@ -126,6 +126,8 @@ class SchedulerStats(Message, tag="stats"):
     prompt_tokens: int = 0
     generation_tokens: int = 0
     executor_ready: bool = False
+    max_model_len: int = 0                     # the engine's context limit, once the executor is ready
+    block_size: int = 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""`pagedserve serve`: start executor, scheduler and gateway as processes on ipc:// sockets.
+
+The three services are the same programs compose runs (`pagedserve executor|scheduler|gateway`);
+this launcher only picks private socket paths, starts them in dependency order, waits until the
+gateway reports healthy, and tears everything down on Ctrl-C / SIGTERM (gateway first so no new
+requests arrive, then scheduler, then executor) and removes the socket directory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from shared.transport import ipc_address, runtime_dir
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="",
+                   help="HF folder, .gguf file or random:<preset> (default: bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default="")
+    p.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY", ""))
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-blocks", type=int, default=0, help="override the KV block count (0 = from memory budget)")
+    p.add_argument("--num-host-blocks", type=int, default=0, help="CPU swap pool blocks (0 = executor's default)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-memory", type=int, default=0, help="bytes of KV cache (0 = derive)")
+    p.add_argument("--max-model-len", type=int, default=0, help="0 = the model's own limit")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-waiting", type=int, default=1024)
+    p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cuda"])
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the weights to load")
+
+
+def service_commands(args: argparse.Namespace, sock_dir: str) -> dict[str, list[str]]:
+    """The three command lines, keyed by service name, in start order."""
+    executor_addr = ipc_address(sock_dir, "executor")
+    scheduler_addr = ipc_address(sock_dir, "scheduler")
+    py = [sys.executable, "-m"]
+    executor = py + ["services.executor", "--addr", executor_addr, "--model", args.model,
+                     "--dtype", args.dtype, "--device", args.device, "--block-size", str(args.block_size),
+                     "--num-blocks", str(args.num_blocks), "--kv-cache-memory", str(args.kv_cache_memory),
+                     "--gpu-memory-utilization", str(args.gpu_memory_utilization),
+                     "--max-model-len", str(args.max_model_len), "--attention-backend", args.attention_backend]
+    scheduler = py + ["services.scheduler", "--gateway-addr", scheduler_addr, "--executor-addr", executor_addr,
+                      "--block-size", str(args.block_size), "--num-host-blocks", str(args.num_host_blocks),
+                      "--max-num-seqs", str(args.max_num_seqs),
+                      "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+                      "--max-model-len", str(args.max_model_len), "--max-waiting", str(args.max_waiting),
+                      "--preemption-mode", args.preemption_mode, "--shutdown-executor",
+                      "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching"]
+    gateway = py + ["services.gateway", "--scheduler-addr", scheduler_addr, "--host", args.host,
+                    "--port", str(args.port), "--model", args.model]
+    if args.served_model_name:
+        gateway += ["--served-model-name", args.served_model_name]
+    if args.api_key:
+        gateway += ["--api-key", args.api_key]
+    return {"executor": executor, "scheduler": scheduler, "gateway": gateway}
+
+
+def wait_healthy(url: str, procs: dict[str, subprocess.Popen], timeout: float) -> None:
+    """Poll /health until 200, showing progress; raise if a service dies or time runs out."""
+    from tqdm import tqdm
+
+    deadline = time.monotonic() + timeout
+    with tqdm(desc="loading model and starting services", bar_format="{desc} {elapsed}", file=sys.stderr) as bar:
+        while time.monotonic() < deadline:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            bar.update()
+            time.sleep(0.5)
+    raise TimeoutError(f"services not healthy after {timeout:.0f}s")
+
+
+def stop_all(procs: dict[str, subprocess.Popen], grace: float = 10.0) -> None:
+    for name in ("gateway", "scheduler", "executor"):
+        proc = procs.get(name)
+        if proc is None or proc.poll() is not None:
+            continue
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 < args.port < 65536:
+        raise SystemExit(f"--port must be in 1..65535, got {args.port}")
+    sock_dir = runtime_dir()
+    procs: dict[str, subprocess.Popen] = {}
+
+    def on_signal(signum, frame):  # SIGTERM behaves like Ctrl-C: leave the wait loop and clean up
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for name, cmd in service_commands(args, sock_dir).items():
+            procs[name] = subprocess.Popen(cmd, start_new_session=True)
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        wait_healthy(f"http://{host}:{args.port}/health", procs, args.ready_timeout)
+        print(f"pagedserve ready on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+        while True:  # stay up while all three live
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    print(f"{name} exited with code {proc.returncode}; shutting down", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("shutting down", file=sys.stderr)
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        print(f"pagedserve serve: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop_all(procs)
+        shutil.rmtree(sock_dir, ignore_errors=True)

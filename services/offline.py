@@ -1,0 +1,204 @@
+"""Offline batch generation: scheduler and executor in one process, no sockets.
+
+``LLM(...).generate(prompts, params)`` is the Python face (like vLLM's ``LLM.generate``);
+``pagedserve generate`` is the command-line face. The step loop is the same one the services
+run over ZeroMQ: ``schedule() -> execute(plan) -> update(plan, result)``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field, replace
+
+from shared.config import CacheConfig, EngineConfig, SchedulerConfig
+from shared.messages import AddRequest, ExecutorError, RequestOutput, SamplingParams, TokenLogprobs
+
+
+@dataclass
+class Sample:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+
+
+@dataclass
+class Completion:
+    prompt_token_ids: list[int]
+    samples: list[Sample]
+    num_cached_tokens: int = 0
+
+
+class Engine:
+    """One scheduler driving one in-process worker."""
+
+    def __init__(self, config: EngineConfig, worker=None):
+        from services.executor.worker import Worker
+        from services.scheduler.scheduler import Scheduler
+
+        self.worker = worker if worker is not None else Worker(config)
+        ready = self.worker.ready()
+        cache = replace(config.cache, block_size=ready.block_size, num_blocks=ready.num_blocks,
+                        num_host_blocks=ready.num_host_blocks)
+        max_len = min(config.scheduler.max_model_len or ready.max_model_len, ready.max_model_len)
+        sched = replace(config.scheduler, max_model_len=max_len)
+        self.ready = ready
+        self.scheduler = Scheduler(sched.validate(), cache.validate(), eos_token_ids=ready.eos_token_ids)
+
+    def add(self, request: AddRequest) -> None:
+        error = self.scheduler.add_request(request)
+        if error is not None:
+            raise ValueError(f"request {request.request_id}: {error.message}")
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        result = self.worker.execute(plan)
+        if isinstance(result, ExecutorError):
+            raise RuntimeError(f"executor error at step {result.step_id}: {result.message}")
+        return self.scheduler.update(plan, result)
+
+    def run(self, requests: list[AddRequest], progress: bool = False) -> dict[str, list[Sample]]:
+        """Run requests to completion; returns samples per request id."""
+        from tqdm import tqdm
+
+        samples = {r.request_id: [Sample() for _ in range(r.sampling.n)] for r in requests}
+        for r in requests:
+            self.add(r)
+        total = sum(len(s) for s in samples.values())
+        with tqdm(total=total, desc="generating", unit="seq", disable=not progress, file=sys.stderr) as bar:
+            while self.scheduler.has_unfinished():
+                outputs = self.step()
+                for out in outputs:
+                    sample = samples[out.request_id][out.index]
+                    sample.token_ids.extend(out.token_ids)
+                    if out.logprobs:
+                        sample.logprobs = (sample.logprobs or []) + list(out.logprobs)
+                    if out.finish_reason is not None:
+                        sample.finish_reason = out.finish_reason
+                        bar.update()
+        return samples
+
+
+def load_tokenizer(model: str = ""):
+    from transformers import AutoTokenizer
+
+    from shared.model_path import resolve_model
+
+    src = resolve_model(model)
+    if src.random_preset:
+        raise ValueError("random-weight models have no tokenizer: pass token ids")
+    return AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
+
+
+class LLM:
+    """vLLM-style offline entry point: ``LLM().generate(["Hello"], SamplingParams(max_tokens=8))``."""
+
+    def __init__(self, config: EngineConfig | None = None, worker=None, tokenizer=None):
+        self.config = (config or EngineConfig()).validate()
+        self.engine = Engine(self.config, worker)
+        self.tokenizer = tokenizer
+        if self.tokenizer is None and not self.config.model.startswith("random:"):
+            self.tokenizer = load_tokenizer(self.config.model)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[Completion]:
+        params = params if params is not None else SamplingParams()
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts")
+        ids = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
+        requests = [AddRequest(request_id=str(i), prompt_token_ids=t, sampling=s)
+                    for i, (t, s) in enumerate(zip(ids, per_prompt))]
+        samples = self.engine.run(requests, progress=progress)
+        completions = []
+        for r in requests:
+            got = samples[r.request_id]
+            if self.tokenizer is not None:
+                for s in got:
+                    s.text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
+            completions.append(Completion(r.prompt_token_ids, got))
+        return completions
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="", help="HF folder, .gguf file or random:<preset> (default: bundled SmolLM2)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--input", help='JSONL file: {"prompt": "..."} or {"messages": [...]} per line')
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--num-blocks", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="one JSON object per input, in input order")
+
+
+def read_inputs(args: argparse.Namespace) -> list[dict]:
+    if args.prompt:
+        return [{"prompt": p} for p in args.prompt]
+    items = []
+    with open(args.input, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{args.input}:{lineno}: not JSON ({e.msg})")
+            if not isinstance(obj, dict) or not ({"prompt", "messages"} & obj.keys()):
+                raise SystemExit(f'{args.input}:{lineno}: expected {{"prompt": ...}} or {{"messages": [...]}}')
+            items.append(obj)
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    import msgspec
+
+    try:
+        params = msgspec.convert(dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                      top_k=args.top_k, seed=args.seed, n=args.n, ignore_eos=args.ignore_eos),
+                                 SamplingParams)
+        config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                              cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
+                              scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                                        max_num_batched_tokens=args.max_num_batched_tokens,
+                                                        max_model_len=args.max_model_len,
+                                                        max_waiting=1 << 30)).validate()
+    except (msgspec.ValidationError, ValueError) as e:
+        raise SystemExit(f"pagedserve generate: {e}")
+    items = read_inputs(args)
+    llm = LLM(config)
+    prompts = [llm.encode_chat(it["messages"]) if "messages" in it else it["prompt"] for it in items]
+    completions = llm.generate(prompts, params, progress=len(prompts) > 1)
+    for item, c in zip(items, completions):
+        if args.json:
+            texts = [s.text for s in c.samples]
+            ids = [s.token_ids for s in c.samples]
+            reasons = [s.finish_reason for s in c.samples]
+            one = args.n == 1
+            print(json.dumps({**item, "text": texts[0] if one else texts, "token_ids": ids[0] if one else ids,
+                              "finish_reason": reasons[0] if one else reasons}, ensure_ascii=False))
+        else:
+            for s in c.samples:
+                print(s.text)
+                print("-" * 40)
+    return 0
