@@ -1,0 +1,278 @@
+"""OpenAI API request and response models (msgspec Structs, validated on decode).
+
+Requests ignore unknown fields (clients send extras through ``extra_body``); known fields are
+range-checked here so a bad value is a 400 naming the parameter, never a scheduler error.
+"""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Optional, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+from shared.messages import SamplingParams
+
+Temperature = Annotated[float, Meta(ge=0.0, le=10.0)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+MaxTokens = Annotated[int, Meta(ge=1)]
+StopStrings = Union[str, Annotated[list[str], Meta(max_length=16)], None]
+
+
+class StreamOptions(Struct):
+    include_usage: bool = False
+
+
+class _SamplingFields(Struct, kw_only=True):
+    """Fields shared by /v1/completions and /v1/chat/completions (OpenAI names, plus vLLM's extras)."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[MaxTokens] = None
+    temperature: Optional[Temperature] = None
+    top_p: Optional[Annotated[float, Meta(gt=0.0, le=1.0)]] = None
+    n: Annotated[int, Meta(ge=1, le=64)] = 1
+    stop: StopStrings = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[Penalty] = None
+    frequency_penalty: Optional[Penalty] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+    # extras (vLLM-compatible names)
+    top_k: Optional[Annotated[int, Meta(ge=-1)]] = None
+    min_p: Optional[Annotated[float, Meta(ge=0.0, le=1.0)]] = None
+    repetition_penalty: Optional[Annotated[float, Meta(gt=0.0, le=10.0)]] = None
+    stop_token_ids: Optional[list[Annotated[int, Meta(ge=0)]]] = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Meta(ge=0)] = 0
+
+    @property
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return [s for s in stops if s]
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_tokens
+
+    def requested_logprobs(self) -> Optional[int]:
+        return None
+
+    def to_sampling(self, max_tokens: int) -> SamplingParams:
+        """Map to the wire SamplingParams; ``None`` fields keep the engine defaults."""
+        kw = dict(n=self.n, max_tokens=max_tokens, min_tokens=min(self.min_tokens, max_tokens),
+                  seed=self.seed, ignore_eos=self.ignore_eos, stop_token_ids=self.stop_token_ids or [],
+                  logprobs=self.requested_logprobs())
+        for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                     "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                kw[name] = value
+        return SamplingParams(**kw)
+
+
+class ContentPart(Struct):
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(Struct):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: Union[str, list[ContentPart], None] = None
+    name: Optional[str] = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"content parts of type {part.type!r} are not supported (text only)")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_SamplingFields, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: Optional[MaxTokens] = None
+    logprobs: bool = False
+    top_logprobs: Optional[Annotated[int, Meta(ge=0, le=20)]] = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: Optional[dict] = None
+
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def requested_logprobs(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+TokenIds = list[Annotated[int, Meta(ge=0)]]
+
+
+class CompletionRequest(_SamplingFields, kw_only=True):
+    # str | list[str] | list[int] | list[list[int]] (msgspec allows one array type per union)
+    prompt: Union[str, Annotated[list[Union[str, Annotated[int, Meta(ge=0)], TokenIds]], Meta(min_length=1)]]
+    logprobs: Optional[Annotated[int, Meta(ge=0, le=20)]] = None
+    echo: bool = False
+
+    def requested_logprobs(self) -> Optional[int]:
+        return self.logprobs
+
+    def single_prompt(self) -> Union[str, list[int]]:
+        """The one prompt of this request (a list of one prompt is accepted too)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return p
+        if all(isinstance(x, int) for x in p):
+            return p
+        if len(p) != 1 or isinstance(p[0], int):
+            raise InvalidRequest("prompt must be a string, a list of token ids, or a list of one of "
+                                 "those (batched prompts are not supported)", param="prompt")
+        if isinstance(p[0], list) and not p[0]:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        return p[0]
+
+
+_PARAM_RE = re.compile(r"at `\$\.([A-Za-z_]\w*)")
+
+
+def decode_request(body: bytes, cls: type[Struct]):
+    """Decode and validate; raise ``InvalidRequest`` with the offending parameter named."""
+    try:
+        return msgspec.json.decode(body, type=cls)
+    except msgspec.ValidationError as e:
+        m = _PARAM_RE.search(str(e))
+        raise InvalidRequest(str(e), param=m.group(1) if m else None) from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+
+
+class InvalidRequest(ValueError):
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.param = message, param
+
+
+# --------------------------------------------------------------------------------------------
+# responses
+
+
+class ErrorInfo(Struct):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[Union[str, int]] = None
+
+
+class ErrorResponse(Struct):
+    error: ErrorInfo
+
+
+class PromptTokensDetails(Struct):
+    cached_tokens: int = 0
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
+
+
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]]
+
+
+class ChatTokenLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Struct):
+    content: list[ChatTokenLogprob]
+
+
+class CompletionLogprobs(Struct):
+    tokens: list[str] = []
+    token_logprobs: list[Optional[float]] = []
+    top_logprobs: list[Optional[dict[str, float]]] = []
+    text_offset: list[int] = []
+
+
+class ChatMessageOut(Struct):
+    role: str
+    content: Optional[str]
+
+
+class ChatChoice(Struct):
+    index: int
+    message: ChatMessageOut
+    logprobs: Optional[ChatLogprobs]
+    finish_reason: Optional[str]
+
+
+class ChatCompletionResponse(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    object: str = "chat.completion"
+
+
+class ChatDelta(Struct, omit_defaults=True):
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(Struct):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionChunk(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+    object: str = "chat.completion.chunk"
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class CompletionResponse(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+    object: str = "text_completion"
+
+
+class ModelCard(Struct):
+    id: str
+    created: int
+    owned_by: str = "pagedserve"
+    max_model_len: Optional[int] = None
+    object: str = "model"
+
+
+class ModelList(Struct):
+    data: list[ModelCard]
+    object: str = "list"

@@ -1,0 +1,146 @@
+"""A scripted scheduler for gateway tests: a real zmq ROUTER in a thread, no engine behind it.
+
+Every AddRequest is answered by streaming the tokens of ``reply`` (tokenized with the real
+tokenizer) one token per RequestOutput, for each of the ``n`` samples, cut at ``max_tokens``
+(finish "length") or ending with EOS (finish "stop"). ``error`` makes it refuse requests with that
+RequestError code instead. Aborts and requests are recorded; StatsRequest gets SchedulerStats.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from shared import transport
+from shared.messages import (
+    AbortRequest, AddRequest, RequestError, RequestOutput, RequestOutputs, SchedulerStats,
+    StatsRequest, TokenLogprobs, decode,
+)
+
+
+@dataclass
+class _Active:
+    identity: bytes
+    req: AddRequest
+    tokens: list[list[int]]          # per sample: the tokens still to send
+    finish: list[str]                # per sample: finish reason of its last token
+    sent: int = 0
+
+
+@dataclass
+class FakeScheduler:
+    tokenizer: object
+    reply: str = "Hello world!"
+    token_delay: float = 0.0
+    error: str | None = None            # queue_full / not_ready / too_long / invalid
+    executor_ready: bool = True
+    max_model_len: int = 256
+    eos_token_id: int = 2
+    requests: list[AddRequest] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    generated: int = 0
+
+    def __post_init__(self):
+        self._dir = tempfile.mkdtemp(prefix="fake-sched-")
+        self.addr = transport.ipc_address(self._dir, "gateway")
+        self._ctx = zmq.Context()
+        self._sock = transport.router(self._ctx, self.addr)
+        self._active: dict[str, _Active] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="fake-scheduler")
+        self._thread.start()
+
+    def reset(self) -> None:
+        self.reply, self.token_delay, self.error = "Hello world!", 0.0, None
+        self.executor_ready, self.max_model_len = True, 256
+        self.requests.clear()
+        self.aborted.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sock.close(linger=0)
+        self._ctx.term()
+        try:
+            os.rmdir(self._dir)
+        except OSError:
+            pass
+
+    def wait_for_abort(self, request_id_prefix: str = "", timeout: float = 5.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            hits = [r for r in self.aborted if r.startswith(request_id_prefix)]
+            if hits:
+                return hits
+            time.sleep(0.01)
+        return []
+
+    # -- the thread --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        next_step = time.monotonic()
+        while not self._stop.is_set():
+            timeout_ms = 10 if not self._active else max(0, int((next_step - time.monotonic()) * 1000))
+            if poller.poll(timeout_ms):
+                while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    identity, frame = transport.recv_routed(self._sock)
+                    self._handle(identity, decode(frame))
+            if self._active and time.monotonic() >= next_step:
+                self._step()
+                next_step = time.monotonic() + self.token_delay
+
+    def _handle(self, identity: bytes, msg) -> None:
+        if isinstance(msg, AddRequest):
+            self.requests.append(msg)
+            if self.error is not None:
+                transport.send(self._sock, RequestError(request_id=msg.request_id, code=self.error,
+                                                        message=f"fake {self.error}"), identity)
+                return
+            ids = self.tokenizer.encode(self.reply, add_special_tokens=False)
+            tokens, finish = [], []
+            for _ in range(msg.sampling.n):
+                if len(ids) >= msg.sampling.max_tokens:
+                    tokens.append(list(ids[:msg.sampling.max_tokens]))
+                    finish.append("length")
+                else:
+                    tokens.append(list(ids) + [self.eos_token_id])
+                    finish.append("stop")
+            self._active[msg.request_id] = _Active(identity, msg, tokens, finish)
+        elif isinstance(msg, AbortRequest):
+            self.aborted.append(msg.request_id)
+            self._active.pop(msg.request_id, None)
+        elif isinstance(msg, StatsRequest):
+            transport.send(self._sock, SchedulerStats(
+                num_running=len(self._active), num_waiting=0, num_blocks=100, num_free_blocks=90,
+                kv_cache_usage=0.1, prefix_cache_queries=10, prefix_cache_hits=4,
+                prompt_tokens=sum(len(r.prompt_token_ids) for r in self.requests),
+                generation_tokens=self.generated, executor_ready=self.executor_ready,
+                max_model_len=self.max_model_len, block_size=16), identity)
+
+    def _step(self) -> None:
+        by_identity: dict[bytes, list[RequestOutput]] = {}
+        for rid, a in list(self._active.items()):
+            i = a.sent
+            for index, toks in enumerate(a.tokens):
+                if i >= len(toks):
+                    continue
+                last = i == len(toks) - 1
+                lp = None
+                if a.req.sampling.logprobs is not None:
+                    k = a.req.sampling.logprobs
+                    lp = [TokenLogprobs(-0.25, [toks[i] + j for j in range(k)], [-0.25 - j for j in range(k)])]
+                by_identity.setdefault(a.identity, []).append(RequestOutput(
+                    rid, index, [toks[i]], a.finish[index] if last else None,
+                    num_prompt_tokens=len(a.req.prompt_token_ids), logprobs=lp))
+                self.generated += 1
+            a.sent += 1
+            if all(a.sent >= len(t) for t in a.tokens):
+                del self._active[rid]
+        for identity, outs in by_identity.items():
+            transport.send(self._sock, RequestOutputs(outputs=outs), identity)
