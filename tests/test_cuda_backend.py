@@ -1,0 +1,197 @@
+"""The CUDA kernels (services/executor/attention/cuda.py) against the torch reference backend.
+
+Needs CuPy (the `gpu` extra) and a CUDA device; skipped cleanly otherwise.
+
+Tolerances. The kernels accumulate in fp32 and round once at the output, so against the torch
+reference run on the SAME data upcast to fp32 they differ by about one output rounding:
+fp16 atol = rtol = 2e-3, bf16 atol = rtol = 1.6e-2 (bf16 has 8 mantissa bits: 2^-8 = 3.9e-3
+relative per rounding, and the reference rounds P too when it runs in bf16), fp32 1e-4.
+Against the reference run natively in fp16/bf16 the same bounds hold with a factor 2.
+Block copies and cache writes are exact.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+cp = pytest.importorskip("cupy")
+if not torch.cuda.is_available():
+    pytest.skip("CUDA device not available", allow_module_level=True)
+
+from services.executor.attention import AttentionMetadata  # noqa: E402
+from services.executor.attention import cuda as cb  # noqa: E402
+from services.executor.attention.torch_ref import TorchBackend  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+DEV = torch.device("cuda")
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-4}
+GQA = [(8, 8), (12, 4), (32, 4)]          # ratios 1, 3, 8
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return cb.CudaBackend(DEV)
+
+
+def make_case(seqs, hq, hkv, d, bs, dtype, seed=0, extra_blocks=7):
+    """seqs: [(n_new, ctx)]. Cache filled for every context slot; shuffled block tables."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    nblocks = [-(-c // bs) for _, c in seqs]
+    NB = 1 + sum(nblocks) + extra_blocks
+    perm = torch.randperm(NB - 1, generator=g) + 1           # block 0 = padding only
+    tables = torch.zeros((len(seqs), max(nblocks) + 1), dtype=torch.int32)
+    kv = torch.zeros((2, NB, hkv, bs, d), dtype=dtype)
+    k = 0
+    for b, (_, c) in enumerate(seqs):
+        ids = perm[k:k + nblocks[b]]
+        k += nblocks[b]
+        tables[b, :len(ids)] = ids.int()
+        t = torch.arange(c)
+        kv[:, ids[t // bs], :, t % bs] = torch.randn((2, c, hkv, d), generator=g).to(dtype).transpose(0, 1)
+    T = sum(n for n, _ in seqs)
+    q = torch.randn((T, hq, d), generator=g).to(dtype)
+    q_lens = [n for n, _ in seqs]
+    ctx = [c for _, c in seqs]
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
+    # slots of the new tokens (the last n_new positions of each context)
+    slots = torch.cat([tables[b, (torch.arange(c - n, c) // bs)].long() * bs + torch.arange(c - n, c) % bs
+                       for b, (n, c) in enumerate(seqs)])
+    meta = AttentionMetadata(
+        num_seqs=len(seqs), slot_mapping=slots.to(DEV), cu_seqlens_q=cu.to(DEV),
+        context_lens=torch.tensor(ctx, dtype=torch.int32).to(DEV), block_tables=tables.to(DEV),
+        max_seqlen_q=max(q_lens), max_context_len=max(ctx), is_decode=all(n == 1 for n in q_lens),
+        query_lens_host=q_lens, context_lens_host=ctx)
+    return q.to(DEV), kv.to(DEV), meta
+
+
+def fresh(meta: AttentionMetadata) -> AttentionMetadata:
+    """Same step, empty scratch (so another backend or plan builds its own)."""
+    return AttentionMetadata(**{**meta.__dict__, "scratch": {}})
+
+
+def check_attention(backend, q, kv, meta, dtype, plan=None):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    out = backend.attend(q, kv, fresh(meta), scale, plan=plan)
+    assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
+    ref32 = TorchBackend().attend(q.float(), kv.float(), fresh(meta), scale)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.float(), ref32, atol=tol, rtol=tol)
+    ref = TorchBackend().attend(q, kv, fresh(meta), scale)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2 * tol, rtol=2 * tol)
+    return out
+
+
+DECODE_LENS = [1, 7, 16, 33, 511, 512, 513, 1000, 2049, 4095, 8192]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hq,hkv", GQA, ids=str)
+def test_decode_ragged(backend, dtype, d, hq, hkv):
+    seqs = [(1, c) for c in DECODE_LENS]
+    q, kv, meta = make_case(seqs, hq, hkv, d, 16, dtype, seed=hq + d)
+    check_attention(backend, q, kv, meta, dtype)                       # the heuristic's choice
+    for split in (False, True):                                         # and both variants
+        plan = cb.plan_attention(meta.num_seqs, hq, hkv, 1, meta.max_context_len, q.shape[0], d,
+                                 backend.num_sms, force_split=split)
+        check_attention(backend, q, kv, meta, dtype, plan)
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+def test_decode_fp32_and_block_sizes(backend, bs):
+    q, kv, meta = make_case([(1, c) for c in (1, 31, 600, 1500)], 6, 2, 64, bs, torch.float32)
+    check_attention(backend, q, kv, meta, torch.float32)
+
+
+def test_split_equals_single(backend):
+    q, kv, meta = make_case([(1, 3000), (1, 17)], 32, 8, 128, 16, torch.float16, seed=3)
+    s = 1 / math.sqrt(128)
+    outs = [backend.attend(q, kv, fresh(meta), s, plan=cb.plan_attention(
+        2, 32, 8, 1, 3000, 2, 128, backend.num_sms, force_split=f)) for f in (False, True)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-3, rtol=1e-3)
+
+
+PREFILL = [(37, 37), (1, 1), (16, 80), (1, 700), (100, 1124), (5, 6), (64, 64), (1, 9)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("hq,hkv", GQA, ids=str)
+def test_prefill_and_chunked_prefill(backend, dtype, d, hq, hkv):
+    """Fresh prompts, chunks over a cached prefix, decode rows: one mixed step. The new tokens'
+    K/V are written by write_kv first, exactly as the model does."""
+    q, kv, meta = make_case(PREFILL, hq, hkv, d, 16, dtype, seed=d + hq)
+    T = q.shape[0]
+    key = torch.randn((T, hkv, d), device=DEV).to(dtype)
+    value = torch.randn((T, hkv, d), device=DEV).to(dtype)
+    kv_ref = kv.clone()
+    TorchBackend().write_kv(kv_ref, key, value, fresh(meta))
+    backend.write_kv(kv, key, value, fresh(meta))
+    assert torch.equal(kv, kv_ref)
+    check_attention(backend, q, kv, meta, dtype)
+    plan = cb.plan_attention(meta.num_seqs, hq, hkv, meta.max_seqlen_q, meta.max_context_len, T, d,
+                             backend.num_sms, force_split=True)
+    check_attention(backend, q, kv, meta, dtype, plan)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_write_kv_strided_and_skipped_slots(backend, dtype):
+    T, hq, hkv, d, bs, NB = 20, 8, 2, 128, 16, 9
+    fused = torch.randn((T, (hq + 2 * hkv) * d), device=DEV).to(dtype)   # a fused QKV output
+    key = fused[:, hq * d:(hq + hkv) * d].view(T, hkv, d)
+    value = fused[:, (hq + hkv) * d:].view(T, hkv, d)
+    slots = torch.randperm(NB * bs)[:T].to(DEV)
+    slots[[0, 7, 19]] = -1
+    meta = AttentionMetadata(1, slots, torch.tensor([0, T], dtype=torch.int32, device=DEV),
+                             torch.tensor([T], dtype=torch.int32, device=DEV),
+                             torch.zeros((1, 2), dtype=torch.int32, device=DEV), T, T, False)
+    kv = torch.zeros((2, NB, hkv, bs, d), dtype=dtype, device=DEV)
+    ref = kv.clone()
+    backend.write_kv(kv, key, value, fresh(meta))
+    TorchBackend().write_kv(ref, key, value, fresh(meta))
+    assert torch.equal(kv, ref)
+
+
+def test_copy_blocks_all_layers_one_launch(backend):
+    caches = [torch.randn((2, 12, 4, 16, 64), device=DEV).half() for _ in range(5)]
+    ref = [c.clone() for c in caches]
+    pairs = torch.tensor([[1, 4], [7, 0], [11, 2], [3, 9]], dtype=torch.int64)
+    backend.copy_blocks(caches, pairs)
+    TorchBackend().copy_blocks(ref, pairs)
+    for c, r in zip(caches, ref):
+        assert torch.equal(c, r)
+    backend.copy_blocks(caches, torch.empty((0, 2), dtype=torch.int64))   # no-op
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_swap_roundtrip(backend, pinned):
+    L, NB, NH = 3, 10, 6
+    dev = [torch.randn((2, NB, 2, 16, 128), device=DEV).to(torch.bfloat16) for _ in range(L)]
+    host = [torch.zeros((2, NH, 2, 16, 128), dtype=torch.bfloat16, pin_memory=pinned) for _ in range(L)]
+    want = [d[:, [8, 2, 5]].cpu() for d in dev]
+    backend.swap_out(dev, host, [(8, 4), (2, 0), (5, 5)])
+    torch.cuda.synchronize()
+    for h, w in zip(host, want):
+        assert torch.equal(h[:, [4, 0, 5]], w) and not h[:, [1, 2, 3]].any()
+    backend.swap_in(host, dev, torch.tensor([[4, 1], [0, 9], [5, 3]]))
+    torch.cuda.synchronize()
+    for d, w in zip(dev, want):
+        assert torch.equal(d[:, [1, 9, 3]].cpu(), w)
+
+
+def test_no_host_sync(backend):
+    """After warm-up, a decode step's kernels run without any host synchronisation."""
+    q, kv, meta = make_case([(1, 900), (1, 40)], 8, 2, 64, 16, torch.float16)
+    key = torch.randn((2, 2, 64), device=DEV).half()
+    pairs = torch.tensor([[1, 2]], device=DEV)
+    for _ in range(2):
+        m = fresh(meta)
+        torch.cuda.set_sync_debug_mode("error" if _ else "default")
+        try:
+            backend.write_kv(kv, key, key, m)
+            backend.attend(q, kv, m, 0.125)
+            backend.copy_blocks([kv], pairs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
