@@ -1,0 +1,189 @@
+"""Block tables per sequence on top of the block pool: on-demand growth, prefix cache,
+fork with shared blocks, copy-on-write, and swap to/from the host pool.
+
+A sequence is known here only by its int id; the scheduler passes token lists in. Positions
+``[0, num_computed)`` of a sequence are in the cache; the block holding position ``p`` is
+``table[p // block_size]``.
+
+Prefix cache: the hash of full block ``i`` chains its parent's,
+``hash((hash of block i-1, tuple(its block_size token ids), extra_keys))``, so equal hashes mean
+equal whole prefixes. A block is published as soon as its tokens are computed (prompt or generated).
+"""
+from __future__ import annotations
+
+from typing import Hashable, Optional
+
+from services.scheduler.block_pool import Block, BlockPool, HostPool
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0,
+                 enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.host = HostPool(num_host_blocks)
+        self.tables: dict[int, list[int]] = {}         # seq id -> device block ids
+        self.host_tables: dict[int, list[int]] = {}    # seq id -> host block ids (swapped out)
+        self._hashes: dict[int, list[int]] = {}        # seq id -> chained hashes of its full blocks
+        self._extra: dict[int, Hashable] = {}          # seq id -> extra hash keys (adapter, ...)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    def block_hash(self, parent: Optional[int], token_ids, extra_keys: Hashable = None) -> int:
+        return hash((parent, tuple(token_ids), extra_keys))
+
+    # ---------------------------------------------------------------------------- prefix cache
+
+    def match_prefix(self, token_ids: list[int], extra_keys: Hashable = None) -> list[Block]:
+        """Cached blocks covering the longest prefix of ``token_ids``; whole blocks only, at most
+        ``len(token_ids) - 1`` tokens so at least one token is left to compute. No side effects."""
+        if not self.enable_prefix_caching:
+            return []
+        bs, hits, parent = self.block_size, [], None
+        for i in range((len(token_ids) - 1) // bs):
+            block = self.pool.lookup(self.block_hash(parent, token_ids[i * bs:(i + 1) * bs], extra_keys))
+            if block is None:
+                break
+            hits.append(block)
+            parent = block.hash
+        return hits
+
+    def blocks_to_admit(self, hits: list[Block], num_tokens: int) -> int:
+        """Free blocks that admitting a sequence with these hits, holding ``num_tokens`` tokens,
+        would take off the free list (new blocks plus cached blocks that are currently free)."""
+        return max(cdiv(num_tokens, self.block_size) - len(hits), 0) + sum(b.ref_cnt == 0 for b in hits)
+
+    def allocate(self, seq_id: int, num_prompt_tokens: int, hits: list[Block],
+                 extra_keys: Hashable = None) -> int:
+        """Register a sequence whose table starts with the prefix-hit blocks; returns the number
+        of cached tokens. Growth for the tokens to compute comes from ``append_slots``."""
+        if seq_id in self.tables:
+            raise RuntimeError(f"seq {seq_id} already has a block table")
+        for block in hits:
+            self.pool.touch(block)
+        self.tables[seq_id] = [b.block_id for b in hits]
+        self._hashes[seq_id] = [b.hash for b in hits]
+        if extra_keys is not None:
+            self._extra[seq_id] = extra_keys
+        num_cached = len(hits) * self.block_size
+        if self.enable_prefix_caching:
+            self.pool.record_prefix_query(num_prompt_tokens, num_cached)
+        return num_cached
+
+    def cache_full_blocks(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
+        """Publish every block of the sequence that ``num_computed`` tokens now fill."""
+        hashes = self._hashes[seq_id]
+        bs = self.block_size
+        if not self.enable_prefix_caching or len(hashes) >= num_computed // bs:
+            return
+        table, blocks = self.tables[seq_id], self.pool.blocks
+        extra = self._extra.get(seq_id)
+        for i in range(len(hashes), num_computed // bs):
+            block = blocks[table[i]]
+            h = block.hash      # shared blocks (fork, prefix hit) are already published
+            if h is None:
+                h = self.block_hash(hashes[-1] if hashes else None, token_ids[i * bs:(i + 1) * bs], extra)
+                self.pool.cache(block, h)
+            hashes.append(h)
+
+    # ---------------------------------------------------------------------------- growth, CoW
+
+    def blocks_needed(self, seq_id: int, num_computed: int, num_new: int) -> int:
+        """Free blocks ``append_slots`` would take: new table entries plus one copy-on-write."""
+        table = self.tables[seq_id]
+        need = max(cdiv(num_computed + num_new, self.block_size) - len(table), 0)
+        first = num_computed // self.block_size
+        if first < len(table) and self.pool.blocks[table[first]].ref_cnt > 1:
+            need += 1
+        return need
+
+    def append_slots(self, seq_id: int, num_computed: int, num_new: int,
+                     copies: list[tuple[int, int]]) -> Optional[int]:
+        """Make room for tokens ``[num_computed, num_computed + num_new)``.
+
+        The block the first new token lands in is copied first if it is shared (copy-on-write:
+        ``(src, dst)`` goes to ``copies``, the table points at the copy); missing blocks are
+        appended. Returns the first table index that changed (``-1``: none), or ``None`` without
+        changing anything when the free blocks do not suffice.
+        """
+        table = self.tables[seq_id]
+        bs, pool = self.block_size, self.pool
+        first = num_computed // bs
+        end = (num_computed + num_new + bs - 1) // bs
+        shared = first < len(table) and pool.blocks[table[first]].ref_cnt > 1
+        if end <= len(table) and not shared:
+            return -1                                           # the common decode step
+        if max(end - len(table), 0) + shared > pool.num_free:
+            return None
+        changed = len(table)
+        if shared:
+            src = table[first]
+            dst = pool.allocate()
+            copies.append((src, dst))
+            pool.free(src)
+            table[first] = dst
+            changed = first
+        while len(table) < end:
+            table.append(pool.allocate())
+        return changed
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """The child's table shares every block of the parent's (ref counts raised)."""
+        table = self.tables[parent_id]
+        for block_id in table:
+            self.pool.blocks[block_id].ref_cnt += 1
+        self.tables[child_id] = list(table)
+        self._hashes[child_id] = list(self._hashes[parent_id])
+        if parent_id in self._extra:
+            self._extra[child_id] = self._extra[parent_id]
+
+    def free(self, seq_id: int) -> None:
+        """Release a sequence's device and host blocks; tail blocks first, so the free list
+        evicts a prefix's tail before its head."""
+        table = self.tables.pop(seq_id, None)
+        if table is not None:
+            for block_id in reversed(table):
+                self.pool.free(block_id)
+        host_table = self.host_tables.pop(seq_id, None)
+        if host_table is not None:
+            self.host.free(host_table)
+        self._hashes.pop(seq_id, None)
+        self._extra.pop(seq_id, None)
+
+    # ---------------------------------------------------------------------------- swap
+
+    def can_swap_out(self, seq_id: int) -> bool:
+        return len(self.tables[seq_id]) <= self.host.num_free
+
+    def swap_out(self, seq_id: int) -> list[tuple[int, int]]:
+        """Move a sequence's blocks to the host pool; returns ``(device, host)`` copy pairs."""
+        table = self.tables.pop(seq_id)
+        host_table = self.host.allocate(len(table))
+        for block_id in reversed(table):
+            self.pool.free(block_id)
+        self.host_tables[seq_id] = host_table
+        return list(zip(table, host_table))
+
+    def blocks_to_swap_in(self, seq_id: int) -> int:
+        return len(self.host_tables[seq_id])
+
+    def swap_in(self, seq_id: int) -> list[tuple[int, int]]:
+        """Bring a swapped sequence back into fresh device blocks; returns ``(host, device)``."""
+        host_table = self.host_tables.pop(seq_id)
+        table = [self.pool.allocate() for _ in host_table]
+        self.tables[seq_id] = table
+        self.host.free(host_table)
+        for block_id, h in zip(table, self._hashes[seq_id]):    # full blocks are cacheable again
+            self.pool.cache(self.pool.blocks[block_id], h)
+        return list(zip(host_table, table))

@@ -1,0 +1,456 @@
+"""The scheduling policy: who runs each step, with how many tokens, and who gets preempted.
+
+Each step packs, under the token budget (``max_num_batched_tokens``) and ``max_num_seqs``:
+  1. running sequences that decode (one token each), preempting the most recently admitted
+     running sequence when one cannot get a block;
+  2. running sequences in the middle of a chunked prefill (next chunk);
+  3. swapped sequences, back in FIFO order when their blocks fit (no step that preempted);
+  4. waiting sequences, FCFS, when their first chunk fits above the watermark (same).
+
+A request with ``n`` samples is one sequence until its prompt is computed; the step that computes
+the last prompt chunk forks ``n - 1`` children that share the parent's blocks. Afterwards every
+sample is an independent sequence: it is scheduled, preempted (one sequence at a time, victims
+from the tail of the running list) and finished on its own. Beam search would fork the same way,
+from any sequence at any step.
+
+Preempted sequences are protected until they produce a token again, so the victim is another
+sequence whenever one is unprotected (anti-thrash). Plans are diffs: decodes are two int lists,
+and only tables that changed travel as ``TableUpdate``.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Optional
+
+from services.scheduler.block_manager import BlockManager
+from shared.config import CacheConfig, SchedulerConfig
+from shared.messages import (AddRequest, Fork, NewSeq, RequestError, RequestOutput, SchedulerStats,
+                             StepPlan, StepResult, TableUpdate)
+
+WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished"
+
+
+class Request:
+    """What all samples of one request share."""
+
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "stop_ids", "seqs", "forked",
+                 "num_cached_tokens", "admitted")
+
+    def __init__(self, add: AddRequest, eos_token_ids: frozenset[int]):
+        self.request_id = add.request_id
+        self.prompt_token_ids = add.prompt_token_ids
+        self.sampling = add.sampling
+        stop = set(add.sampling.stop_token_ids)
+        if not add.sampling.ignore_eos:
+            stop |= eos_token_ids
+        self.stop_ids = frozenset(stop)
+        self.seqs: list[Sequence] = []
+        self.forked = add.sampling.n == 1       # nothing left to fork
+        self.num_cached_tokens = 0              # prompt tokens served from the prefix cache
+        self.admitted = False
+
+
+class Sequence:
+    """One sample. ``token_ids`` is prompt + outputs; ``num_computed`` of them are in the cache."""
+
+    __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt", "num_computed", "status",
+                 "protected")
+
+    def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int]):
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index
+        self.token_ids = token_ids
+        self.num_prompt = len(request.prompt_token_ids)
+        self.num_computed = 0
+        self.status = WAITING
+        self.protected = False                  # preempted and no token since: avoid as victim
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
+                 eos_token_ids: Iterable[int] = ()):
+        if cache_config.num_blocks < 1:
+            raise ValueError("cache_config.num_blocks must be set (> 0) before building the scheduler")
+        self.config = scheduler_config
+        self.cache_config = cache_config
+        self.block_size = cache_config.block_size
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.block_manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
+                                          cache_config.num_host_blocks, cache_config.enable_prefix_caching)
+        self.watermark_blocks = int(cache_config.watermark * cache_config.num_blocks)
+        # A sequence may never hold more tokens than the model allows or the pool can store.
+        self.max_len = min(scheduler_config.max_model_len, cache_config.num_blocks * cache_config.block_size)
+        self.requests: dict[str, Request] = {}
+        self.seqs: dict[int, Sequence] = {}          # live sequences by id
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []            # admission order: the tail is preempted first
+        self.swapped: deque[Sequence] = deque()
+        self._next_seq_id = 0
+        self._step_id = 0
+        self._finished_ids: list[int] = []           # for the next plan
+        self._in_flight: list[tuple[Sequence, int]] = []
+        self._in_flight_step = -1
+        self._samplers: list[int] = []
+        self._running_dirty = False
+        self.num_preemptions = 0
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+
+    # ------------------------------------------------------------------------------- public API
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    @property
+    def num_running(self) -> int:
+        return sum(s.status == RUNNING for s in self.running) if self._running_dirty else len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_swapped(self) -> int:
+        return len(self.swapped)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.num_running or self.waiting or self.swapped)
+
+    def add_request(self, add: AddRequest) -> Optional[RequestError]:
+        def error(code: str, message: str) -> RequestError:
+            return RequestError(request_id=add.request_id, code=code, message=message)
+
+        n, prompt = add.sampling.n, add.prompt_token_ids
+        if add.request_id in self.requests:
+            return error("invalid", f"request id {add.request_id!r} is already in use")
+        if not prompt:
+            return error("invalid", "the prompt is empty")
+        if not 1 <= n <= self.config.max_num_seqs:
+            return error("invalid", f"n must be in 1..{self.config.max_num_seqs} (max_num_seqs), got {n}")
+        if add.sampling.max_tokens < 1:
+            return error("invalid", f"max_tokens must be >= 1, got {add.sampling.max_tokens}")
+        if len(prompt) >= self.max_len:
+            limit = ("max_model_len" if self.max_len == self.config.max_model_len
+                     else "the KV cache capacity")
+            return error("too_long", f"prompt has {len(prompt)} tokens; {limit} is {self.max_len} tokens, "
+                                     f"so at most {self.max_len - 1} prompt tokens fit")
+        if len(self.waiting) >= self.config.max_waiting:
+            return error("queue_full", f"the waiting queue is full ({self.config.max_waiting} requests)")
+        request = Request(add, self.eos_token_ids)
+        seq = self._new_seq(request, 0, list(prompt))
+        self.requests[add.request_id] = request
+        self.waiting.append(seq)
+        return None
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if seq.status == WAITING:
+                self.waiting.remove(seq)
+            elif seq.status == SWAPPED:
+                self.swapped.remove(seq)
+            if seq.status in (RUNNING, SWAPPED):      # the executor holds state for it
+                self._finished_ids.append(seq.seq_id)
+            if seq.status != FINISHED:
+                self._finish(seq)
+
+    def stats(self) -> SchedulerStats:
+        bm = self.block_manager
+        return SchedulerStats(
+            num_running=self.num_running, num_waiting=len(self.waiting), num_swapped=len(self.swapped),
+            num_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+            kv_cache_usage=1.0 - bm.num_free_blocks / bm.num_blocks,
+            prefix_cache_queries=bm.pool.queries, prefix_cache_hits=bm.pool.hits,
+            num_preemptions=self.num_preemptions, prompt_tokens=self.num_prompt_tokens,
+            generation_tokens=self.num_generation_tokens)
+
+    # ------------------------------------------------------------------------------- schedule
+
+    def schedule(self) -> Optional[StepPlan]:
+        if self._running_dirty:
+            self.running = [s for s in self.running if s.status == RUNNING]
+            self._running_dirty = False
+        self._in_flight = scheduled = []
+        self._samplers = []
+        self._copies: list[tuple[int, int]] = []
+        self._changed: dict[int, int] = {}          # seq id -> first table index that changed
+        self._swap_out: list[tuple[int, int]] = []
+        self._preempted: list[int] = []
+        self._forks: list[Fork] = []
+        budget = self._schedule_running(self.config.max_num_batched_tokens)
+        new: list[NewSeq] = []
+        swap_in: list[tuple[int, int]] = []
+        if not self._preempted and not self._swap_out:
+            budget = self._schedule_swapped(budget, swap_in)
+            if not self.swapped:
+                self._schedule_waiting(budget, new)
+        if not scheduled and not self._swap_out and not self._preempted:
+            return None
+        num_scheduled = len(scheduled)                     # forks append their children after
+        for idx in range(num_scheduled):
+            seq, num_tokens = scheduled[idx]
+            if seq.num_computed + num_tokens == len(seq.token_ids):
+                self._samplers.append(seq.seq_id)
+                if not seq.request.forked:
+                    self._fork(seq, num_tokens)
+        new_ids = {s.seq_id for s in new}
+        tables = self.block_manager.tables
+        run = scheduled[:num_scheduled]
+        if new:
+            run = [(s, k) for s, k in run if s.seq_id not in new_ids]
+        plan = StepPlan(
+            step_id=self._step_id, new=new,
+            run_seq_ids=[s.seq_id for s, _ in run], run_num_tokens=[k for _, k in run],
+            table_updates=[TableUpdate(sid, start, tables[sid][start:])
+                           for sid, start in self._changed.items() if sid not in new_ids],
+            forks=self._forks, copies=self._copies, swap_out=self._swap_out, swap_in=swap_in,
+            finished=self._finished_ids, preempted=self._preempted)
+        self._finished_ids = []
+        self._in_flight_step = self._step_id
+        self._step_id += 1
+        return plan
+
+    def _schedule_running(self, budget: int) -> int:
+        """Decodes first (preempting from the tail when blocks run out), then prefill chunks."""
+        bm, running, scheduled = self.block_manager, self.running, self._in_flight
+        copies, changed = self._copies, self._changed
+        prefilling: list[Sequence] = []
+        i = 0
+        while i < len(running):
+            seq = running[i]
+            if len(seq.token_ids) - seq.num_computed > 1:
+                prefilling.append(seq)
+                i += 1
+                continue
+            if budget == 0:
+                break
+            start = bm.append_slots(seq.seq_id, seq.num_computed, 1, copies)
+            while start is None:                           # out of blocks: preempt someone
+                victim = running.pop(self._victim_index(i))
+                self._preempt(victim)
+                if victim is seq:
+                    break
+                start = bm.append_slots(seq.seq_id, seq.num_computed, 1, copies)
+            if start is None:
+                continue                                   # seq itself was preempted
+            if start >= 0:
+                changed.setdefault(seq.seq_id, start)
+            scheduled.append((seq, 1))
+            budget -= 1
+            i += 1
+        chunked = self.config.enable_chunked_prefill
+        for j, seq in enumerate(prefilling):
+            if seq.status != RUNNING:
+                continue                                   # preempted by an earlier prefill
+            remaining = len(seq.token_ids) - seq.num_computed
+            num_new = min(remaining, budget)
+            if num_new == 0 or (not chunked and num_new < remaining):
+                continue
+            start = bm.append_slots(seq.seq_id, seq.num_computed, num_new, copies)
+            for victim in reversed(prefilling[j + 1:]):   # later prefills make room for earlier ones
+                if start is not None:
+                    break
+                if victim.status == RUNNING and not victim.protected:
+                    running.remove(victim)
+                    self._preempt(victim)
+                    start = bm.append_slots(seq.seq_id, seq.num_computed, num_new, copies)
+            if start is None and chunked:                  # shrink the chunk to the free blocks
+                num_new = min(num_new, (len(bm.tables[seq.seq_id]) + bm.num_free_blocks) * self.block_size
+                              - seq.num_computed)
+                if num_new > 0:
+                    start = bm.append_slots(seq.seq_id, seq.num_computed, num_new, copies)
+            if start is None:
+                continue
+            if start >= 0:
+                changed.setdefault(seq.seq_id, start)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        return budget
+
+    def _victim_index(self, i: int) -> int:
+        """Index in ``running`` of the sequence to preempt so ``running[i]`` can grow: the most
+        recently admitted unprotected one behind it, else ``i`` itself if unprotected, else the
+        most recent one behind it, else ``i``."""
+        running = self.running
+        for j in range(len(running) - 1, i, -1):
+            if not running[j].protected:
+                return j
+        if not running[i].protected or len(running) == i + 1:
+            return i
+        return len(running) - 1
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Swap the sequence out when the host pool has room (swap mode), else recompute later."""
+        bm = self.block_manager
+        self.num_preemptions += 1
+        seq.protected = True
+        if self.config.preemption_mode == "swap" and bm.can_swap_out(seq.seq_id):
+            self._swap_out.extend(bm.swap_out(seq.seq_id))
+            seq.status = SWAPPED
+            self.swapped.appendleft(seq)
+        else:
+            bm.free(seq.seq_id)
+            seq.num_computed = 0
+            seq.status = WAITING
+            self.waiting.appendleft(seq)
+            self._preempted.append(seq.seq_id)
+        self._changed.pop(seq.seq_id, None)
+
+    def _num_seq_slots(self) -> int:
+        """Running sequences, counting the future children of n > 1 requests not forked yet."""
+        return len(self.running) + sum(s.request.sampling.n - 1 for s in self.running
+                                       if not s.request.forked)
+
+    def _schedule_swapped(self, budget: int, swap_in: list[tuple[int, int]]) -> int:
+        bm = self.block_manager
+        num_seqs = self._num_seq_slots() if self.swapped else 0
+        while self.swapped and budget > 0:
+            seq = self.swapped[0]
+            slots = 1 if seq.request.forked else seq.request.sampling.n
+            if num_seqs + slots > self.config.max_num_seqs:
+                break
+            remaining = len(seq.token_ids) - seq.num_computed
+            num_new = min(remaining, budget)
+            if num_new < remaining and not self.config.enable_chunked_prefill:
+                break
+            num_blocks = bm.blocks_to_swap_in(seq.seq_id)
+            need = max(num_blocks, -(-(seq.num_computed + num_new) // self.block_size))
+            if need > bm.num_free_blocks - (self.watermark_blocks if self.running else 0):
+                break
+            self.swapped.popleft()
+            swap_in.extend(bm.swap_in(seq.seq_id))
+            bm.append_slots(seq.seq_id, seq.num_computed, num_new, self._copies)
+            self._changed[seq.seq_id] = 0
+            seq.status = RUNNING
+            self.running.append(seq)
+            self._in_flight.append((seq, num_new))
+            num_seqs += slots
+            budget -= num_new
+        return budget
+
+    def _schedule_waiting(self, budget: int, new: list[NewSeq]) -> None:
+        """FCFS admission: stop at the first sequence that does not fit."""
+        bm, waiting, bs = self.block_manager, self.waiting, self.block_size
+        if not waiting:
+            return
+        num_seqs = self._num_seq_slots()
+        while waiting and budget > 0:
+            seq = waiting[0]
+            request = seq.request
+            if num_seqs + (1 if request.forked else request.sampling.n) > self.config.max_num_seqs:
+                break
+            hits = bm.match_prefix(seq.token_ids)
+            num_computed = len(hits) * bs
+            remaining = len(seq.token_ids) - num_computed
+            if self.config.enable_chunked_prefill:
+                num_new = min(remaining, budget)
+                if not self.running:                       # alone: shrink the chunk to the pool
+                    num_new = min(num_new, (bm.num_free_blocks - sum(b.ref_cnt == 0 for b in hits)) * bs)
+            else:
+                num_new = remaining
+                if num_new > budget:
+                    break
+            reserve = self.watermark_blocks if self.running else 0
+            if num_new <= 0 or bm.blocks_to_admit(hits, num_computed + num_new) > bm.num_free_blocks - reserve:
+                break
+            waiting.popleft()
+            num_cached = bm.allocate(seq.seq_id, len(seq.token_ids), hits)
+            bm.append_slots(seq.seq_id, num_computed, num_new, self._copies)
+            if not request.admitted:
+                request.admitted = True
+                request.num_cached_tokens = num_cached
+                self.num_prompt_tokens += len(request.prompt_token_ids)
+            seq.num_computed = num_computed
+            seq.status = RUNNING
+            self.running.append(seq)
+            num_seqs += 1 if request.forked else request.sampling.n
+            new.append(NewSeq(seq.seq_id, request.prompt_token_ids, seq.output_token_ids,
+                              list(bm.tables[seq.seq_id]), num_computed, num_new, request.sampling))
+            self._in_flight.append((seq, num_new))
+            budget -= num_new
+
+    def _fork(self, parent: Sequence, num_tokens: int) -> None:
+        """The step computing the parent's last prompt chunk forks the other n - 1 samples: they
+        share the parent's blocks and sample from its logits row after the forward pass."""
+        request = parent.request
+        request.forked = True
+        for index in range(1, request.sampling.n):
+            child = self._new_seq(request, index, list(parent.token_ids))
+            child.num_computed = parent.num_computed
+            child.status = RUNNING
+            self.block_manager.fork(parent.seq_id, child.seq_id)
+            self.running.append(child)
+            self._forks.append(Fork(parent.seq_id, child.seq_id, index))
+            self._in_flight.append((child, num_tokens))
+            self._samplers.append(child.seq_id)
+
+    # ------------------------------------------------------------------------------- update
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[RequestOutput]:
+        """Account the computed tokens, append sampled ones, judge stop conditions."""
+        if plan.step_id != self._in_flight_step or result.step_id != plan.step_id:
+            raise ValueError(f"update for step {plan.step_id} (result {result.step_id}), "
+                             f"but step {self._in_flight_step} is in flight")
+        sampled = dict(zip(result.seq_ids, result.token_ids))
+        missing = [sid for sid in self._samplers if sid not in sampled]
+        if missing or len(result.seq_ids) != len(result.token_ids):
+            raise ValueError(f"step {plan.step_id}: result lacks tokens for seqs {missing[:8]}")
+        logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else None
+        self._in_flight_step = -1
+        bm, caching, outputs = self.block_manager, self.cache_config.enable_prefix_caching, []
+        for seq, num_tokens in self._in_flight:
+            if seq.status != RUNNING:
+                continue                                   # aborted while the step ran
+            seq.num_computed += num_tokens
+            token_ids = seq.token_ids
+            if caching:
+                bm.cache_full_blocks(seq.seq_id, token_ids, seq.num_computed)
+            if seq.num_computed < len(token_ids):
+                continue                                   # mid-prompt chunk: no sample
+            token = sampled[seq.seq_id]
+            token_ids.append(token)
+            seq.protected = False
+            request = seq.request
+            num_out = len(token_ids) - seq.num_prompt
+            reason = None
+            if token in request.stop_ids and num_out >= request.sampling.min_tokens:
+                reason = "stop"
+            elif num_out >= request.sampling.max_tokens or len(token_ids) >= self.max_len:
+                reason = "length"
+            lp = logprobs.get(seq.seq_id) if logprobs else None
+            outputs.append(RequestOutput(request.request_id, seq.index, [token], reason,
+                                         seq.num_prompt, request.num_cached_tokens,
+                                         [lp] if lp is not None else None))
+            if reason is not None:
+                self._finished_ids.append(seq.seq_id)
+                self._finish(seq)
+        self.num_generation_tokens += len(outputs)
+        return outputs
+
+    # ------------------------------------------------------------------------------- helpers
+
+    def _new_seq(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+        seq = Sequence(self._next_seq_id, request, index, token_ids)
+        self._next_seq_id += 1
+        request.seqs.append(seq)
+        self.seqs[seq.seq_id] = seq
+        return seq
+
+    def _finish(self, seq: Sequence) -> None:
+        """Free the sequence's blocks now; its id reaches the executor with the next plan."""
+        if seq.status == RUNNING:
+            self._running_dirty = True
+        seq.status = FINISHED
+        self.block_manager.free(seq.seq_id)
+        del self.seqs[seq.seq_id]
+        request = seq.request
+        if request.forked and all(s.status == FINISHED for s in request.seqs):
+            self.requests.pop(request.request_id, None)

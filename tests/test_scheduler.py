@@ -1,0 +1,494 @@
+"""Scheduler policy against the fake executor (tests/fake_executor.py checks the protocol)."""
+import subprocess
+import sys
+
+import pytest
+
+from services.scheduler.scheduler import Scheduler
+from shared.config import CacheConfig, SchedulerConfig
+from shared.messages import AddRequest, SamplingParams, StepResult, encode
+from tests.fake_executor import FakeExecutor, run_to_completion, step
+
+
+def make(num_blocks=64, block_size=4, num_host_blocks=0, watermark=0.0, eos=(), caching=True, **sched):
+    sched.setdefault("max_model_len", 256)
+    sched.setdefault("max_num_batched_tokens", 64)
+    s = Scheduler(SchedulerConfig(**sched).validate(),
+                  CacheConfig(block_size=block_size, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
+                              watermark=watermark, enable_prefix_caching=caching).validate(),
+                  eos_token_ids=eos)
+    return s, FakeExecutor(s)
+
+
+def add(s, rid, prompt, **params):
+    return s.add_request(AddRequest(request_id=rid, prompt_token_ids=list(prompt), sampling=SamplingParams(**params)))
+
+
+def prompt_of(length, start=1):
+    return list(range(start, start + length))
+
+
+def assert_drained(s):
+    assert not s.has_unfinished()
+    assert s.num_free_blocks == s.block_manager.num_blocks
+    assert s.block_manager.host.num_free == s.block_manager.host.num_blocks
+    assert not s.block_manager.tables and not s.seqs and not s.requests
+
+
+# ------------------------------------------------------------------------------------ basics
+
+def test_single_request_runs_to_max_tokens():
+    s, ex = make()
+    assert add(s, "a", prompt_of(10), max_tokens=5) is None
+    plan = s.schedule()
+    assert [n.seq_id for n in plan.new] == [0] and plan.new[0].num_new_tokens == 10
+    assert plan.new[0].block_ids == s.block_manager.tables[0] and len(plan.new[0].block_ids) == 3
+    outs = s.update(plan, ex.execute(plan))
+    assert len(outs) == 1 and outs[0].num_prompt_tokens == 10 and outs[0].finish_reason is None
+    res = run_to_completion(s, ex)
+    tokens, reason = res[("a", 0)]
+    assert len(tokens) == 4 and reason == "length"
+    assert ex.seqs == {0: ex.seqs[0]}                 # finished id not sent yet: rides the next plan
+    add(s, "b", prompt_of(3, 500), max_tokens=1)
+    assert s.schedule().finished == [0]
+    st = s.stats()
+    assert st.prompt_tokens == 13 and st.generation_tokens == 5
+
+
+def test_finished_blocks_are_freed_immediately():
+    s, ex = make(num_blocks=8)
+    add(s, "a", prompt_of(6), max_tokens=1)
+    plan = s.schedule()
+    outs = s.update(plan, ex.execute(plan))
+    assert outs[0].finish_reason == "length"
+    assert s.num_free_blocks == 8 and not s.has_unfinished()
+    assert s.schedule() is None
+
+
+def test_decode_plan_is_a_small_diff():
+    s, ex = make(num_blocks=256 * 4, block_size=16, max_num_seqs=256, max_num_batched_tokens=8192)
+    for i in range(256):
+        add(s, f"r{i}", prompt_of(20, 1000 * i + 1), max_tokens=50)
+    step(s, ex)
+    plan = s.schedule()
+    assert not plan.new and len(plan.run_seq_ids) == 256 and set(plan.run_num_tokens) == {1}
+    assert len(plan.table_updates) == 0                # 21st token still fits the second block
+    assert len(encode(plan)) < 2048
+
+
+def test_table_update_only_when_a_block_is_appended():
+    s, ex = make(block_size=4)
+    add(s, "a", prompt_of(7), max_tokens=10)
+    step(s, ex)                                        # 7 computed, 8th token sampled
+    plan = s.schedule()                                # computes token 8: fits block 1
+    assert plan.table_updates == []
+    s.update(plan, ex.execute(plan))
+    plan = s.schedule()                                # token 9 needs a third block
+    assert [(u.seq_id, u.start) for u in plan.table_updates] == [(0, 2)]
+    s.update(plan, ex.execute(plan))
+
+
+# ------------------------------------------------------------------------------------ prefix cache
+
+def test_prefix_hit_capped_at_len_minus_one_and_rounded_to_blocks():
+    s, ex = make(block_size=4)
+    add(s, "a", prompt_of(8), max_tokens=2)
+    run_to_completion(s, ex)
+    add(s, "b", prompt_of(8), max_tokens=2)            # same 8 tokens: only 1 block (cap 7 -> 4)
+    plan = s.schedule()
+    assert plan.new[0].num_computed == 4 and plan.new[0].num_new_tokens == 4
+    outs = s.update(plan, ex.execute(plan))
+    assert outs[0].num_cached_tokens == 4
+    run_to_completion(s, ex)
+    add(s, "c", prompt_of(9), max_tokens=1)            # 9 tokens: both full blocks hit
+    plan = s.schedule()
+    assert plan.new[0].num_computed == 8 and plan.new[0].num_new_tokens == 1
+    s.update(plan, ex.execute(plan))
+    st = s.stats()
+    assert (st.prefix_cache_queries, st.prefix_cache_hits) == (8 + 8 + 9, 4 + 8)
+
+
+def test_generated_tokens_are_cached_too():
+    s, ex = make(block_size=4)
+    add(s, "a", prompt_of(5), max_tokens=8)
+    tokens, _ = run_to_completion(s, ex)[("a", 0)]
+    follow_up = prompt_of(5) + tokens + [1]            # a chat turn that continues the answer
+    add(s, "b", follow_up, max_tokens=1)
+    plan = s.schedule()
+    assert plan.new[0].num_computed == 12              # 12 of a's 13 tokens were computed = 3 blocks
+    s.update(plan, ex.execute(plan))
+
+
+def test_prefix_caching_disabled():
+    s, ex = make(caching=False)
+    add(s, "a", prompt_of(9), max_tokens=1)
+    run_to_completion(s, ex)
+    add(s, "b", prompt_of(9), max_tokens=1)
+    plan = s.schedule()
+    assert plan.new[0].num_computed == 0
+    s.update(plan, ex.execute(plan))
+    assert s.stats().prefix_cache_queries == 0
+
+
+# ------------------------------------------------------------------------------------ n > 1, CoW
+
+def test_n_samples_fork_then_copy_on_write():
+    s, ex = make(block_size=4)
+    add(s, "a", prompt_of(6), n=3, max_tokens=4)
+    plan = s.schedule()
+    assert len(plan.new) == 1
+    assert [(f.parent, f.sample_index) for f in plan.forks] == [(0, 1), (0, 2)]
+    children = [f.child for f in plan.forks]
+    outs = s.update(plan, ex.execute(plan))
+    assert sorted(o.index for o in outs) == [0, 1, 2]
+    assert all(s.block_manager.tables[c] == s.block_manager.tables[0] for c in children)
+    shared_last = s.block_manager.tables[0][1]
+    assert s.block_manager.pool.blocks[shared_last].ref_cnt == 3
+    plan = s.schedule()                                # each writes token 7 into the shared block 1
+    assert len(plan.copies) == 2 and all(src == shared_last for src, _ in plan.copies)
+    assert sorted((u.start, len(u.block_ids)) for u in plan.table_updates) == [(1, 1), (1, 1)]
+    s.update(plan, ex.execute(plan))
+    assert s.block_manager.pool.blocks[s.block_manager.tables[0][0]].ref_cnt == 3   # full block shared
+    res = run_to_completion(s, ex)
+    assert len({tuple(res[("a", i)][0]) for i in range(3)}) == 3
+    assert_drained(s)
+
+
+def test_n_samples_prompt_ending_on_block_boundary_needs_no_copy():
+    s, ex = make(block_size=4)
+    add(s, "a", prompt_of(8), n=2, max_tokens=3)
+    step(s, ex)
+    plan = s.schedule()
+    assert plan.copies == [] and len(plan.table_updates) == 2
+    s.update(plan, ex.execute(plan))
+    run_to_completion(s, ex)
+    assert_drained(s)
+
+
+def test_fork_happens_on_last_chunk_of_chunked_prompt():
+    s, ex = make(block_size=4, max_num_batched_tokens=8)
+    add(s, "a", prompt_of(13), n=2, max_tokens=2)
+    p1 = s.schedule()
+    assert p1.forks == [] and s.update(p1, ex.execute(p1)) == []
+    p2 = s.schedule()
+    assert p2.run_num_tokens == [5] and len(p2.forks) == 1
+    assert len(s.update(p2, ex.execute(p2))) == 2
+    run_to_completion(s, ex)
+    assert_drained(s)
+
+
+# ------------------------------------------------------------------------------------ batching
+
+def test_chunked_prefill_respects_token_budget():
+    s, ex = make(max_num_batched_tokens=8)
+    add(s, "a", prompt_of(20), max_tokens=2)
+    plan = s.schedule()
+    assert plan.new[0].num_new_tokens == 8 and s.update(plan, ex.execute(plan)) == []
+    plan = s.schedule()
+    assert plan.run_num_tokens == [8] and s.update(plan, ex.execute(plan)) == []
+    plan = s.schedule()
+    assert plan.run_num_tokens == [4] and len(s.update(plan, ex.execute(plan))) == 1
+
+
+def test_decodes_go_first_then_prefill_chunks():
+    s, ex = make(max_num_batched_tokens=8)
+    add(s, "a", prompt_of(4), max_tokens=10)
+    add(s, "b", prompt_of(4, 100), max_tokens=10)
+    step(s, ex)
+    add(s, "c", prompt_of(30, 200), max_tokens=2)
+    plan = s.schedule()
+    assert plan.run_seq_ids == [0, 1] and plan.run_num_tokens == [1, 1]
+    assert plan.new[0].num_new_tokens == 6             # the rest of the budget
+    s.update(plan, ex.execute(plan))
+    plan = s.schedule()                                # c's next chunk comes after the decodes
+    assert plan.run_seq_ids == [0, 1, 2] and plan.run_num_tokens == [1, 1, 6]
+    s.update(plan, ex.execute(plan))
+
+
+def test_max_num_seqs_counts_future_children():
+    s, ex = make(max_num_seqs=3)
+    add(s, "a", prompt_of(4), n=2, max_tokens=5)
+    add(s, "b", prompt_of(4, 50), n=2, max_tokens=5)
+    plan = s.schedule()
+    assert [n.seq_id for n in plan.new] == [0]         # b's two samples would make 4
+    s.update(plan, ex.execute(plan))
+    assert s.num_running == 2 and s.num_waiting == 1
+    run_to_completion(s, ex)
+    assert_drained(s)
+
+
+def test_watermark_holds_back_admission():
+    s, ex = make(num_blocks=10, block_size=4, watermark=0.5, max_num_batched_tokens=64)
+    add(s, "a", prompt_of(8), max_tokens=4)            # 2 blocks + growth
+    add(s, "b", prompt_of(16, 100), max_tokens=4)      # 4 blocks: 10 - 2 - 4 < 5
+    plan = s.schedule()
+    assert [n.seq_id for n in plan.new] == [0]         # a admitted alone (nothing running)
+    s.update(plan, ex.execute(plan))
+    plan = s.schedule()
+    assert plan.new == []
+    s.update(plan, ex.execute(plan))
+    run_to_completion(s, ex)
+    assert_drained(s)
+
+
+# ------------------------------------------------------------------------------------ preemption
+
+def reference_outputs(prompts, **params):
+    s, ex = make(num_blocks=256)
+    for rid, p in prompts.items():
+        add(s, rid, p, **params)
+    return run_to_completion(s, ex)
+
+
+def test_preemption_by_recompute_resumes_and_completes():
+    prompts = {f"r{i}": prompt_of(6, 100 * i + 1) for i in range(3)}
+    s, ex = make(num_blocks=8, block_size=4, max_num_batched_tokens=64)
+    for rid, p in prompts.items():
+        add(s, rid, p, max_tokens=12)
+    saw_preempted, saw_resume = False, False
+    results = {}
+    while s.has_unfinished():
+        plan = s.schedule()
+        saw_preempted |= bool(plan.preempted)
+        saw_resume |= any(n.output_token_ids for n in plan.new)
+        for o in s.update(plan, ex.execute(plan)):
+            results.setdefault((o.request_id, o.index), []).extend(o.token_ids)
+    assert saw_preempted and saw_resume and s.stats().num_preemptions > 0
+    ref = reference_outputs(prompts, max_tokens=12)
+    assert results == {k: v[0] for k, v in ref.items()}
+    assert_drained(s)
+
+
+def test_preemption_by_swap_resumes_and_completes():
+    prompts = {f"r{i}": prompt_of(6, 100 * i + 1) for i in range(3)}
+    s, ex = make(num_blocks=8, block_size=4, num_host_blocks=16, preemption_mode="swap")
+    for rid, p in prompts.items():
+        add(s, rid, p, max_tokens=12)
+    seen = {"swap_out": False, "swap_in": False, "preempted": False}
+    results = {}
+    while s.has_unfinished():
+        plan = s.schedule()
+        seen["swap_out"] |= bool(plan.swap_out)
+        seen["preempted"] |= bool(plan.preempted)
+        if plan.swap_in:
+            seen["swap_in"] = True
+            whole_tables = {b for u in plan.table_updates if u.start == 0 for b in u.block_ids}
+            assert {d for _, d in plan.swap_in} <= whole_tables
+        if s.num_swapped:
+            assert s.block_manager.host.num_free < 16
+        for o in s.update(plan, ex.execute(plan)):
+            results.setdefault((o.request_id, o.index), []).extend(o.token_ids)
+    assert seen == {"swap_out": True, "swap_in": True, "preempted": False}
+    ref = reference_outputs(prompts, max_tokens=12)
+    assert results == {k: v[0] for k, v in ref.items()}
+    assert_drained(s)
+
+
+def test_swap_falls_back_to_recompute_when_host_pool_is_full():
+    prompts = {f"r{i}": prompt_of(6, 100 * i + 1) for i in range(3)}
+    s, ex = make(num_blocks=8, block_size=4, num_host_blocks=1, preemption_mode="swap")
+    for rid, p in prompts.items():
+        add(s, rid, p, max_tokens=12)
+    saw_preempted = False
+    while s.has_unfinished():
+        plan = s.schedule()
+        saw_preempted |= bool(plan.preempted)
+        s.update(plan, ex.execute(plan))
+    assert saw_preempted
+    assert_drained(s)
+
+
+def test_preemption_victim_is_most_recent_and_spares_protected():
+    s, ex = make(num_blocks=64)
+    for i in range(4):
+        add(s, f"r{i}", prompt_of(4, 10 * i + 1), max_tokens=20)
+    step(s, ex)
+    running = s.running
+    assert s._victim_index(0) == 3                     # most recently admitted
+    running[3].protected = True                        # preempted, no token since
+    assert s._victim_index(0) == 2
+    running[1].protected = running[2].protected = True
+    assert s._victim_index(0) == 0                     # only protected ones behind: the grower itself
+    running[0].protected = True
+    assert s._victim_index(0) == 3                     # everyone protected: the most recent
+
+
+def test_protected_sequence_becomes_preemptible_after_a_token():
+    s, ex = make(num_blocks=8, block_size=4)
+    add(s, "a", prompt_of(6), max_tokens=12)
+    add(s, "b", prompt_of(6, 50), max_tokens=12)
+    while not s.stats().num_preemptions:
+        step(s, ex)
+    victim = s.seqs[s.waiting[0].seq_id]
+    num_tokens = len(victim.token_ids)
+    assert victim.protected
+    while victim.protected:
+        step(s, ex)
+    assert len(victim.token_ids) == num_tokens + 1     # protection lasts until the next token
+    run_to_completion(s, ex)
+    assert_drained(s)
+
+
+# ------------------------------------------------------------------------------------ abort
+
+def test_abort_waiting():
+    s, ex = make()
+    add(s, "a", prompt_of(4), max_tokens=3)
+    s.abort_request("a")
+    assert s.schedule() is None
+    assert_drained(s)
+
+
+def test_abort_running_tells_executor():
+    s, ex = make()
+    add(s, "a", prompt_of(4), n=2, max_tokens=30)
+    add(s, "b", prompt_of(4, 50), max_tokens=3)
+    step(s, ex)
+    step(s, ex)
+    ids = sorted(seq.seq_id for seq in s.requests["a"].seqs)
+    (b_id,) = [seq.seq_id for seq in s.requests["b"].seqs]
+    assert len(ids) == 2
+    s.abort_request("a")
+    plan = s.schedule()
+    assert sorted(plan.finished) == ids
+    s.update(plan, ex.execute(plan))
+    assert set(ex.seqs) == {b_id}
+    run_to_completion(s, ex)
+    assert_drained(s)
+
+
+def test_abort_mid_prefill_and_while_step_in_flight():
+    s, ex = make(max_num_batched_tokens=8)
+    add(s, "a", prompt_of(30), n=2, max_tokens=3)
+    step(s, ex)                                        # a is mid-prefill
+    s.abort_request("a")
+    assert s.num_free_blocks == 64
+    plan = s.schedule()
+    assert plan is None                                # nothing to run; the finished id waits
+    add(s, "b", prompt_of(4, 100), max_tokens=3)
+    plan = s.schedule()
+    assert plan.finished == [0]
+    result = ex.execute(plan)
+    s.abort_request("b")                               # while b's first step is in flight
+    assert s.update(plan, result) == []
+    plan = s.schedule()
+    assert plan is None
+    assert_drained(s)
+
+
+def test_abort_swapped_frees_host_blocks():
+    s, ex = make(num_blocks=8, block_size=4, num_host_blocks=16, preemption_mode="swap")
+    for i in range(3):
+        add(s, f"r{i}", prompt_of(6, 100 * i + 1), max_tokens=12)
+    while not s.num_swapped:
+        step(s, ex)
+    victim = s.swapped[0]
+    s.abort_request(victim.request.request_id)
+    assert s.block_manager.host.num_free == 16
+    plan = s.schedule()
+    assert victim.seq_id in plan.finished
+    s.update(plan, ex.execute(plan))
+    run_to_completion(s, ex)
+    assert_drained(s)
+
+
+def test_abort_unknown_is_a_no_op():
+    s, _ = make()
+    s.abort_request("nope")
+
+
+# ------------------------------------------------------------------------------------ admission
+
+def test_queue_full():
+    s, _ = make(max_waiting=2)
+    assert add(s, "a", [1]) is None and add(s, "b", [1]) is None
+    err = add(s, "c", [1])
+    assert err.code == "queue_full" and err.request_id == "c"
+
+
+def test_too_long_names_limit_and_length():
+    s, _ = make(max_model_len=32)
+    err = add(s, "a", prompt_of(32))
+    assert err.code == "too_long" and "32" in err.message and "max_model_len" in err.message
+    assert add(s, "b", prompt_of(31)) is None
+
+
+def test_too_long_for_kv_capacity():
+    s, _ = make(num_blocks=4, block_size=4, max_model_len=256)
+    err = add(s, "a", prompt_of(16))
+    assert err.code == "too_long" and "16" in err.message
+
+
+@pytest.mark.parametrize("prompt,params", [([], {}), ([1], {"n": 0}), ([1], {"n": 999}), ([1], {"max_tokens": 0})])
+def test_invalid_requests(prompt, params):
+    s, _ = make(max_num_seqs=8)
+    assert add(s, "a", prompt, **params).code == "invalid"
+
+
+def test_duplicate_request_id_is_invalid():
+    s, _ = make()
+    add(s, "a", [1, 2])
+    assert add(s, "a", [1, 2]).code == "invalid"
+
+
+# ------------------------------------------------------------------------------------ stop conditions
+
+def run_one(token_fn, eos=(), **params):
+    s, ex = make(eos=eos)
+    ex.token_fn = token_fn
+    add(s, "a", prompt_of(4), **params)
+    return run_to_completion(s, ex)[("a", 0)]
+
+
+def test_eos_stops():
+    assert run_one(lambda sid, pos: 2 if pos == 6 else 9, eos=[2], max_tokens=10) == ([9, 9, 2], "stop")
+
+
+def test_ignore_eos():
+    assert run_one(lambda sid, pos: 2, eos=[2], max_tokens=3, ignore_eos=True) == ([2, 2, 2], "length")
+
+
+def test_min_tokens_defers_eos():
+    tokens, reason = run_one(lambda sid, pos: 2, eos=[2], max_tokens=10, min_tokens=3)
+    assert tokens == [2, 2, 2] and reason == "stop"
+
+
+def test_stop_token_ids():
+    assert run_one(lambda sid, pos: 5 if pos >= 5 else 9, max_tokens=10, stop_token_ids=[5]) == ([9, 5], "stop")
+
+
+def test_max_model_len_is_length():
+    s, ex = make(max_model_len=8)
+    add(s, "a", prompt_of(5), max_tokens=100)
+    tokens, reason = run_to_completion(s, ex)[("a", 0)]
+    assert len(tokens) == 3 and reason == "length"
+
+
+# ------------------------------------------------------------------------------------ protocol
+
+def test_update_rejects_mismatched_results():
+    s, ex = make()
+    add(s, "a", prompt_of(4))
+    plan = s.schedule()
+    with pytest.raises(ValueError):
+        s.update(plan, StepResult(step_id=plan.step_id + 1, seq_ids=[0], token_ids=[1]))
+    with pytest.raises(ValueError):
+        s.update(plan, StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[]))
+    assert len(s.update(plan, ex.execute(plan))) == 1
+
+
+def test_logprobs_travel_to_outputs():
+    from shared.messages import TokenLogprobs
+    s, ex = make()
+    add(s, "a", prompt_of(4), logprobs=1)
+    plan = s.schedule()
+    lp = TokenLogprobs(-0.5, [3], [-0.5])
+    out = s.update(plan, StepResult(step_id=plan.step_id, seq_ids=[0], token_ids=[3], logprobs=[lp]))
+    assert out[0].logprobs == [lp]
+
+
+def test_scheduler_imports_no_torch_or_numpy():
+    code = ("import sys, services.scheduler.scheduler, services.scheduler.block_manager; "
+            "print([m for m in ('torch', 'cupy', 'numpy') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,186 @@
+"""Property test: random add / abort / step sequences on tiny pools keep the block accounting,
+the prefix cache and the step protocol consistent, and always drain to an empty pool."""
+from collections import Counter
+
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from services.scheduler.scheduler import Scheduler
+from shared.config import CacheConfig, SchedulerConfig
+from shared.messages import AddRequest, SamplingParams
+from tests.fake_executor import FakeExecutor
+
+BASES = [list(range(10, 60)), list(range(100, 150))]     # shared prefixes make cache hits likely
+EOS = 3
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    @initialize(block_size=st.sampled_from([1, 2, 4]), num_blocks=st.integers(4, 16),
+                num_host_blocks=st.sampled_from([0, 3, 16]), swap=st.booleans(),
+                budget=st.integers(3, 24), chunked=st.booleans(), caching=st.booleans(),
+                max_num_seqs=st.integers(1, 6), watermark=st.sampled_from([0.0, 0.2]))
+    def setup(self, block_size, num_blocks, num_host_blocks, swap, budget, chunked, caching,
+              max_num_seqs, watermark):
+        max_model_len = 24
+        sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_waiting=6,
+                                max_num_batched_tokens=budget if chunked else max(budget, max_model_len),
+                                preemption_mode="swap" if swap else "recompute",
+                                enable_chunked_prefill=chunked).validate()
+        cache = CacheConfig(block_size=block_size, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
+                            watermark=watermark, enable_prefix_caching=caching).validate()
+        self.s = Scheduler(sched, cache, eos_token_ids=[EOS])
+        self.ex = FakeExecutor(self.s, roundtrip=False)
+        self.cap = min(max_model_len, num_blocks * block_size)
+        self.next_id = 0
+        self.prompts: dict[str, list[int]] = {}
+        self.outputs: dict[tuple[str, int], list[int]] = {}
+        self.done: set[tuple[str, int]] = set()
+        self.accepted: dict[str, int] = {}                 # request id -> n, until aborted
+        self.all_prompts: dict[str, list[int]] = {}        # every accepted prompt, never dropped
+
+    # ------------------------------------------------------------------------------ rules
+
+    @rule(base=st.sampled_from([0, 1]), shared=st.integers(0, 20), suffix=st.lists(st.integers(0, 500), max_size=6),
+          n=st.integers(1, 3), max_tokens=st.integers(1, 8), ignore_eos=st.booleans())
+    def add(self, base, shared, suffix, n, max_tokens, ignore_eos):
+        prompt = BASES[base][:shared] + suffix
+        rid = f"r{self.next_id}"
+        self.next_id += 1
+        waiting = self.s.num_waiting
+        err = self.s.add_request(AddRequest(request_id=rid, prompt_token_ids=prompt, sampling=SamplingParams(
+            n=n, max_tokens=max_tokens, ignore_eos=ignore_eos)))
+        if not prompt or n > self.s.config.max_num_seqs:
+            assert err is not None and err.code == "invalid"
+        elif len(prompt) >= self.cap:
+            assert err is not None and err.code == "too_long"
+        elif waiting >= self.s.config.max_waiting:
+            assert err is not None and err.code == "queue_full"
+        else:
+            assert err is None
+            self.prompts[rid] = prompt
+            self.all_prompts[rid] = prompt
+            self.accepted[rid] = n
+
+    @precondition(lambda self: self.prompts)
+    @rule(data=st.data())
+    def abort(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.prompts)))
+        self.s.abort_request(rid)
+        del self.prompts[rid]
+        del self.accepted[rid]
+
+    @rule()
+    def step(self):
+        self._step()
+
+    @precondition(lambda self: self.prompts)
+    @rule(data=st.data())
+    def abort_while_step_in_flight(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.prompts)))
+        self._step(abort=rid)
+
+    @rule()
+    def abort_all_frees_everything(self):
+        for rid in list(self.prompts):
+            self.s.abort_request(rid)
+        self.prompts.clear()
+        self.accepted.clear()
+        self._check_drained()
+
+    def _step(self, abort=None):
+        plan = self.s.schedule()
+        if plan is None:
+            assert not self.s.has_unfinished(), "work left but nothing scheduled"
+            return
+        for name in ("forks", "copies", "preempted", "swap_out", "swap_in"):
+            if getattr(plan, name):
+                event(f"plan has {name}")
+        if any(n.num_computed for n in plan.new):
+            event("prefix hit")
+        result = self.ex.execute(plan)
+        if abort is not None:
+            self.s.abort_request(abort)
+            del self.prompts[abort]
+            del self.accepted[abort]
+        for out in self.s.update(plan, result):
+            key = (out.request_id, out.index)
+            assert key not in self.done
+            self.outputs.setdefault(key, []).extend(out.token_ids)
+            if out.finish_reason is not None:
+                self.done.add(key)
+        for rid in list(self.prompts):
+            if rid not in self.s.requests:
+                del self.prompts[rid]
+
+    # ------------------------------------------------------------------------------ invariants
+
+    @invariant()
+    def blocks_are_free_or_used_by_tables(self):
+        if not hasattr(self, "s"):
+            return
+        bm = self.s.block_manager
+        pool = bm.pool
+        free = [b.block_id for b in pool.free_list]
+        assert len(free) == len(set(free)) == pool.num_free
+        refs = Counter(b for table in bm.tables.values() for b in table)
+        for block in pool.blocks:
+            assert block.ref_cnt == refs.get(block.block_id, 0), (block, refs.get(block.block_id))
+            assert (block.ref_cnt == 0) == (block.block_id in set(free))
+        assert pool.num_free + sum(b.ref_cnt > 0 for b in pool.blocks) == pool.num_blocks
+        host = [h for t in bm.host_tables.values() for h in t]
+        assert len(host) == len(set(host)) and len(host) + bm.host.num_free == bm.host.num_blocks
+        assert set(bm.tables).isdisjoint(bm.host_tables)
+
+    @invariant()
+    def cached_blocks_hold_their_prefix(self):
+        if not hasattr(self, "s"):
+            return
+        bm, bs = self.s.block_manager, self.s.block_size
+        expected: dict[int, list[int]] = {}                # chain hash -> the whole prefix
+        seqs = [self.all_prompts[rid] + toks for (rid, _), toks in self.outputs.items()]
+        seqs += list(self.all_prompts.values())             # prompts aborted before sampling
+        for tokens in seqs:
+            parent = None
+            for i in range(len(tokens) // bs):
+                parent = bm.block_hash(parent, tokens[i * bs:(i + 1) * bs])
+                expected[parent] = tokens[:(i + 1) * bs]
+        for h, block in bm.pool.cached.items():
+            assert block.hash == h
+            prefix = expected[h]                           # every cached block came from these
+            i = len(prefix) // bs - 1
+            assert self.ex.kv[block.block_id] == [(i * bs + j, prefix[i * bs + j]) for j in range(bs)]
+
+    @invariant()
+    def executor_mirrors_scheduler(self):
+        if not hasattr(self, "s"):
+            return
+        self.ex.check_tables()
+        for sid, seq in self.s.seqs.items():
+            if seq.status in ("running", "swapped"):
+                st_ = self.ex.seqs[sid]
+                assert st_.prompt + st_.outputs == seq.token_ids
+                assert st_.num_computed == seq.num_computed
+
+    def _check_drained(self):
+        s = self.s
+        assert not s.has_unfinished()
+        assert s.num_free_blocks == s.block_manager.num_blocks
+        assert s.block_manager.host.num_free == s.block_manager.host.num_blocks
+        assert not s.block_manager.tables and not s.block_manager.host_tables and not s.seqs
+
+    def teardown(self):
+        if not hasattr(self, "s"):
+            return
+        for _ in range(500):                               # everything left runs to completion
+            if not self.s.has_unfinished():
+                break
+            self._step()
+        self._check_drained()
+        for rid, n in self.accepted.items():               # every sample of every request finished
+            assert all((rid, i) in self.done and len(self.outputs[(rid, i)]) <= 8 for i in range(n))
+
+
+SchedulerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+                                              suppress_health_check=[HealthCheck.too_slow])
+TestSchedulerMachine = SchedulerMachine.TestCase
