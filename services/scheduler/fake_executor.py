@@ -1,0 +1,278 @@
+"""A fake executor: follows the Step protocol exactly, computes nothing, samples deterministically.
+
+Used by the scheduler's tests, the simulator and the service's tests (behind a real ZMQ ROUTER,
+see ``FakeExecutorServer``). Same face as the real worker: ``ready()`` and ``execute(plan)``.
+
+It keeps what the real executor keeps per seq id (tokens, block table, computed count, sampling
+params) and a *shadow KV cache*: every block slot remembers which token was written into it.
+With ``strict=True`` it checks, every step, what a wrong scheduler would get wrong silently on a
+GPU: every cached position it reads holds that sequence's token (prefix hits, copy-on-write,
+swaps), and no block referenced by two live sequences is written.
+
+Sampling: the token after position ``p`` is a hash of (last token, p, sample index) that avoids
+the EOS ids; when ``output_len(prompt, sample_index)`` is given, the sequence emits EOS as its
+``output_len``-th token (the simulator's hidden output lengths, which the scheduler never sees).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import zmq
+
+from shared import transport
+from shared.messages import (
+    ExecutorError, ExecutorHello, ExecutorReady, ProtocolError, Shutdown, StepPlan, StepResult, decode,
+)
+
+
+class PlanError(Exception):
+    """The plan breaks the Step protocol; the executor answers ExecutorError."""
+
+
+@dataclass
+class _Seq:
+    prompt: list[int]
+    outputs: list[int]
+    table: list[int]
+    computed: int
+    sampling: object
+    sample_index: int = 0
+    swapped: bool = False      # its table names device blocks it gave up (until swap-in rewrites it)
+
+    def token(self, pos: int) -> int:
+        n = len(self.prompt)
+        return self.prompt[pos] if pos < n else self.outputs[pos - n]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.outputs)
+
+
+@dataclass
+class FakeExecutor:
+    block_size: int = 16
+    num_blocks: int = 256
+    num_host_blocks: int = 0
+    max_model_len: int = 4096
+    vocab_size: int = 32000
+    eos_token_ids: list[int] = field(default_factory=lambda: [2])
+    output_len: Callable[[list[int], int], int] | None = None
+    strict: bool = False
+    fail_steps: set[int] = field(default_factory=set)   # step ids answered with ExecutorError
+
+    def __post_init__(self):
+        self.seqs: dict[int, _Seq] = {}
+        self.sample_index: dict[int, int] = {}           # survives recompute preemption
+        self.kv: list[list[int]] = [[-1] * self.block_size for _ in range(self.num_blocks)]
+        self.host_kv: list[list[int]] = [[-1] * self.block_size for _ in range(self.num_host_blocks)]
+        self.num_steps = 0
+        self.tokens_computed = 0
+
+    def ready(self) -> ExecutorReady:
+        return ExecutorReady(model="fake", block_size=self.block_size, num_blocks=self.num_blocks,
+                             num_host_blocks=self.num_host_blocks, max_model_len=self.max_model_len,
+                             vocab_size=self.vocab_size, eos_token_ids=list(self.eos_token_ids))
+
+    # ------------------------------------------------------------------------------------ step
+
+    def execute(self, plan: StepPlan) -> StepResult | ExecutorError:
+        if plan.step_id in self.fail_steps:
+            return ExecutorError(step_id=plan.step_id, message="injected failure")
+        try:
+            self._validate(plan)
+            return self._apply(plan)
+        except PlanError as e:
+            return ExecutorError(step_id=plan.step_id, message=str(e))
+
+    def _validate(self, plan: StepPlan) -> None:
+        """Everything that can be checked before touching state, so a bad plan changes nothing."""
+        def check_blocks(ids, limit, what):
+            for b in ids:
+                if not 0 <= b < limit:
+                    raise PlanError(f"{what} block {b} outside the pool of {limit}")
+
+        dropped = set(plan.finished) | set(plan.preempted)
+        for sid in dropped:
+            if sid not in self.seqs:
+                raise PlanError(f"finished/preempted: unknown seq {sid}")
+        known = set(self.seqs) - dropped
+        check_blocks([d for d, _ in plan.swap_out] + [d for _, d in plan.swap_in], self.num_blocks, "swap")
+        check_blocks([h for _, h in plan.swap_out] + [h for h, _ in plan.swap_in], self.num_host_blocks, "host")
+        check_blocks([b for pair in plan.copies for b in pair], self.num_blocks, "copy")
+        length = {}      # seq id -> (table length, computed, tokens) after new + table updates
+        for ns in plan.new:
+            if ns.seq_id in known or ns.seq_id in length:
+                raise PlanError(f"new seq {ns.seq_id} is already known")
+            check_blocks(ns.block_ids, self.num_blocks, "table")
+            ntok = len(ns.prompt_token_ids) + len(ns.output_token_ids)
+            if ns.num_computed + ns.num_new_tokens > ntok:
+                raise PlanError(f"seq {ns.seq_id}: {ns.num_computed}+{ns.num_new_tokens} tokens > {ntok} known")
+            length[ns.seq_id] = (len(ns.block_ids), ns.num_computed + ns.num_new_tokens)
+        if len(plan.run_seq_ids) != len(plan.run_num_tokens):
+            raise PlanError("run_seq_ids and run_num_tokens differ in length")
+        for tu in plan.table_updates:
+            if tu.seq_id not in known and tu.seq_id not in length:
+                raise PlanError(f"table update for unknown seq {tu.seq_id}")
+            check_blocks(tu.block_ids, self.num_blocks, "table")
+            cur = length[tu.seq_id][0] if tu.seq_id in length else len(self.seqs[tu.seq_id].table)
+            if tu.start > cur:
+                raise PlanError(f"seq {tu.seq_id}: table update at {tu.start} beyond its {cur} blocks")
+            end = length[tu.seq_id][1] if tu.seq_id in length else self.seqs[tu.seq_id].computed
+            length[tu.seq_id] = (tu.start + len(tu.block_ids), end)
+        for sid, n in zip(plan.run_seq_ids, plan.run_num_tokens):
+            if sid not in known:
+                raise PlanError(f"run: unknown seq {sid}")
+            s = self.seqs[sid]
+            if s.computed + n > s.num_tokens:
+                raise PlanError(f"seq {sid}: {s.computed}+{n} tokens > {s.num_tokens} known")
+            length[sid] = (length[sid][0] if sid in length else len(s.table), s.computed + n)
+        for sid, (nblocks, end) in length.items():
+            if nblocks * self.block_size < end:
+                raise PlanError(f"seq {sid}: {nblocks} blocks cannot hold {end} tokens")
+        for f in plan.forks:
+            if f.parent not in known and f.parent not in length:
+                raise PlanError(f"fork of unknown seq {f.parent}")
+            if f.child in known or f.child in length:
+                raise PlanError(f"fork child {f.child} is already known")
+
+    def _apply(self, plan: StepPlan) -> StepResult:
+        for sid in plan.finished:
+            del self.seqs[sid]
+            self.sample_index.pop(sid, None)
+        for sid in plan.preempted:
+            del self.seqs[sid]
+        for d, h in plan.swap_out:
+            self.host_kv[h] = list(self.kv[d])
+        for h, d in plan.swap_in:
+            self.kv[d] = list(self.host_kv[h])
+        for src, dst in plan.copies:
+            self.kv[dst] = list(self.kv[src])
+        work: list[tuple[int, int]] = []
+        for ns in plan.new:
+            self.seqs[ns.seq_id] = _Seq(list(ns.prompt_token_ids), list(ns.output_token_ids), list(ns.block_ids),
+                                        ns.num_computed, ns.sampling, self.sample_index.get(ns.seq_id, 0))
+            work.append((ns.seq_id, ns.num_new_tokens))
+        for tu in plan.table_updates:
+            table = self.seqs[tu.seq_id].table
+            del table[tu.start:]
+            table.extend(tu.block_ids)
+            if tu.start == 0:
+                self.seqs[tu.seq_id].swapped = False
+        work.extend(zip(plan.run_seq_ids, plan.run_num_tokens))
+        if plan.swap_out:       # a swapped-out seq's table is stale: its device blocks may be reused
+            out, active = {d for d, _ in plan.swap_out}, {sid for sid, _ in work}
+            for sid, s in self.seqs.items():
+                if sid not in active and s.table and out.issuperset(s.table):
+                    s.swapped = True
+        refs = self._block_refs() if self.strict else None
+        for sid, n in work:
+            self._forward(sid, self.seqs[sid], n, refs)
+        sampled = [sid for sid, _ in work if self.seqs[sid].computed == self.seqs[sid].num_tokens]
+        for f in plan.forks:
+            p = self.seqs[f.parent]
+            self.seqs[f.child] = _Seq(list(p.prompt), list(p.outputs), list(p.table), p.computed, p.sampling,
+                                      f.sample_index)
+            self.sample_index[f.child] = f.sample_index
+            sampled.append(f.child)
+        tokens = [self._sample(self.seqs[sid]) for sid in sampled]
+        for sid, tok in zip(sampled, tokens):
+            self.seqs[sid].outputs.append(tok)
+        self.num_steps += 1
+        return StepResult(step_id=plan.step_id, seq_ids=sampled, token_ids=tokens)
+
+    def _forward(self, sid: int, s: _Seq, n: int, refs: dict[int, int] | None) -> None:
+        bs = self.block_size
+        if refs is not None:      # every cached position we attend over holds our token
+            for pos in range(s.computed):
+                got = self.kv[s.table[pos // bs]][pos % bs]
+                if got != s.token(pos):
+                    raise PlanError(f"seq {sid}: KV at position {pos} (block {s.table[pos // bs]}) holds "
+                                    f"token {got}, expected {s.token(pos)}")
+        for pos in range(s.computed, s.computed + n):
+            block = s.table[pos // bs]
+            if refs is not None and refs.get(block, 0) > 1:
+                raise PlanError(f"seq {sid}: write into block {block} shared by {refs[block]} sequences")
+            self.kv[block][pos % bs] = s.token(pos)
+        s.computed += n
+        self.tokens_computed += n
+
+    def _block_refs(self) -> dict[int, int]:
+        refs: dict[int, int] = {}
+        for s in self.seqs.values():
+            if not s.swapped:
+                for b in set(s.table):
+                    refs[b] = refs.get(b, 0) + 1
+        return refs
+
+    def _sample(self, s: _Seq) -> int:
+        if self.output_len is not None and len(s.outputs) + 1 >= self.output_len(s.prompt, s.sample_index):
+            return self.eos_token_ids[0]
+        last = s.token(s.num_tokens - 1)
+        tok = (last * 1_000_003 + s.num_tokens * 7919 + s.sample_index * 104_729) % self.vocab_size
+        while tok in self.eos_token_ids:
+            tok = (tok + 1) % self.vocab_size
+        return tok
+
+    # ------------------------------------------------------------------------------- observers
+
+    def tokens_stored(self) -> int:
+        """Distinct KV slots that hold a computed token of a live sequence."""
+        bs, fill = self.block_size, {}
+        for s in self.seqs.values():
+            if s.swapped:
+                continue
+            full = s.computed // bs
+            fill.update(dict.fromkeys(s.table[:full], bs))
+            if s.computed % bs:
+                b = s.table[full]
+                fill[b] = max(fill.get(b, 0), s.computed % bs)
+        return sum(fill.values())
+
+
+class FakeExecutorServer:
+    """The fake behind a ZMQ ROUTER, in a thread: answers ExecutorHello (after ``loading_hellos``
+    unanswered ones, to mimic loading weights), StepPlan and Shutdown, like the real service."""
+
+    def __init__(self, executor: FakeExecutor, ctx: zmq.Context, addr: str, loading_hellos: int = 0):
+        self.executor, self.loading_hellos = executor, loading_hellos
+        self.sock = transport.router(ctx, addr)
+        self.stopped = threading.Event()
+        self.plans: list[StepPlan] = []
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="fake-executor")
+
+    def start(self) -> "FakeExecutorServer":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        self.sock.close(linger=0)
+
+    def _loop(self) -> None:
+        while not self.stopped.is_set():
+            if not self.sock.poll(20):
+                continue
+            identity, frame = transport.recv_routed(self.sock)
+            try:
+                msg = decode(frame)
+            except ProtocolError as e:
+                transport.send(self.sock, ExecutorError(step_id=-1, message=str(e)), identity)
+                continue
+            if isinstance(msg, ExecutorHello):
+                if self.loading_hellos > 0:
+                    self.loading_hellos -= 1
+                    continue
+                if msg.block_size != self.executor.block_size:     # as the real executor answers
+                    transport.send(self.sock, ExecutorError(step_id=-1, message=(
+                        f"block size mismatch: scheduler {msg.block_size}, executor {self.executor.block_size}")),
+                        identity)
+                else:
+                    transport.send(self.sock, self.executor.ready(), identity)
+            elif isinstance(msg, StepPlan):
+                self.plans.append(msg)
+                transport.send(self.sock, self.executor.execute(msg), identity)
+            elif isinstance(msg, Shutdown):
+                self.stopped.set()

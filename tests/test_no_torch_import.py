@@ -1,0 +1,31 @@
+"""The scheduler side is pure CPU Python: importing it (and running it) never pulls in torch or cupy."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CODE = """
+import sys
+import services.scheduler.service, services.scheduler.simulate, services.scheduler.contiguous
+import services.scheduler.fake_executor, services.scheduler.scheduler
+from services.scheduler.simulate import simulate
+simulate("mixed", num_requests=3, num_blocks=128, block_size=16, max_model_len=4096, seed=0)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "cupy", "transformers"))
+print(heavy)
+sys.exit(1 if heavy else 0)
+"""
+
+
+def test_scheduler_service_and_simulator_do_not_import_torch():
+    proc = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_scheduler_subcommand_help_does_not_import_torch():
+    code = ("import sys, runpy; sys.argv = ['pagedserve', 'scheduler', '--help']\n"
+            "try:\n    runpy.run_module('services.cli', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr

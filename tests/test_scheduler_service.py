@@ -1,0 +1,336 @@
+"""The scheduler service over real ZeroMQ sockets, with the fake executor behind its own ROUTER."""
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import msgspec
+import pytest
+import zmq
+
+from services.scheduler.fake_executor import FakeExecutor, FakeExecutorServer
+from services.scheduler.service import (ExecutorTimeout, LocalChannel, SchedulerService, ZmqExecutorChannel,
+                                        add_arguments)
+from shared import transport
+from shared.config import CacheConfig, SchedulerConfig
+from shared.messages import (AbortRequest, AddRequest, RequestError, RequestOutputs, SamplingParams,
+                             SchedulerStats, StatsRequest, StepPlan, encode)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Harness:
+    """Fake executor server + service + gateway DEALERs, all on inproc:// in one context."""
+
+    def __init__(self, *, num_blocks=64, max_waiting=64, max_num_seqs=16, loading_hellos=0, fail_steps=(),
+                 channel=None):
+        self.ctx = zmq.Context()
+        tag = uuid.uuid4().hex
+        self.fake = FakeExecutor(block_size=4, num_blocks=num_blocks, max_model_len=256, strict=True,
+                                 fail_steps=set(fail_steps))
+        self.server = None
+        if channel is None:
+            self.server = FakeExecutorServer(self.fake, self.ctx, f"inproc://ex-{tag}", loading_hellos).start()
+            channel = ZmqExecutorChannel(self.ctx, f"inproc://ex-{tag}", hello_interval=0.01, step_timeout=10)
+        self.gw_addr = f"inproc://gw-{tag}"
+        self.service = SchedulerService(
+            SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=64, max_model_len=0,
+                            max_waiting=max_waiting),
+            CacheConfig(block_size=4), transport.router(self.ctx, self.gw_addr), channel, idle_timeout=0.005)
+        self.gateways = []
+
+    def gateway(self) -> zmq.Socket:
+        sock = transport.dealer(self.ctx, self.gw_addr)
+        self.gateways.append(sock)
+        return sock
+
+    def pump(self, until=lambda: False, turns=2000):
+        for _ in range(turns):
+            self.service.run_once()
+            if until():
+                return
+        raise AssertionError("condition not reached")
+
+    def ready(self):
+        self.pump(lambda: self.service.scheduler is not None)
+
+    def close(self):
+        self.service.close()
+        self.service.gateway.close(linger=0)
+        for s in self.gateways:
+            s.close(linger=0)
+        if self.server:
+            self.server.stop()
+        self.ctx.term()
+
+
+@pytest.fixture
+def make():
+    made = []
+
+    def factory(**kw):
+        h = Harness(**kw)
+        made.append(h)
+        return h
+    yield factory
+    for h in made:
+        h.close()
+
+
+def inbox(sock) -> list:
+    msgs = []
+    while sock.poll(0):
+        msgs.append(transport.recv(sock))
+    return msgs
+
+
+def collect(h, sock, request_ids, turns=2000):
+    """Pump until every sample of the requests finished; returns (tokens per (rid, index), errors)."""
+    tokens, finished, errors = {}, {}, []
+    want = set(request_ids)
+
+    def done():
+        for m in inbox(sock):
+            if isinstance(m, RequestError):
+                errors.append(m)
+                want.discard(m.request_id)
+            elif isinstance(m, RequestOutputs):
+                for o in m.outputs:
+                    tokens.setdefault((o.request_id, o.index), []).extend(o.token_ids)
+                    if o.finish_reason:
+                        finished[(o.request_id, o.index)] = o.finish_reason
+        return all(any(k[0] == rid for k in finished) for rid in want)
+    h.pump(done, turns)
+    return tokens, finished, errors
+
+
+def add(sock, rid, n_prompt=10, **sampling):
+    transport.send(sock, AddRequest(request_id=rid, prompt_token_ids=list(range(3, 3 + n_prompt)),
+                                    sampling=SamplingParams(**sampling)))
+
+
+def test_add_streams_tokens_until_finished(make):
+    h = make()
+    gw = h.gateway()
+    h.ready()
+    add(gw, "a", max_tokens=5)
+    add(gw, "b", n_prompt=9, max_tokens=3, n=2)
+    tokens, finished, errors = collect(h, gw, ["a", "b"])
+    assert not errors
+    assert finished == {("a", 0): "length", ("b", 0): "length", ("b", 1): "length"}
+    assert len(tokens[("a", 0)]) == 5 and len(tokens[("b", 0)]) == 3 and len(tokens[("b", 1)]) == 3
+    assert tokens[("b", 0)] != tokens[("b", 1)]          # the fork samples its own tokens
+    assert not h.service.owners and not h.service.scheduler.has_unfinished()
+    assert h.service.scheduler.num_free_blocks == 64
+
+
+def test_outputs_are_routed_to_the_gateway_that_owns_the_request(make):
+    h = make()
+    g1, g2 = h.gateway(), h.gateway()
+    h.ready()
+    add(g1, "one", max_tokens=4)
+    add(g2, "two", max_tokens=4)
+    h.pump(lambda: not h.service.owners or not h.service.scheduler.has_unfinished())
+    got1 = {o.request_id for m in inbox(g1) if isinstance(m, RequestOutputs) for o in m.outputs}
+    got2 = {o.request_id for m in inbox(g2) if isinstance(m, RequestOutputs) for o in m.outputs}
+    assert got1 == {"one"} and got2 == {"two"}
+
+
+def test_stats_before_and_after_the_handshake_and_not_ready_rejection(make):
+    h = make(loading_hellos=3)                       # the executor ignores three hellos: "loading"
+    gw = h.gateway()
+    transport.send(gw, StatsRequest())
+    add(gw, "early")
+    h.service.run_once()
+    h.pump(lambda: gw.poll(0), turns=50)
+    replies = []
+    h.pump(lambda: replies.extend(inbox(gw)) or len(replies) >= 2, turns=50)
+    stats = next(m for m in replies if isinstance(m, SchedulerStats))
+    error = next(m for m in replies if isinstance(m, RequestError))
+    assert stats.executor_ready is False
+    assert (error.request_id, error.code) == ("early", "not_ready")
+    h.ready()                                        # the hello is retried until answered
+    transport.send(gw, StatsRequest())
+    got = []
+    h.pump(lambda: got.extend(inbox(gw)) or got)
+    assert got[0].executor_ready and got[0].num_blocks == 64 and got[0].max_model_len == 256
+    assert got[0].block_size == 4 and got[0].num_free_blocks == 64
+
+
+def test_abort_frees_everything_and_stops_the_stream(make):
+    h = make()
+    gw = h.gateway()
+    h.ready()
+    add(gw, "long", max_tokens=200)
+    seen = []
+    h.pump(lambda: seen.extend(inbox(gw)) or len(seen) >= 3)
+    transport.send(gw, AbortRequest(request_id="long"))
+    h.pump(lambda: not h.service.scheduler.has_unfinished())
+    for _ in range(5):
+        h.service.run_once()
+    inbox(gw)
+    for _ in range(5):
+        h.service.run_once()
+    assert inbox(gw) == []
+    assert "long" not in h.service.owners
+    assert h.service.scheduler.num_free_blocks == 64
+
+
+def test_abort_from_another_gateway_is_ignored(make):
+    h = make()
+    owner, other = h.gateway(), h.gateway()
+    h.ready()
+    add(owner, "mine", max_tokens=6)
+    h.service.run_once()
+    transport.send(other, AbortRequest(request_id="mine"))
+    _, finished, errors = collect(h, owner, ["mine"])
+    assert finished == {("mine", 0): "length"} and not errors
+
+
+def test_queue_full_is_answered_to_the_sender(make):
+    h = make(max_waiting=1)
+    gw = h.gateway()
+    h.ready()
+    add(gw, "first", max_tokens=2)
+    add(gw, "second", max_tokens=2)                  # drained in the same turn: the queue holds one
+    tokens, finished, errors = collect(h, gw, ["first", "second"])
+    assert [(e.request_id, e.code) for e in errors] == [("second", "queue_full")]
+    assert finished == {("first", 0): "length"}
+
+
+def test_too_long_prompt_is_answered(make):
+    h = make()
+    gw = h.gateway()
+    h.ready()
+    add(gw, "huge", n_prompt=300)
+    _, _, errors = collect(h, gw, ["huge"])
+    assert errors[0].code == "too_long"
+
+
+@pytest.mark.parametrize("frames", [
+    [b"\xc1garbage"],
+    [msgspec.msgpack.encode({"type": "add", "version": 1, "request_id": "x", "prompt_token_ids": [-5]})],
+    [msgspec.msgpack.encode({"type": "add", "version": 99, "request_id": "x", "prompt_token_ids": [1]})],
+    [encode(StepPlan(step_id=0))],                   # a valid message the gateway may not send
+    [encode(StatsRequest()), b"extra frame"],
+])
+def test_malformed_frames_get_an_error_and_the_service_keeps_serving(make, frames):
+    h = make()
+    gw = h.gateway()
+    h.ready()
+    gw.send_multipart(frames)
+    replies = []
+    h.pump(lambda: replies.extend(inbox(gw)) or replies)
+    assert isinstance(replies[0], RequestError)
+    assert replies[0].request_id == "" and replies[0].code == "invalid" and replies[0].message
+    add(gw, "after", max_tokens=3)
+    _, finished, errors = collect(h, gw, ["after"])
+    assert finished == {("after", 0): "length"} and not errors
+
+
+@pytest.mark.parametrize("fail_step", [0, 2])       # 0: the failed plan registered the sequence
+def test_executor_error_fails_the_step_requests_and_the_service_recovers(make, fail_step):
+    h = make(max_num_seqs=1, fail_steps={fail_step})  # the second request waits behind the first
+    gw = h.gateway()
+    h.ready()
+    add(gw, "victim", max_tokens=10)
+    add(gw, "queued", max_tokens=3)
+    tokens, finished, errors = collect(h, gw, ["victim", "queued"])
+    assert [(e.request_id, e.code) for e in errors] == [("victim", "executor_error")]
+    assert "injected failure" in errors[0].message
+    assert finished == {("queued", 0): "length"}     # waiting requests survive; the executor resynced
+    assert h.service.num_executor_errors == 1
+    add(gw, "later", max_tokens=4)                   # strict fake: any state mismatch would error again
+    _, finished, errors = collect(h, gw, ["later"])
+    assert finished == {("later", 0): "length"} and not errors
+    assert h.service.scheduler.num_free_blocks == 64
+    assert set(h.fake.seqs) <= h.service.executor_known
+
+
+def test_lost_executor_fails_everything_then_handshakes_again(make):
+    fake = FakeExecutor(block_size=4, num_blocks=64, max_model_len=256)
+
+    class Flaky(LocalChannel):
+        fail = True
+
+        def execute(self, plan):
+            if self.fail:
+                self.fail = False
+                raise ExecutorTimeout("no reply to step 0 within 1s")
+            return super().execute(plan)
+
+    h = make(channel=Flaky(fake))
+    gw = h.gateway()
+    h.ready()
+    add(gw, "lost", max_tokens=3)
+    _, _, errors = collect(h, gw, ["lost"])
+    assert (errors[0].request_id, errors[0].code) == ("lost", "executor_error")
+    h.ready()
+    add(gw, "fine", max_tokens=3)
+    _, finished, errors = collect(h, gw, ["fine"])
+    assert finished == {("fine", 0): "length"} and not errors
+
+
+def test_block_size_mismatch_is_fatal_with_a_clear_message(make):
+    fake = FakeExecutor(block_size=16, num_blocks=8)
+    h = make(channel=LocalChannel(fake))
+    with pytest.raises(ValueError, match="--block-size 4 but the executor uses 16"):
+        h.service.run_once()
+
+
+def test_executor_refusing_the_handshake_is_fatal(make):
+    h = make()
+    h.fake.block_size = 8                            # the server answers hellos with ExecutorError
+    with pytest.raises(ValueError, match="refused the handshake: block size mismatch"):
+        h.pump(turns=200)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--num-blocks", "-1"], "--num-blocks"),
+    (["--block-size", "3"], "--block-size"),
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--watermark", "1.5"], "--watermark"),
+    (["--preemption-mode", "drop"], "--preemption-mode"),
+    (["--gateway-addr", "localhost:5"], "--gateway-addr"),
+    (["--max-num-batched-tokens", "x"], "--max-num-batched-tokens"),
+])
+def test_bad_flags_are_argparse_errors_naming_the_flag(argv, flag, capsys):
+    import argparse
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(argv)
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_process_serves_and_shuts_the_executor_down_on_sigterm(tmp_path):
+    ctx = zmq.Context()
+    ex_addr, gw_addr = f"ipc://{tmp_path}/ex.sock", f"ipc://{tmp_path}/gw.sock"
+    server = FakeExecutorServer(FakeExecutor(block_size=16, num_blocks=32, max_model_len=128), ctx, ex_addr).start()
+    proc = subprocess.Popen([sys.executable, "-m", "services.scheduler", "--gateway-addr", gw_addr,
+                             "--executor-addr", ex_addr, "--hello-interval", "0.05", "--shutdown-executor"],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    gw = transport.dealer(ctx, gw_addr)
+    try:
+        outputs = []
+        for _ in range(400):                          # poll stats until ready, then generate
+            transport.send(gw, StatsRequest())
+            assert gw.poll(10_000)
+            if transport.recv(gw).executor_ready:
+                break
+        add(gw, "p", max_tokens=4)
+        while not any(o.finish_reason for o in outputs):
+            assert gw.poll(10_000)
+            outputs += transport.recv(gw).outputs
+        assert sum(len(o.token_ids) for o in outputs) == 4
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        server.thread.join(timeout=5)
+        assert server.stopped.is_set()                # Shutdown reached the executor
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        gw.close(linger=0)
+        server.stop()
+        ctx.term()
