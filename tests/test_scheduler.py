@@ -231,6 +231,34 @@ def test_watermark_holds_back_admission():
     assert_drained(s)
 
 
+def test_admission_reserves_the_blocks_of_future_forks():
+    s, ex = make(num_blocks=6, block_size=4, max_num_batched_tokens=64)
+    add(s, "a", prompt_of(12), max_tokens=3)            # 3 blocks, a 4th for its 2nd token
+    step(s, ex)
+    # "b" needs 2 blocks now and, right after its fork, a copy of its partly filled last block
+    # per child: 2 + 2 > 3 free. Admitted on 2 blocks, its forks would preempt someone.
+    add(s, "b", prompt_of(6, 100), n=3, max_tokens=2)
+    plan = s.schedule()
+    assert plan.new == [] and plan.run_seq_ids == [0]
+    s.update(plan, ex.execute(plan))
+    run_to_completion(s, ex)
+    assert s.stats().num_preemptions == 0
+    assert_drained(s)
+
+
+def test_n_samples_admitted_with_room_to_fork_are_not_preempted():
+    s, ex = make(num_blocks=11, block_size=4, max_num_batched_tokens=64)
+    add(s, "a", prompt_of(6), n=3, max_tokens=2)        # 2 blocks + 2 copies after the fork
+    add(s, "b", prompt_of(6, 100), n=3, max_tokens=2)   # 4 more: 8 of 11, then "c" would take 2+2
+    add(s, "c", prompt_of(6, 200), n=3, max_tokens=2)
+    plan = s.schedule()
+    assert [n.seq_id for n in plan.new] == [0, 1]       # "c" waits: its forks would not fit
+    s.update(plan, ex.execute(plan))
+    run_to_completion(s, ex)
+    assert s.stats().num_preemptions == 0
+    assert_drained(s)
+
+
 # ------------------------------------------------------------------------------------ preemption
 
 def reference_outputs(prompts, **params):
@@ -398,6 +426,17 @@ def test_abort_unknown_is_a_no_op():
 
 
 # ------------------------------------------------------------------------------------ admission
+
+def test_request_ids_of_and_has_request():
+    s, ex = make()
+    add(s, "a", prompt_of(6), n=2, max_tokens=3)
+    add(s, "b", prompt_of(6, 100), max_tokens=1)
+    step(s, ex)                                        # a forks seq 2; b finishes
+    assert s.request_ids_of([0, 2]) == {"a"} and s.request_ids_of([1, 99]) == set()
+    assert s.has_request("a") and not s.has_request("b") and not s.has_request("zzz")
+    s.abort_request("a")
+    assert s.request_ids_of([0, 2]) == set() and not s.has_request("a")
+
 
 def test_queue_full():
     s, _ = make(max_waiting=2)

@@ -10,7 +10,8 @@ from services.scheduler.simulate import make_workload, possible_prefix_hits, sim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("kv_waste_pct", "peak_concurrency", "admission_failures_with_free_memory", "preemptions",
-          "prefix_hit_rate", "prefix_hit_rate_of_possible", "tokens_per_step", "steps")
+          "prefix_hit_rate", "prefix_hit_rate_first_admission", "prefix_hit_rate_of_possible", "tokens_per_step",
+          "steps")
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def test_summary_fields_are_present_and_sane(mixed):
     assert paged["kv_waste_pct"] < 4                          # only last blocks are partly empty
     assert s["contiguous"]["kv_waste_pct"] > 50               # max_model_len reserved per sequence
     assert paged["prefix_hit_rate_of_possible"] is None       # random prompts share nothing
+    assert paged["prefix_hit_rate_first_admission"] == 0.0    # (prefix_hit_rate also counts re-admissions)
 
 
 def test_paged_beats_contiguous_on_the_same_memory(mixed):
@@ -60,6 +62,8 @@ def test_shared_prefix_hits_what_full_block_sharing_allows():
     p = s["paged"]
     assert p["prefix_hit_tokens"] <= p["prefix_possible_tokens"]
     assert p["prefix_hit_rate_of_possible"] >= 0.9
+    assert p["prefix_hit_rate_first_admission"] == round(p["prefix_hit_tokens"] / sum(
+        len(r.prompt) for r in make_workload("shared-prefix", 40, 4096, seed=1, arrival_rate=0.5)), 4)
     assert p["free_blocks_at_end"] == 512
 
 
@@ -100,3 +104,71 @@ def test_swap_preemption_keeps_kv_content_intact():
                  preemption_mode="swap", num_host_blocks=256, strict=True)
     assert s["paged"]["swapped_out_blocks"] > 0 and s["paged"]["finished_sequences"] == 48
     assert s["paged"]["free_blocks_at_end"] == 384
+
+
+# ------------------------------------------------------------------ the strict fake executor
+
+from services.scheduler.fake_executor import FakeExecutor  # noqa: E402
+from shared.messages import Fork, NewSeq, SamplingParams, StepPlan, StepResult, TableUpdate  # noqa: E402
+
+PROMPT = [10, 11, 12, 13, 14]       # 5 tokens: two blocks of 4, the second partly filled
+
+
+def _fake() -> FakeExecutor:
+    return FakeExecutor(block_size=4, num_blocks=4, num_host_blocks=4, strict=True)
+
+
+def _ok(fake: FakeExecutor, plan: StepPlan) -> StepResult:
+    result = fake.execute(plan)
+    assert isinstance(result, StepResult), result.message
+    return result
+
+
+def _forked_pair(fake: FakeExecutor) -> None:
+    """Seq 0 prefills PROMPT into blocks [0, 1] and forks seq 1: both tables are [0, 1]."""
+    _ok(fake, StepPlan(step_id=0, new=[NewSeq(0, PROMPT, [], [0, 1], 0, 5, SamplingParams(n=2))],
+                       forks=[Fork(0, 1, 1)]))
+
+
+def test_strict_fake_ignores_the_stale_table_of_a_swapped_out_sequence():
+    fake = _fake()
+    _forked_pair(fake)
+    # seq 1 swapped out: the scheduler dropped its references, so seq 0 writes block 1 in place
+    _ok(fake, StepPlan(step_id=1, run_seq_ids=[0], run_num_tokens=[1], swap_out=[(0, 0), (1, 1)]))
+    assert fake.seqs[1].swapped and not fake.seqs[0].swapped
+    # seq 0 finishes; a new seq reuses blocks 0 and 1 that seq 1's stale table still names
+    _ok(fake, StepPlan(step_id=2, new=[NewSeq(2, [20, 21, 22, 23, 24], [], [0, 1], 0, 5, SamplingParams())],
+                       finished=[0]))
+    # seq 1 comes back into blocks 2, 3; strict re-reads its whole context from the swapped data
+    _ok(fake, StepPlan(step_id=3, run_seq_ids=[1, 2], run_num_tokens=[1, 1], swap_in=[(0, 2), (1, 3)],
+                       table_updates=[TableUpdate(1, 0, [2, 3])]))
+    assert not fake.seqs[1].swapped and fake.seqs[1].computed == 6
+
+
+def test_strict_fake_tells_identical_forked_twins_apart():
+    fake = _fake()
+    _forked_pair(fake)
+    # seq 1 is swapped out in a step where seq 0 does not run: both tables are [0, 1]
+    _ok(fake, StepPlan(step_id=1, swap_out=[(0, 0), (1, 1)]))
+    assert sum(s.swapped for s in fake.seqs.values()) == 1      # one table's worth of pairs
+    assert fake.tokens_stored() == 5
+    _ok(fake, StepPlan(step_id=2, run_seq_ids=[0], run_num_tokens=[1]))
+    assert fake.seqs[1].swapped and not fake.seqs[0].swapped   # the mark moved to the real one
+    assert fake.tokens_stored() == 6
+
+
+def test_strict_fake_still_catches_overwritten_context():
+    fake = _fake()
+    _ok(fake, StepPlan(step_id=0, new=[NewSeq(0, PROMPT, [], [0, 1], 0, 5, SamplingParams())]))
+    # a copy into block 0, which seq 0 still names: its next step must notice the wrong KV
+    result = fake.execute(StepPlan(step_id=1, run_seq_ids=[0], run_num_tokens=[1], copies=[(2, 0)]))
+    assert not isinstance(result, StepResult) and "position 0" in result.message
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_strict_checking_is_proportional_to_the_work(mode):
+    # preemption-heavy parallel sampling: strict used to re-read every context every step
+    s = simulate("parallel-sampling", num_requests=30, num_blocks=96, block_size=16, max_model_len=4096, seed=0,
+                 preemption_mode=mode, num_host_blocks=64 if mode == "swap" else 0, strict=True)["paged"]
+    assert s["finished_sequences"] == 120 and s["preemptions"] > 0 and s["free_blocks_at_end"] == 96
+    assert s["strict_positions_checked"] <= 3 * s["tokens_computed"]

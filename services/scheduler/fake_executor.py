@@ -7,7 +7,10 @@ It keeps what the real executor keeps per seq id (tokens, block table, computed 
 params) and a *shadow KV cache*: every block slot remembers which token was written into it.
 With ``strict=True`` it checks, every step, what a wrong scheduler would get wrong silently on a
 GPU: every cached position it reads holds that sequence's token (prefix hits, copy-on-write,
-swaps), and no block referenced by two live sequences is written.
+swaps), and no block referenced by two live sequences is written. A swapped-out sequence's table
+does not count as a reference until its swap-in ``TableUpdate(start=0)``. The checks are
+incremental (each position is re-read only after its block changed), so a strict run costs about
+the same as the tokens it computes.
 
 Sampling: the token after position ``p`` is a hash of (last token, p, sample index) that avoids
 the EOS ids; when ``output_len(prompt, sample_index)`` is given, the sequence emits EOS as its
@@ -40,6 +43,7 @@ class _Seq:
     sampling: object
     sample_index: int = 0
     swapped: bool = False      # its table names device blocks it gave up (until swap-in rewrites it)
+    verified: int = 0          # strict: positions [0, verified) checked since their blocks last changed
 
     def token(self, pos: int) -> int:
         n = len(self.prompt)
@@ -65,10 +69,12 @@ class FakeExecutor:
     def __post_init__(self):
         self.seqs: dict[int, _Seq] = {}
         self.sample_index: dict[int, int] = {}           # survives recompute preemption
+        self.owners: dict[int, dict[int, int]] = {}      # strict: block -> {seq id: table entries}
         self.kv: list[list[int]] = [[-1] * self.block_size for _ in range(self.num_blocks)]
         self.host_kv: list[list[int]] = [[-1] * self.block_size for _ in range(self.num_host_blocks)]
         self.num_steps = 0
         self.tokens_computed = 0
+        self.positions_checked = 0      # strict: cached positions re-read (proportional, not quadratic)
 
     def ready(self) -> ExecutorReady:
         return ExecutorReady(model="fake", block_size=self.block_size, num_blocks=self.num_blocks,
@@ -139,41 +145,47 @@ class FakeExecutor:
 
     def _apply(self, plan: StepPlan) -> StepResult:
         for sid in plan.finished:
-            del self.seqs[sid]
+            self._drop(sid)
             self.sample_index.pop(sid, None)
         for sid in plan.preempted:
-            del self.seqs[sid]
+            self._drop(sid)
+        run_ids = set(plan.run_seq_ids)
+        starts: dict[int, int] = {}
+        for tu in plan.table_updates:
+            starts[tu.seq_id] = min(tu.start, starts.get(tu.seq_id, tu.start))
+        self._settle_swapped(run_ids, starts)
+        if plan.swap_out:
+            self._mark_swapped_out(plan.swap_out, run_ids, starts)
         for d, h in plan.swap_out:
             self.host_kv[h] = list(self.kv[d])
         for h, d in plan.swap_in:
             self.kv[d] = list(self.host_kv[h])
+            self._overwritten(d)
         for src, dst in plan.copies:
             self.kv[dst] = list(self.kv[src])
+            self._overwritten(dst)
         work: list[tuple[int, int]] = []
         for ns in plan.new:
-            self.seqs[ns.seq_id] = _Seq(list(ns.prompt_token_ids), list(ns.output_token_ids), list(ns.block_ids),
-                                        ns.num_computed, ns.sampling, self.sample_index.get(ns.seq_id, 0))
+            s = _Seq(list(ns.prompt_token_ids), list(ns.output_token_ids), [], ns.num_computed, ns.sampling,
+                     self.sample_index.get(ns.seq_id, 0))
+            self.seqs[ns.seq_id] = s
+            self._set_table(ns.seq_id, s, 0, ns.block_ids)
             work.append((ns.seq_id, ns.num_new_tokens))
         for tu in plan.table_updates:
-            table = self.seqs[tu.seq_id].table
-            del table[tu.start:]
-            table.extend(tu.block_ids)
+            s = self.seqs[tu.seq_id]
+            self._set_table(tu.seq_id, s, tu.start, tu.block_ids)
             if tu.start == 0:
-                self.seqs[tu.seq_id].swapped = False
+                s.swapped = False           # swap-in (or a whole new table): live again
         work.extend(zip(plan.run_seq_ids, plan.run_num_tokens))
-        if plan.swap_out:       # a swapped-out seq's table is stale: its device blocks may be reused
-            out, active = {d for d, _ in plan.swap_out}, {sid for sid, _ in work}
-            for sid, s in self.seqs.items():
-                if sid not in active and s.table and out.issuperset(s.table):
-                    s.swapped = True
-        refs = self._block_refs() if self.strict else None
         for sid, n in work:
-            self._forward(sid, self.seqs[sid], n, refs)
+            self._forward(sid, self.seqs[sid], n)
         sampled = [sid for sid, _ in work if self.seqs[sid].computed == self.seqs[sid].num_tokens]
         for f in plan.forks:
             p = self.seqs[f.parent]
-            self.seqs[f.child] = _Seq(list(p.prompt), list(p.outputs), list(p.table), p.computed, p.sampling,
-                                      f.sample_index)
+            child = _Seq(list(p.prompt), list(p.outputs), [], p.computed, p.sampling, f.sample_index)
+            self.seqs[f.child] = child
+            self._set_table(f.child, child, 0, p.table)
+            child.verified = p.verified
             self.sample_index[f.child] = f.sample_index
             sampled.append(f.child)
         tokens = [self._sample(self.seqs[sid]) for sid in sampled]
@@ -182,29 +194,109 @@ class FakeExecutor:
         self.num_steps += 1
         return StepResult(step_id=plan.step_id, seq_ids=sampled, token_ids=tokens)
 
-    def _forward(self, sid: int, s: _Seq, n: int, refs: dict[int, int] | None) -> None:
-        bs = self.block_size
-        if refs is not None:      # every cached position we attend over holds our token
-            for pos in range(s.computed):
-                got = self.kv[s.table[pos // bs]][pos % bs]
-                if got != s.token(pos):
-                    raise PlanError(f"seq {sid}: KV at position {pos} (block {s.table[pos // bs]}) holds "
-                                    f"token {got}, expected {s.token(pos)}")
-        for pos in range(s.computed, s.computed + n):
-            block = s.table[pos // bs]
-            if refs is not None and refs.get(block, 0) > 1:
-                raise PlanError(f"seq {sid}: write into block {block} shared by {refs[block]} sequences")
-            self.kv[block][pos % bs] = s.token(pos)
-        s.computed += n
-        self.tokens_computed += n
+    # ------------------------------------------------------------------ swapped-out sequences
+    #
+    # The plan names swap-out pairs ``(device, host)``, not seq ids (the real executor does not
+    # need them). A swapped-out sequence keeps a stale table here until its swap-in
+    # ``TableUpdate(start=0)``; it must not count as an owner of those device blocks, which the
+    # scheduler has freed and may hand to others. The fake derives who was swapped out: the
+    # scheduler swaps out whole tables, so every swapped-out sequence is one that neither runs
+    # nor changes its table this step and whose every block is in the pairs, each pair standing
+    # for one table. Candidates are matched longest table first, consuming the pairs; siblings
+    # with identical tables (a fork before the children's first write) are interchangeable, and
+    # if the wrong one was marked it shows up running later and the mark moves to its twin.
 
-    def _block_refs(self) -> dict[int, int]:
-        refs: dict[int, int] = {}
-        for s in self.seqs.values():
-            if not s.swapped:
-                for b in set(s.table):
-                    refs[b] = refs.get(b, 0) + 1
-        return refs
+    def _mark_swapped_out(self, swap_out, run_ids: set[int], starts: dict[int, int]) -> None:
+        left: dict[int, int] = {}
+        for d, _ in swap_out:
+            left[d] = left.get(d, 0) + 1
+        candidates = [s for sid, s in self.seqs.items()
+                      if not s.swapped and s.table and sid not in run_ids and sid not in starts
+                      and all(b in left for b in s.table)]
+        candidates.sort(key=lambda s: -len(s.table))
+        for s in candidates:
+            if all(left.get(b, 0) > 0 for b in s.table):
+                for b in s.table:
+                    left[b] -= 1
+                s.swapped = True
+
+    def _settle_swapped(self, run_ids: set[int], starts: dict[int, int]) -> None:
+        """A sequence marked swapped that runs (or grows its table) without a swap-in was the
+        identical-table twin of the one really swapped out: move the mark to that twin."""
+        for sid in run_ids | set(starts):
+            s = self.seqs.get(sid)
+            if s is None or not s.swapped or starts.get(sid) == 0:
+                continue
+            s.swapped = False
+            for tid, t in self.seqs.items():
+                if not t.swapped and t.table == s.table and tid not in run_ids and tid not in starts:
+                    t.swapped = True
+                    break
+
+    # ------------------------------------------------------------------ strict bookkeeping
+    #
+    # Strict checking is incremental so its cost follows the work of the step, not the length of
+    # every context: each sequence remembers how many leading positions were verified
+    # (``verified``); a table change at index i lowers it to ``i * block_size``, and any change to
+    # a block's content (copy, swap-in, another sequence's write) lowers it for the other
+    # sequences whose tables name that block. ``owners`` maps block -> {seq id: count}.
+
+    def _set_table(self, sid: int, s: _Seq, start: int, block_ids) -> None:
+        if self.strict:
+            owners = self.owners
+            for b in s.table[start:]:
+                o = owners[b]
+                o[sid] -= 1
+                if not o[sid]:
+                    del o[sid]
+            for b in block_ids:
+                o = owners.setdefault(b, {})
+                o[sid] = o.get(sid, 0) + 1
+            s.verified = min(s.verified, start * self.block_size)
+        del s.table[start:]
+        s.table.extend(block_ids)
+
+    def _drop(self, sid: int) -> None:
+        s = self.seqs.pop(sid)
+        if self.strict:
+            self._set_table(sid, s, 0, [])
+
+    def _overwritten(self, block: int, writer: int = -1) -> None:
+        """Block content changed: other sequences naming it must re-verify from that block."""
+        if not self.strict:
+            return
+        for sid in self.owners.get(block, ()):
+            if sid != writer:
+                s = self.seqs[sid]
+                s.verified = min(s.verified, s.table.index(block) * self.block_size)
+
+    def _refs(self, block: int) -> int:
+        """Live (not swapped-out) sequences whose table names the block."""
+        return sum(not self.seqs[sid].swapped for sid in self.owners.get(block, ()))
+
+    def _forward(self, sid: int, s: _Seq, n: int) -> None:
+        bs, kv, table = self.block_size, self.kv, s.table
+        strict = self.strict
+        if strict:                # every cached position we attend over holds our token
+            self.positions_checked += s.computed - min(s.verified, s.computed)
+            for pos in range(min(s.verified, s.computed), s.computed):
+                got = kv[table[pos // bs]][pos % bs]
+                if got != s.token(pos):
+                    raise PlanError(f"seq {sid}: KV at position {pos} (block {table[pos // bs]}) holds "
+                                    f"token {got}, expected {s.token(pos)}")
+        last = -1
+        for pos in range(s.computed, s.computed + n):
+            block = table[pos // bs]
+            if strict and block != last:
+                last = block
+                refs = self._refs(block)
+                if refs > 1:
+                    raise PlanError(f"seq {sid}: write into block {block} shared by {refs} sequences")
+                self._overwritten(block, sid)
+            kv[block][pos % bs] = s.token(pos)
+        s.computed += n
+        s.verified = s.computed
+        self.tokens_computed += n
 
     def _sample(self, s: _Seq) -> int:
         if self.output_len is not None and len(s.outputs) + 1 >= self.output_len(s.prompt, s.sample_index):

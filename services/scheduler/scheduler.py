@@ -6,6 +6,8 @@ Each step packs, under the token budget (``max_num_batched_tokens``) and ``max_n
   2. running sequences in the middle of a chunked prefill (next chunk);
   3. swapped sequences, back in FIFO order when their blocks fit (no step that preempted);
   4. waiting sequences, FCFS, when their first chunk fits above the watermark (same).
+In 3 and 4 the reserve kept free is the watermark plus, for every admitted n > 1 request not forked
+yet (and the candidate itself), the ``n - 1`` blocks its children take right after the fork.
 
 A request with ``n`` samples is one sequence until its prompt is computed; the step that computes
 the last prompt chunk forks ``n - 1`` children that share the parent's blocks. Afterwards every
@@ -121,6 +123,17 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.num_running or self.waiting or self.swapped)
+
+    def has_request(self, request_id: str) -> bool:
+        """Whether the request is known and not done: added, not aborted, some sample unfinished."""
+        return request_id in self.requests
+
+    def request_ids_of(self, seq_ids: Iterable[int]) -> set[str]:
+        """The request ids of the live sequences among ``seq_ids`` (seq ids that finished, were
+        aborted or never existed are skipped). The service uses it to find the requests an
+        executor error touches."""
+        seqs = self.seqs
+        return {seqs[sid].request.request_id for sid in seq_ids if sid in seqs}
 
     def add_request(self, add: AddRequest) -> Optional[RequestError]:
         def error(code: str, message: str) -> RequestError:
@@ -309,9 +322,22 @@ class Scheduler:
         return len(self.running) + sum(s.request.sampling.n - 1 for s in self.running
                                        if not s.request.forked)
 
+    @staticmethod
+    def _fork_blocks(request: Request) -> int:
+        """Free blocks an n > 1 request not forked yet will take right after its fork: each of
+        the ``n - 1`` children needs its own copy of the partly filled last prompt block (or, on
+        a block boundary, a fresh block), before any further growth."""
+        return 0 if request.forked else request.sampling.n - 1
+
+    def _pending_fork_blocks(self) -> int:
+        """Fork blocks of running sequences whose request has not forked yet (admitted, prompt
+        still computing): admission keeps them free on top of the watermark."""
+        return sum(self._fork_blocks(s.request) for s in self.running if not s.request.forked)
+
     def _schedule_swapped(self, budget: int, swap_in: list[tuple[int, int]]) -> int:
         bm = self.block_manager
         num_seqs = self._num_seq_slots() if self.swapped else 0
+        pending = self._pending_fork_blocks() if self.swapped else 0
         while self.swapped and budget > 0:
             seq = self.swapped[0]
             slots = 1 if seq.request.forked else seq.request.sampling.n
@@ -323,8 +349,11 @@ class Scheduler:
                 break
             num_blocks = bm.blocks_to_swap_in(seq.seq_id)
             need = max(num_blocks, -(-(seq.num_computed + num_new) // self.block_size))
-            if need > bm.num_free_blocks - (self.watermark_blocks if self.running else 0):
+            extra = self._fork_blocks(seq.request)
+            reserve = self.watermark_blocks + pending + extra if self.running else 0
+            if need > bm.num_free_blocks - reserve:
                 break
+            pending += extra
             self.swapped.popleft()
             swap_in.extend(bm.swap_in(seq.seq_id))
             bm.append_slots(seq.seq_id, seq.num_computed, num_new, self._copies)
@@ -342,6 +371,7 @@ class Scheduler:
         if not waiting:
             return
         num_seqs = self._num_seq_slots()
+        pending = self._pending_fork_blocks()
         while waiting and budget > 0:
             seq = waiting[0]
             request = seq.request
@@ -358,9 +388,13 @@ class Scheduler:
                 num_new = remaining
                 if num_new > budget:
                     break
-            reserve = self.watermark_blocks if self.running else 0
+            # Keep the watermark free for running sequences to grow, plus the blocks that the
+            # forks of admitted n > 1 requests (and of this one) will take; alone, admit anyway.
+            extra = self._fork_blocks(request)
+            reserve = self.watermark_blocks + pending + extra if self.running else 0
             if num_new <= 0 or bm.blocks_to_admit(hits, num_computed + num_new) > bm.num_free_blocks - reserve:
                 break
+            pending += extra
             waiting.popleft()
             num_cached = bm.allocate(seq.seq_id, len(seq.token_ids), hits)
             bm.append_slots(seq.seq_id, num_computed, num_new, self._copies)

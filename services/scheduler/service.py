@@ -329,12 +329,11 @@ class SchedulerService:
         self.num_executor_errors += 1
         log.error("%s", message)
         ids = set(self.executor_known) | {s.seq_id for s in plan.new} | {f.child for f in plan.forks}
-        seqs = getattr(self.scheduler, "seqs", None)
-        if seqs is None:
+        if self.scheduler is None:
             affected = set(self.owners)
         else:
-            affected = {seqs[sid].request.request_id for sid in ids if sid in seqs}
-            affected |= {rid for rid in self.owners if rid not in self.scheduler.requests}
+            affected = self.scheduler.request_ids_of(ids)
+            affected |= {rid for rid in self.owners if not self.scheduler.has_request(rid)}
         self._fail(sorted(affected), message)
         self._resync = True
 

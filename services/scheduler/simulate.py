@@ -25,7 +25,14 @@ Measures (per allocator):
                      failed admission attempts (one per step while the head of the queue waits), and
                      those where the free slots summed were >= the request (external fragmentation;
                      0 by construction with paging: any free block serves any request)
-  prefix_hit_rate    prompt tokens served from the prefix cache / prompt tokens looked up
+  prefix_hit_rate    tokens served from the prefix cache / tokens looked up, over ALL lookups: first
+                     admissions and re-admissions after a recompute preemption (which look up
+                     prompt + generated tokens and mostly hit the victim's own still-cached blocks),
+                     as the scheduler's counters (and vLLM's) count them; so it is > 0 even when no
+                     two prompts share anything (``mixed``) once there are preemptions
+  prefix_hit_rate_first_admission
+                     prompt tokens served from the cache when each request was first admitted /
+                     prompt tokens: the sharing between requests alone
   prefix_hit_rate_of_possible
                      hits / tokens that full-block sharing with *earlier* requests makes possible
   tokens_per_step, steps, preemptions
@@ -186,6 +193,8 @@ def run_paged(requests: list[SimRequest], sched_config: SchedulerConfig, cache: 
         "swapped_out_blocks": swapped_out,
         "prefix_hit_rate": round(stats.prefix_cache_hits / stats.prefix_cache_queries, 4)
         if stats.prefix_cache_queries else 0.0,
+        "prefix_hit_rate_first_admission": round(hits / stats.prompt_tokens, 4) if stats.prompt_tokens else 0.0,
+        "prefix_hit_rate_includes": "all lookups: first admissions + re-admissions after recompute preemption",
         "prefix_hit_tokens": hits,
         "prefix_possible_tokens": possible,
         "prefix_hit_rate_of_possible": round(hits / possible, 4) if possible else None,
@@ -195,6 +204,9 @@ def run_paged(requests: list[SimRequest], sched_config: SchedulerConfig, cache: 
         "free_blocks_at_end": sched.num_free_blocks,
         "num_blocks": cache.num_blocks,
     }
+    if strict:
+        summary["strict_positions_checked"] = fake.positions_checked
+        summary["tokens_computed"] = fake.tokens_computed
     return summary, trace
 
 
@@ -220,6 +232,7 @@ def run_contiguous(requests: list[SimRequest], capacity: int, sched_config: Sche
         "admission_failures_with_free_memory": sim.alloc.failures_with_free_memory,
         "preemptions": 0,
         "prefix_hit_rate": 0.0,
+        "prefix_hit_rate_first_admission": 0.0,
         "prefix_hit_rate_of_possible": 0.0,
         "rejected": rejected,
         "reservation": reserve,
