@@ -1,0 +1,133 @@
+"""The torch reference backend against a naive per-token paged attention on random data."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from services.executor.attention import AttentionMetadata, get_backend
+from services.executor.attention.torch_ref import TorchBackend
+
+
+def make_meta(q_lens, ctx_lens, tables, with_host=True) -> AttentionMetadata:
+    """Metadata as the worker builds it: slots of the new tokens are the last q positions."""
+    bs_tables = max(len(t) for t in tables)
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    return AttentionMetadata(
+        num_seqs=len(q_lens),
+        slot_mapping=torch.zeros(cu[-1], dtype=torch.int64),   # set by the caller
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+        context_lens=torch.tensor(ctx_lens, dtype=torch.int32),
+        block_tables=torch.tensor([t + [0] * (bs_tables - len(t)) for t in tables], dtype=torch.int32),
+        max_seqlen_q=max(q_lens), max_context_len=max(ctx_lens), is_decode=all(n == 1 for n in q_lens),
+        query_lens_host=list(q_lens) if with_host else None,
+        context_lens_host=list(ctx_lens) if with_host else None)
+
+
+def naive_attention(query, kv, q_lens, ctx_lens, tables, scale):
+    """query [T, Hq, D]; one token, one key position at a time."""
+    hq, hkv, bs = query.shape[1], kv.shape[2], kv.shape[3]
+    group = hq // hkv
+    out = torch.zeros_like(query)
+    row = 0
+    for n, c, table in zip(q_lens, ctx_lens, tables):
+        for i in range(n):
+            pos = c - n + i
+            keys = torch.stack([kv[0, table[j // bs], :, j % bs] for j in range(pos + 1)])   # [L, Hkv, D]
+            vals = torch.stack([kv[1, table[j // bs], :, j % bs] for j in range(pos + 1)])
+            for h in range(hq):
+                s = (keys[:, h // group] @ query[row, h]) * scale                           # [L]
+                out[row, h] = s.softmax(0) @ vals[:, h // group]
+            row += 1
+    return out
+
+
+def random_case(seed, hq, hkv, specs, bs=4, d=16, num_blocks=64):
+    """specs: list of (new tokens, context after the step). Tables are shuffled pool blocks."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = random.Random(seed)
+    pool = list(range(num_blocks))
+    rnd.shuffle(pool)
+    kv = torch.randn(2, num_blocks, hkv, bs, d, generator=g)
+    q_lens = [n for n, _ in specs]
+    ctx_lens = [c for _, c in specs]
+    tables = [[pool.pop() for _ in range(-(-c // bs))] for c in ctx_lens]
+    T = sum(q_lens)
+    query = torch.randn(T, hq, d, generator=g)
+    key = torch.randn(T, hkv, d, generator=g)
+    value = torch.randn(T, hkv, d, generator=g)
+    slots = []
+    for n, c, t in zip(q_lens, ctx_lens, tables):
+        slots += [t[p // bs] * bs + p % bs for p in range(c - n, c)]
+    return kv, query, key, value, q_lens, ctx_lens, tables, torch.tensor(slots)
+
+
+CASES = {
+    "decode": [(1, 1), (1, 7), (1, 16), (1, 33), (1, 4)],
+    "prefill": [(5, 5), (1, 1), (12, 12), (4, 4)],
+    "chunked": [(3, 11), (8, 8), (1, 20), (6, 30), (2, 2)],
+    "mixed": [(1, 9), (17, 17), (1, 1), (5, 13), (1, 40)],
+}
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (6, 2)])       # GQA ratio 1 and 3
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("with_host", [True, False])
+def test_write_and_attend_match_naive(hq, hkv, case, with_host):
+    kv, query, key, value, q_lens, ctx_lens, tables, slots = random_case(1, hq, hkv, CASES[case])
+    meta = make_meta(q_lens, ctx_lens, tables, with_host)
+    meta.slot_mapping = slots
+    backend = TorchBackend()
+    backend.write_kv(kv, key, value, meta)
+    bs = kv.shape[3]
+    for t, s in enumerate(slots.tolist()):          # the new K/V landed in their slots
+        assert torch.equal(kv[0, s // bs, :, s % bs], key[t])
+        assert torch.equal(kv[1, s // bs, :, s % bs], value[t])
+    scale = 1 / math.sqrt(query.shape[-1])
+    got = backend.attend(query, kv, meta, scale)
+    want = naive_attention(query, kv, q_lens, ctx_lens, tables, scale)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # the per-step plan is cached and reused by the next layer
+    again = backend.attend(query, kv, meta, scale)
+    torch.testing.assert_close(again, got)
+
+
+def test_negative_slots_are_skipped():
+    kv, query, key, value, q_lens, ctx_lens, tables, slots = random_case(2, 4, 2, [(3, 3), (2, 6)])
+    meta = make_meta(q_lens, ctx_lens, tables)
+    slots[1] = -1
+    slots[4] = -1
+    meta.slot_mapping = slots
+    before = kv.clone()
+    TorchBackend().write_kv(kv, key, value, meta)
+    bs = kv.shape[3]
+    changed = (kv != before).flatten(2).any(-1).nonzero().tolist()   # (k/v, block) pairs touched
+    written = {s // bs for s in slots.tolist() if s >= 0}
+    assert {b for _, b in changed} <= written
+    for t, s in enumerate(slots.tolist()):
+        if s >= 0:
+            assert torch.equal(kv[0, s // bs, :, s % bs], key[t])
+
+
+def test_copy_blocks_copies_k_and_v_in_every_layer():
+    g = torch.Generator().manual_seed(3)
+    caches = [torch.randn(2, 10, 2, 4, 8, generator=g) for _ in range(3)]
+    before = [c.clone() for c in caches]
+    TorchBackend().copy_blocks(caches, torch.tensor([[1, 7], [4, 2]]))
+    for c, b in zip(caches, before):
+        assert torch.equal(c[:, 7], b[:, 1]) and torch.equal(c[:, 2], b[:, 4])
+        untouched = [i for i in range(10) if i not in (7, 2)]
+        assert torch.equal(c[:, untouched], b[:, untouched])
+
+
+def test_get_backend_falls_back_to_torch_on_cpu():
+    assert isinstance(get_backend("torch", "cpu"), TorchBackend)
+    assert isinstance(get_backend("auto", "cpu"), TorchBackend)
+    with pytest.warns(UserWarning):
+        assert isinstance(get_backend("cuda", "cpu"), TorchBackend)
+    with pytest.raises(ValueError):
+        get_backend("nope", "cpu")
