@@ -53,7 +53,9 @@ def service_commands(args: argparse.Namespace, sock_dir: str) -> dict[str, list[
                      "--dtype", args.dtype, "--device", args.device, "--block-size", str(args.block_size),
                      "--num-blocks", str(args.num_blocks), "--kv-cache-memory", str(args.kv_cache_memory),
                      "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                     "--max-model-len", str(args.max_model_len), "--attention-backend", args.attention_backend]
+                     "--attention-backend", args.attention_backend]
+    if args.max_model_len:  # 0 = the executor's own default; the scheduler and gateway then take it from it
+        executor += ["--max-model-len", str(args.max_model_len)]
     scheduler = py + ["services.scheduler", "--gateway-addr", scheduler_addr, "--executor-addr", executor_addr,
                       "--block-size", str(args.block_size), "--num-host-blocks", str(args.num_host_blocks),
                       "--max-num-seqs", str(args.max_num_seqs),
