@@ -39,7 +39,9 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
+
+    from services.executor.weights import build_hf_reference, load_hf_checkpoint
 
     from services.offline import LLM, load_tokenizer
     from shared.config import EngineConfig, SchedulerConfig
@@ -52,7 +54,7 @@ def main() -> None:
                for m in chat_prompts(args.num_prompts)]
     prompts = [list(p) for p in prompts]
     n_out = args.num_prompts * args.max_tokens
-    hf = AutoModelForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, torch_dtype=torch.float32).eval()
+    hf = build_hf_reference(*load_hf_checkpoint(src, dtype=torch.float32))
     results: dict[str, float] = {}
 
     # pagedserve (warm-up on two prompts first: first-call costs are not the steady state)

@@ -36,16 +36,8 @@ def hf_checkpoint(default_model_source):
 
 @pytest.fixture(scope="session")
 def hf_model(hf_checkpoint):
-    from transformers import AutoModelForCausalLM
-    hf_config, state = hf_checkpoint
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    # non-persistent buffers (rotary inverse frequencies) were created on meta: rebuild them
-    rotary = type(model.model.rotary_emb)
-    model.model.rotary_emb = rotary(hf_config)
-    return model.eval().requires_grad_(False)
+    from services.executor.weights import build_hf_reference
+    return build_hf_reference(*hf_checkpoint)
 
 
 @pytest.fixture(scope="session")

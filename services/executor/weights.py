@@ -150,3 +150,17 @@ def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
     if source.gguf_file is None:
         eos += [e for e in _generation_eos(source.directory) if e not in eos]
     return LoadedModel(source.name, cfg, model, eos)
+
+
+def build_hf_reference(hf_config, hf_state: dict[str, Tensor]):
+    """The transformers model on the same weights (the oracle for tests and the peer in benchmarks).
+    Built on meta and filled in place, because transformers' own GGUF path needs `accelerate`."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    model.load_state_dict(hf_state, strict=False, assign=True)
+    model.tie_weights()
+    # non-persistent buffers (rotary inverse frequencies) were created on meta: rebuild them
+    model.model.rotary_emb = type(model.model.rotary_emb)(hf_config)
+    return model.eval().requires_grad_(False)
