@@ -1,12 +1,6 @@
-"""`python -m services.executor`: the executor service alone (same flags as `pagedserve executor`)."""
-import argparse
+"""`python -m services.executor` == `pagedserve executor`."""
 import sys
 
-from services.executor import service
+from services.cli import main
 
-parser = argparse.ArgumentParser(prog="python -m services.executor", description="pagedserve model executor")
-service.add_arguments(parser)
-try:
-    sys.exit(service.run(parser.parse_args()))
-except KeyboardInterrupt:
-    sys.exit(130)
+sys.exit(main(["executor", *sys.argv[1:]]))

@@ -1,13 +1,6 @@
-"""`python -m services.scheduler`: the scheduler service alone (same flags as `pagedserve scheduler`)."""
-import argparse
+"""`python -m services.scheduler` == `pagedserve scheduler`."""
 import sys
 
-from services.scheduler import service
+from services.cli import main
 
-parser = argparse.ArgumentParser(prog="python -m services.scheduler",
-                                 description="pagedserve scheduler service (pure CPU, no torch)")
-service.add_arguments(parser)
-try:
-    sys.exit(service.run(parser.parse_args()))
-except KeyboardInterrupt:
-    sys.exit(130)
+sys.exit(main(["scheduler", *sys.argv[1:]]))
