@@ -69,3 +69,17 @@ def default_worker_factory(default_loaded_model):
         return Worker.from_loaded(default_loaded_model, cfg.validate())
 
     return make
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (soak variants); PAGEDSERVE_RUN_SLOW=1 does the same")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow") or os.environ.get("PAGEDSERVE_RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow or PAGEDSERVE_RUN_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
