@@ -13,7 +13,7 @@ import tempfile
 
 import zmq
 
-from shared.messages import Message, decode, encode
+from shared.messages import Message, ProtocolError, decode, encode
 
 
 def runtime_dir() -> str:
@@ -60,7 +60,14 @@ def recv(sock: zmq.Socket):
     return decode(sock.recv(copy=False).buffer)
 
 
-def recv_routed(sock: zmq.Socket):
-    """ROUTER side: (identity, raw frame). Decode separately so a bad frame can be answered."""
-    identity, frame = sock.recv_multipart(copy=False)
-    return identity.bytes, frame.buffer
+def recv_routed(sock: zmq.Socket) -> tuple[bytes, Message | ProtocolError]:
+    """ROUTER side: (identity, message). A bad message (wrong frame count, bad frame) comes back as
+    the ProtocolError saying why, not raised, so the caller can answer the sender and go on."""
+    frames = sock.recv_multipart(copy=False)
+    identity = frames[0].bytes
+    if len(frames) != 2:
+        return identity, ProtocolError(f"expected one message frame after the identity, got {len(frames) - 1}")
+    try:
+        return identity, decode(frames[1].buffer)
+    except ProtocolError as e:
+        return identity, e

@@ -3,23 +3,58 @@
 Every AddRequest is answered by streaming the tokens of ``reply`` (tokenized with the real
 tokenizer) one token per RequestOutput, for each of the ``n`` samples, cut at ``max_tokens``
 (finish "length") or ending with EOS (finish "stop"). ``error`` makes it refuse requests with that
-RequestError code instead. Aborts and requests are recorded; StatsRequest gets SchedulerStats.
+RequestError code instead; ``max_active`` bounds the requests it holds (beyond: "queue_full", as the
+real scheduler's waiting queue does). Aborts and requests are recorded; StatsRequest gets
+SchedulerStats (``num_blocks`` blocks of 16 tokens).
+
+``ServerThread`` serves an app with a real uvicorn (the gateway's own HTTP settings) on a free
+loopback port in a thread; ``gateway_tokenizer`` loads the default tokenizer once per process.
 """
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 
+import uvicorn
 import zmq
 
+from services.gateway.server import uvicorn_options
+from services.gateway.tokenizer import load_tokenizer
 from shared import transport
 from shared.messages import (
     AbortRequest, AddRequest, RequestError, RequestOutput, RequestOutputs, SchedulerStats,
-    StatsRequest, TokenLogprobs, decode,
+    StatsRequest, TokenLogprobs,
 )
+
+
+@functools.lru_cache(maxsize=1)
+def gateway_tokenizer():
+    return load_tokenizer("")
+
+
+class ServerThread:
+    def __init__(self, app, **options):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = {**uvicorn_options(port=self.port, log_level="warning"), **options}
+        self.server = uvicorn.Server(uvicorn.Config(app, lifespan="on", **config))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 @dataclass
@@ -39,6 +74,8 @@ class FakeScheduler:
     error: str | None = None            # queue_full / not_ready / too_long / invalid
     executor_ready: bool = True
     max_model_len: int = 256
+    max_active: int | None = None
+    num_blocks: int = 100
     eos_token_id: int = 2
     requests: list[AddRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
@@ -57,6 +94,7 @@ class FakeScheduler:
     def reset(self) -> None:
         self.reply, self.token_delay, self.error = "Hello world!", 0.0, None
         self.executor_ready, self.max_model_len = True, 256
+        self.max_active, self.num_blocks = None, 100
         self.requests.clear()
         self.aborted.clear()
 
@@ -89,8 +127,8 @@ class FakeScheduler:
             timeout_ms = 10 if not self._active else max(0, int((next_step - time.monotonic()) * 1000))
             if poller.poll(timeout_ms):
                 while self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    identity, frame = transport.recv_routed(self._sock)
-                    self._handle(identity, decode(frame))
+                    identity, msg = transport.recv_routed(self._sock)
+                    self._handle(identity, msg)
             if self._active and time.monotonic() >= next_step:
                 self._step()
                 next_step = time.monotonic() + self.token_delay
@@ -98,9 +136,12 @@ class FakeScheduler:
     def _handle(self, identity: bytes, msg) -> None:
         if isinstance(msg, AddRequest):
             self.requests.append(msg)
-            if self.error is not None:
-                transport.send(self._sock, RequestError(request_id=msg.request_id, code=self.error,
-                                                        message=f"fake {self.error}"), identity)
+            error = self.error
+            if error is None and self.max_active is not None and len(self._active) >= self.max_active:
+                error = "queue_full"
+            if error is not None:
+                transport.send(self._sock, RequestError(request_id=msg.request_id, code=error,
+                                                        message=f"fake {error}"), identity)
                 return
             ids = self.tokenizer.encode(self.reply, add_special_tokens=False)
             tokens, finish = [], []
@@ -117,7 +158,8 @@ class FakeScheduler:
             self._active.pop(msg.request_id, None)
         elif isinstance(msg, StatsRequest):
             transport.send(self._sock, SchedulerStats(
-                num_running=len(self._active), num_waiting=0, num_blocks=100, num_free_blocks=90,
+                num_running=len(self._active), num_waiting=0, num_blocks=self.num_blocks,
+                num_free_blocks=self.num_blocks * 9 // 10,
                 kv_cache_usage=0.1, prefix_cache_queries=10, prefix_cache_hits=4,
                 prompt_tokens=sum(len(r.prompt_token_ids) for r in self.requests),
                 generation_tokens=self.generated, executor_ready=self.executor_ready,

@@ -531,3 +531,61 @@ def test_scheduler_imports_no_torch_or_numpy():
             "print([m for m in ('torch', 'cupy', 'numpy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------ lost executor
+
+@pytest.mark.parametrize("lose_after, in_flight", [(0, True), (3, False), (5, True), (9, False)])
+def test_reset_for_new_executor_requeues_and_outputs_continue_exactly(lose_after, in_flight):
+    """The executor dies after some steps (maybe with one step sent and never answered); a new
+    one with a smaller pool takes over. Outputs match a run without the loss: nothing repeated,
+    nothing skipped (the fake samples from (seq id, position), so recompute is exact)."""
+    prompts = {f"r{i}": prompt_of(5 + i, 50 * i + 1) for i in range(4)}
+    s, ex = make(num_blocks=12, block_size=4, num_host_blocks=6, preemption_mode="swap")
+    for rid, p in prompts.items():
+        add(s, rid, p, max_tokens=10)
+    results = {}
+
+    def take(outs):
+        for o in outs:
+            results.setdefault((o.request_id, o.index), []).extend(o.token_ids)
+
+    for _ in range(lose_after):
+        take(step(s, ex))
+    if in_flight:
+        assert s.schedule() is not None                # sent, never answered
+    live = s.num_running + s.num_swapped
+    before = s.stats().num_preemptions
+    errors = s.reset_for_new_executor(cache_config=CacheConfig(block_size=4, num_blocks=10).validate())
+    assert errors == [] and s.num_running == s.num_swapped == 0 and s.num_waiting == len(s.seqs)
+    assert s.num_free_blocks == 10 and s.stats().num_preemptions == before + live
+    plan = s.schedule()
+    assert not plan.finished and not plan.preempted and not plan.run_seq_ids   # a clean slate
+    ex = FakeExecutor(s)
+    take(s.update(plan, ex.execute(plan)))
+    for key, (tokens, _) in run_to_completion(s, ex).items():
+        results.setdefault(key, []).extend(tokens)
+    ref = reference_outputs(prompts, max_tokens=10)
+    assert results == {k: v[0] for k, v in ref.items()}
+    assert_drained(s)
+
+
+def test_reset_for_new_executor_drops_what_no_longer_fits():
+    s, ex = make(num_blocks=64, block_size=4)
+    add(s, "long", prompt_of(14), max_tokens=8)
+    add(s, "short", prompt_of(3, 100), max_tokens=4, n=2)
+    for _ in range(3):
+        step(s, ex)
+    errors = s.reset_for_new_executor(cache_config=CacheConfig(block_size=4, num_blocks=4).validate())
+    assert [(e.request_id, e.code) for e in errors] == [("long", "executor_error")]
+    assert "at most 16 tokens" in errors[0].message and "already has 17" in errors[0].message
+    assert not s.has_request("long") and s.has_request("short")
+    results = run_to_completion(s, FakeExecutor(s))
+    assert {k: len(v[0]) for k, v in results.items()} == {("short", 0): 1, ("short", 1): 1}
+    assert_drained(s)
+
+
+def test_reset_for_new_executor_rejects_another_block_size():
+    s, _ = make(block_size=4)
+    with pytest.raises(ValueError, match="block size 8"):
+        s.reset_for_new_executor(cache_config=CacheConfig(block_size=8, num_blocks=4).validate())

@@ -80,6 +80,26 @@ class SchedulerMachine(RuleBasedStateMachine):
         rid = data.draw(st.sampled_from(sorted(self.prompts)))
         self._step(abort=rid)
 
+    @rule(num_blocks=st.integers(4, 16), in_flight=st.booleans())
+    def executor_lost(self, num_blocks, in_flight):
+        """The executor dies (maybe with a step sent and never answered); a new one, maybe with
+        another pool size, takes over: everything is recomputed or dropped with an error."""
+        if in_flight:
+            self.s.schedule()
+        old = self.s.cache_config
+        new = CacheConfig(block_size=old.block_size, num_blocks=num_blocks, num_host_blocks=old.num_host_blocks,
+                          watermark=old.watermark, enable_prefix_caching=old.enable_prefix_caching).validate()
+        errors = self.s.reset_for_new_executor(cache_config=new)
+        self.ex = FakeExecutor(self.s, roundtrip=False)
+        self.cap = min(self.s.config.max_model_len, num_blocks * old.block_size)
+        assert not self.s.running and not self.s.swapped and self.s.num_free_blocks == num_blocks
+        for e in errors:
+            assert e.code == "executor_error" and not self.s.has_request(e.request_id)
+            self.prompts.pop(e.request_id, None)
+            self.accepted.pop(e.request_id, None)
+        if errors:
+            event("executor lost: requests dropped")
+
     @rule()
     def abort_all_frees_everything(self):
         for rid in list(self.prompts):

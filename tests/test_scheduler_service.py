@@ -10,7 +10,7 @@ import pytest
 import zmq
 
 from services.scheduler.fake_executor import FakeExecutor, FakeExecutorServer
-from services.scheduler.service import (ExecutorTimeout, LocalChannel, SchedulerService, ZmqExecutorChannel,
+from services.scheduler.service import (ExecutorLost, ExecutorTimeout, LocalChannel, SchedulerService, ZmqExecutorChannel,
                                         add_arguments)
 from shared import transport
 from shared.config import CacheConfig, SchedulerConfig
@@ -248,10 +248,97 @@ def test_executor_error_fails_the_step_requests_and_the_service_recovers(make, f
     assert set(h.fake.seqs) <= h.service.executor_known
 
 
-def test_lost_executor_fails_everything_then_handshakes_again(make):
+class Restartable(LocalChannel):
+    """An in-process executor that dies when step ``die_at`` is sent (the step never runs) and is
+    replaced by ``replacement`` after ``down_hellos`` unanswered hellos."""
+
+    def __init__(self, executor, replacement, die_at: int, down_hellos: int = 3):
+        super().__init__(executor)
+        self.replacement, self.die_at, self.down_hellos = replacement, die_at, down_hellos
+        self.dead = False
+
+    def hello(self, block_size, timeout_s):
+        if self.dead:
+            if self.down_hellos > 0:
+                self.down_hellos -= 1
+                return None
+            self.executor, self.dead = self.replacement, False
+        return self.executor.ready()
+
+    def execute(self, plan):
+        if plan.step_id == self.die_at and self.replacement is not None:
+            self.dead, self.die_at = True, -1
+            raise ExecutorLost(f"the executor disconnected during step {plan.step_id}")
+        return super().execute(plan)
+
+
+@pytest.mark.parametrize("die_at", [0, 1, 4, 9])      # 0: the lost step admitted the requests
+def test_lost_executor_requeues_everything_and_requests_finish_by_recompute(make, die_at):
+    old = FakeExecutor(block_size=4, num_blocks=64, max_model_len=256, strict=True)
+    new = FakeExecutor(block_size=4, num_blocks=40, max_model_len=256, strict=True)   # a smaller pool
+    h = make(channel=Restartable(old, new, die_at))
+    gw = h.gateway()
+    h.ready()
+    add(gw, "a", max_tokens=12)
+    add(gw, "b", n_prompt=7, max_tokens=8, n=2)
+    tokens, finished, errors = collect(h, gw, ["a", "b"])
+    assert not errors
+    assert finished == {("a", 0): "length", ("b", 0): "length", ("b", 1): "length"}
+    # each token streamed once: recompute resumes after the last emitted token
+    assert [len(tokens[k]) for k in [("a", 0), ("b", 0), ("b", 1)]] == [12, 8, 8]
+    assert h.service.num_executor_losses == 1 and h.service.scheduler.block_manager.num_blocks == 40
+    assert h.service.scheduler.num_free_blocks == 40 and not h.service.owners
+    add(gw, "after", max_tokens=3)                   # the strict new executor agrees with the scheduler
+    _, finished, errors = collect(h, gw, ["after"])
+    assert finished == {("after", 0): "length"} and not errors
+
+
+def test_requests_that_no_longer_fit_the_new_executor_get_a_clear_error(make):
+    old = FakeExecutor(block_size=4, num_blocks=64, max_model_len=256)
+    new = FakeExecutor(block_size=4, num_blocks=4, max_model_len=256)               # 16 tokens at most
+    h = make(channel=Restartable(old, new, die_at=3))
+    gw = h.gateway()
+    h.ready()
+    add(gw, "long", n_prompt=20, max_tokens=5)
+    add(gw, "short", n_prompt=3, max_tokens=5)
+    tokens, finished, errors = collect(h, gw, ["long", "short"])
+    assert [(e.request_id, e.code) for e in errors] == [("long", "executor_error")]
+    assert "at most 16 tokens" in errors[0].message
+    assert finished == {("short", 0): "length"} and len(tokens[("short", 0)]) == 5
+    assert h.service.scheduler.num_free_blocks == 4 and not h.service.owners
+
+
+def test_requests_added_while_the_executor_is_down_wait_for_the_new_one(make):
+    old = FakeExecutor(block_size=4, num_blocks=64, max_model_len=256)
+    h = make(channel=Restartable(old, FakeExecutor(block_size=4, num_blocks=64, max_model_len=256),
+                                 die_at=1, down_hellos=50))
+    gw = h.gateway()
+    h.ready()
+    add(gw, "first", max_tokens=4)
+    h.pump(lambda: h.service.ready is None)
+    transport.send(gw, StatsRequest())
+    add(gw, "during", max_tokens=4)
+    tokens, finished, errors = collect(h, gw, ["first", "during"])
+    assert not errors and finished == {("first", 0): "length", ("during", 0): "length"}
+
+
+def test_no_executor_back_within_the_recovery_timeout_fails_everything(make):
+    old = FakeExecutor(block_size=4, num_blocks=64, max_model_len=256)
+    h = make(channel=Restartable(old, old, die_at=1, down_hellos=10**9))
+    h.service.recovery_timeout = 0.05
+    gw = h.gateway()
+    h.ready()
+    add(gw, "stuck", max_tokens=4)
+    _, _, errors = collect(h, gw, ["stuck"])
+    assert (errors[0].request_id, errors[0].code) == ("stuck", "executor_error")
+    assert "no executor came back" in errors[0].message
+    assert h.service.scheduler is None and not h.service.owners
+
+
+def test_step_timeout_counts_as_a_lost_executor(make):
     fake = FakeExecutor(block_size=4, num_blocks=64, max_model_len=256)
 
-    class Flaky(LocalChannel):
+    class Wedged(LocalChannel):
         fail = True
 
         def execute(self, plan):
@@ -260,16 +347,59 @@ def test_lost_executor_fails_everything_then_handshakes_again(make):
                 raise ExecutorTimeout("no reply to step 0 within 1s")
             return super().execute(plan)
 
-    h = make(channel=Flaky(fake))
+    h = make(channel=Wedged(fake))
     gw = h.gateway()
     h.ready()
-    add(gw, "lost", max_tokens=3)
-    _, _, errors = collect(h, gw, ["lost"])
-    assert (errors[0].request_id, errors[0].code) == ("lost", "executor_error")
-    h.ready()
-    add(gw, "fine", max_tokens=3)
-    _, finished, errors = collect(h, gw, ["fine"])
-    assert finished == {("fine", 0): "length"} and not errors
+    add(gw, "slow", max_tokens=3)
+    _, finished, errors = collect(h, gw, ["slow"])
+    assert finished == {("slow", 0): "length"} and not errors
+    assert h.service.num_executor_losses == 1
+
+
+def test_killed_executor_process_is_noticed_by_the_socket_monitor(tmp_path, caplog):
+    """A real ROUTER over ipc:// goes away mid-generation (its socket closes, as on kill -9); the
+    service notices the disconnect, not the (huge) step timeout, and a new executor at the same
+    address finishes the request."""
+    ctx = zmq.Context()
+    addr = f"ipc://{tmp_path}/ex.sock"
+    fake = FakeExecutor(block_size=4, num_blocks=64, max_model_len=256, strict=True)
+    server = FakeExecutorServer(fake, ctx, addr).start()
+    channel = ZmqExecutorChannel(ctx, addr, hello_interval=0.01, step_timeout=3600)
+    service = SchedulerService(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=0),
+                               CacheConfig(block_size=4), transport.router(ctx, f"ipc://{tmp_path}/gw.sock"),
+                               channel, idle_timeout=0.005)
+    gw = transport.dealer(ctx, f"ipc://{tmp_path}/gw.sock")
+    replacement = None
+    try:
+        while service.ready is None:
+            service.run_once()
+        add(gw, "r", max_tokens=40)
+        tokens = []
+        while len(tokens) < 5:
+            service.run_once()
+            tokens += [t for m in inbox(gw) for o in m.outputs for t in o.token_ids]
+        server.stop()                                 # the executor's socket is gone
+        while service.ready is not None:
+            service.run_once()
+        assert service.num_executor_losses == 1
+        assert "the executor disconnected" in caplog.text
+        replacement = FakeExecutorServer(FakeExecutor(block_size=4, num_blocks=32, max_model_len=256, strict=True),
+                                         ctx, addr).start()
+        finished = False
+        while not finished:
+            service.run_once()
+            for m in inbox(gw):
+                assert isinstance(m, RequestOutputs), m
+                tokens += [t for o in m.outputs for t in o.token_ids]
+                finished = any(o.finish_reason for o in m.outputs)
+        assert len(tokens) == 40 and service.scheduler.num_free_blocks == 32
+    finally:
+        service.close()
+        service.gateway.close(linger=0)
+        gw.close(linger=0)
+        if replacement is not None:
+            replacement.stop()
+        ctx.term()
 
 
 def test_block_size_mismatch_is_fatal_with_a_clear_message(make):

@@ -161,6 +161,10 @@ def test_service_answers_bad_frames_and_keeps_serving(worker):
     try:
         transport.send(client, ExecutorHello(block_size=BS))
         assert isinstance(transport.recv(client), ExecutorReady)
+        transport.send(client, ok_decode(4))        # a hello opens a new conversation: seq 1 is gone
+        assert "unknown seq 1" in transport.recv(client).message
+        transport.send(client, StepPlan(step_id=4, new=[NewSeq(1, [5, 6, 7, 8, 9, 10], [], [0, 1], 0, 6, GREEDY)]))
+        assert isinstance(transport.recv(client), StepResult)
         client.send(b"\x00garbage")
         err = transport.recv(client)
         assert isinstance(err, ExecutorError) and err.step_id == -1

@@ -1,7 +1,7 @@
 """`pagedserve executor`: the model worker behind a ZeroMQ ROUTER.
 
 Loop: receive a routed frame -> decode (a bad frame is answered with ExecutorError and the loop
-goes on) -> ExecutorHello: ExecutorReady; StepPlan: ``Worker.execute`` -> StepResult or
+goes on) -> ExecutorHello: forget all sequence state, ExecutorReady; StepPlan: ``Worker.execute`` -> StepResult or
 ExecutorError; Shutdown: exit 0. The socket is bound only once the weights are loaded and the KV
 cache allocated, so a TCP health check on the port means "ready".
 """
@@ -18,7 +18,7 @@ import zmq
 from shared import transport
 from shared.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from shared.messages import (
-    ExecutorError, ExecutorHello, ProtocolError, Shutdown, StepPlan, decode,
+    ExecutorError, ExecutorHello, ProtocolError, Shutdown, StepPlan,
 )
 
 log = logging.getLogger("pagedserve.executor")
@@ -55,15 +55,21 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     ).validate()
 
 
+def forget_sequences(worker) -> None:
+    """A hello opens a new conversation: a restarted scheduler numbers its sequences from 0 again
+    and knows nothing of the old ones, so their state (not the weights, not the KV memory) goes.
+    Every hello comes before the first plan of its conversation, so nothing live is dropped."""
+    worker.seqs.clear()
+    worker.sample_index.clear()
+
+
 def serve(worker, sock: zmq.Socket) -> int:
     """Answer frames on a bound ROUTER until Shutdown. Returns the exit code."""
     while True:
-        identity, frame = transport.recv_routed(sock)
-        try:
-            msg = decode(frame)
-        except ProtocolError as e:
-            log.warning("bad frame: %s", e)
-            transport.send(sock, ExecutorError(step_id=-1, message=str(e)), identity)
+        identity, msg = transport.recv_routed(sock)
+        if isinstance(msg, ProtocolError):
+            log.warning("bad frame: %s", msg)
+            transport.send(sock, ExecutorError(step_id=-1, message=str(msg)), identity)
             continue
         if isinstance(msg, ExecutorHello):
             if msg.block_size != worker.block_size:
@@ -71,6 +77,7 @@ def serve(worker, sock: zmq.Socket) -> int:
                     step_id=-1, message=f"block size mismatch: scheduler {msg.block_size}, "
                                         f"executor {worker.block_size}"), identity)
             else:
+                forget_sequences(worker)
                 transport.send(sock, worker.ready(), identity)
         elif isinstance(msg, StepPlan):
             transport.send(sock, worker.execute(msg), identity)

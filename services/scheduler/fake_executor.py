@@ -26,7 +26,7 @@ import zmq
 
 from shared import transport
 from shared.messages import (
-    ExecutorError, ExecutorHello, ExecutorReady, ProtocolError, Shutdown, StepPlan, StepResult, decode,
+    ExecutorError, ExecutorHello, ExecutorReady, ProtocolError, Shutdown, StepPlan, StepResult,
 )
 
 
@@ -347,11 +347,9 @@ class FakeExecutorServer:
         while not self.stopped.is_set():
             if not self.sock.poll(20):
                 continue
-            identity, frame = transport.recv_routed(self.sock)
-            try:
-                msg = decode(frame)
-            except ProtocolError as e:
-                transport.send(self.sock, ExecutorError(step_id=-1, message=str(e)), identity)
+            identity, msg = transport.recv_routed(self.sock)
+            if isinstance(msg, ProtocolError):
+                transport.send(self.sock, ExecutorError(step_id=-1, message=str(msg)), identity)
                 continue
             if isinstance(msg, ExecutorHello):
                 if self.loading_hellos > 0:

@@ -175,6 +175,47 @@ class Scheduler:
             if seq.status != FINISHED:
                 self._finish(seq)
 
+    def reset_for_new_executor(self, scheduler_config: Optional[SchedulerConfig] = None,
+                               cache_config: Optional[CacheConfig] = None) -> list[RequestError]:
+        """The executor was lost with every KV block it held; a new one is ready (its pool may
+        differ: pass its configs, same block size). Every running and swapped sequence is
+        preempted by recompute (prompt + generated tokens are recomputed, sampling resumes after
+        the last emitted token, so no output is sent twice), the block pool and prefix cache
+        start empty, and all sequences wait again: running ones first (oldest admitted first),
+        then swapped, then the waiting queue. A step in flight is forgotten. Requests that no
+        longer fit the new pool or context are dropped; their errors are returned."""
+        cache_config = cache_config or self.cache_config
+        if cache_config.block_size != self.block_size:
+            raise ValueError(f"block size {cache_config.block_size} differs from {self.block_size}")
+        if scheduler_config is not None:
+            self.config = scheduler_config
+        self.cache_config = cache_config
+        self.block_manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
+                                          cache_config.num_host_blocks, cache_config.enable_prefix_caching)
+        self.watermark_blocks = int(cache_config.watermark * cache_config.num_blocks)
+        self.max_len = min(self.config.max_model_len, cache_config.num_blocks * cache_config.block_size)
+        live = [s for s in self.running if s.status == RUNNING] + list(self.swapped) + list(self.waiting)
+        self.running, self.swapped, self.waiting = [], deque(), deque()
+        self._finished_ids, self._in_flight, self._samplers = [], [], []
+        self._in_flight_step, self._running_dirty = -1, False
+        too_long: dict[str, int] = {}
+        for seq in live:
+            if seq.status != WAITING:
+                self.num_preemptions += 1
+            seq.status, seq.num_computed, seq.protected = WAITING, 0, False
+            self.waiting.append(seq)
+            if len(seq.token_ids) >= self.max_len:
+                too_long[seq.request.request_id] = max(too_long.get(seq.request.request_id, 0),
+                                                       len(seq.token_ids))
+        errors = []
+        for rid, num_tokens in too_long.items():
+            self.abort_request(rid)
+            errors.append(RequestError(
+                request_id=rid, code="executor_error",
+                message=f"the restarted executor holds at most {self.max_len} tokens per sequence; "
+                        f"this request already has {num_tokens}"))
+        return errors
+
     def stats(self) -> SchedulerStats:
         bm = self.block_manager
         return SchedulerStats(

@@ -13,13 +13,20 @@ Life of the loop (``SchedulerService.run_once``):
   * one step: ``schedule()`` -> StepPlan to the executor -> StepResult -> ``update()`` -> one
     RequestOutputs per gateway identity.
 
-An executor error (ExecutorError, a reply ``update`` rejects, or no reply within
-``--step-timeout``) fails, with RequestError ``executor_error``, every request that has state on
-the executor or in the failed plan; waiting requests stay queued. The failed plan changed nothing
-on the executor while the Scheduler believes it did, so the next plan is reconciled: its
-drop lists keep only ids the executor holds, plus every id it still holds (all of them belong to
-failed requests). A timeout means the executor is gone or wedged: the Scheduler is rebuilt after
-a fresh handshake.
+An executor error (ExecutorError, or a reply ``update`` rejects) fails, with RequestError
+``executor_error``, every request that has state on the executor or in the failed plan; waiting
+requests stay queued. The failed plan changed nothing on the executor while the Scheduler
+believes it did, so the next plan is reconciled: its drop lists keep only ids the executor holds,
+plus every id it still holds (all of them belong to failed requests).
+
+A *lost* executor (its connection drops: a socket monitor sees EVENT_DISCONNECTED within
+milliseconds of a kill on ipc:// and tcp://; ZMTP heartbeats catch a silent peer on tcp://; no
+reply within ``--step-timeout`` is the last resort) takes its KV cache with it. The service goes
+back to the handshake on a fresh socket, keeps accepting requests, and when a (restarted)
+executor is ready, ``Scheduler.reset_for_new_executor`` re-sizes the pool from its ExecutorReady
+and requeues every sequence for recompute: in-flight requests finish, continuing after the last
+token they streamed. If no executor is ready within ``--recovery-timeout`` every request fails
+with ``executor_error``, so none hangs.
 """
 from __future__ import annotations
 
@@ -34,12 +41,14 @@ from typing import Optional, Protocol
 import msgspec
 import zmq
 
+from zmq.utils.monitor import parse_monitor_message
+
 from services.scheduler.scheduler import Scheduler
 from shared import transport
 from shared.config import CacheConfig, ConfigError, SchedulerConfig
 from shared.messages import (
     AbortRequest, AddRequest, ExecutorError, ExecutorHello, ExecutorReady, ProtocolError, RequestError,
-    RequestOutput, RequestOutputs, SchedulerStats, Shutdown, StatsRequest, StepPlan, StepResult, decode, encode,
+    RequestOutput, RequestOutputs, SchedulerStats, Shutdown, StatsRequest, StepPlan, StepResult, encode,
 )
 
 log = logging.getLogger("pagedserve.scheduler")
@@ -50,26 +59,63 @@ log = logging.getLogger("pagedserve.scheduler")
 
 class ExecutorChannel(Protocol):
     def hello(self, block_size: int, timeout_s: float) -> Optional[ExecutorReady]: ...
-    def execute(self, plan: StepPlan) -> StepResult | ExecutorError: ...
+    def execute(self, plan: StepPlan) -> StepResult | ExecutorError: ...   # may raise ExecutorLost
+    def lost(self) -> bool: ...
     def shutdown(self) -> None: ...
     def close(self) -> None: ...
 
 
-class ExecutorTimeout(Exception):
+class ExecutorLost(Exception):
+    """The executor's connection dropped (process died, host gone): its KV cache is lost."""
+
+
+class ExecutorTimeout(ExecutorLost):
     """No reply from the executor within the step timeout."""
+
+
+HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS = 1000, 5000
 
 
 class ZmqExecutorChannel:
     """DEALER to the executor's ROUTER; one request in flight. Stale replies (an ExecutorReady
-    answering an earlier hello, a result for another step) are skipped."""
+    answering an earlier hello, a result for another step) are skipped.
+
+    A socket monitor reports the connection dropping; ``execute`` raises ExecutorLost as soon as
+    it does and ``lost()`` tells an idle loop. ZMTP heartbeats make a silent tcp peer drop too."""
 
     def __init__(self, ctx: zmq.Context, addr: str, hello_interval: float = 1.0, step_timeout: float = 300.0):
         self.ctx, self.addr = ctx, addr
         self.hello_interval, self.step_timeout = hello_interval, step_timeout
-        self.sock = transport.dealer(ctx, addr)
+        self._connect()
+
+    def _connect(self) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(transport.check_address(self.addr))
+        self.sock = sock
+        self._connected = False
         self._last_hello = -float("inf")
 
+    def _disconnected(self) -> bool:
+        """Consume monitor events; whether the connection dropped since it was last up."""
+        dropped = False
+        while self.monitor.poll(0):
+            event = parse_monitor_message(self.monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self._connected = True
+            elif event == zmq.EVENT_DISCONNECTED and self._connected:
+                self._connected, dropped = False, True
+        return dropped
+
+    def lost(self) -> bool:
+        """Non-blocking: whether the executor's connection dropped since the last call."""
+        return self._disconnected()
+
     def hello(self, block_size: int, timeout_s: float) -> Optional[ExecutorReady]:
+        self._disconnected()                          # drops before the handshake change nothing
         now = time.monotonic()
         if now - self._last_hello >= self.hello_interval:
             try:       # never block the loop: hellos queue while the executor loads (it binds when ready)
@@ -90,9 +136,17 @@ class ZmqExecutorChannel:
     def execute(self, plan: StepPlan) -> StepResult | ExecutorError:
         transport.send(self.sock, plan)
         deadline = time.monotonic() + self.step_timeout
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000)):
+            ready = dict(poller.poll(int(left * 1000))) if left > 0 else {}
+            if self.sock not in ready:              # a reply that made it wins over the drop
+                if self.monitor in ready and self._disconnected():
+                    raise ExecutorLost(f"the executor disconnected during step {plan.step_id}")
+                if ready:
+                    continue
                 raise ExecutorTimeout(f"no reply to step {plan.step_id} within {self.step_timeout:g}s")
             msg = self._recv()
             if isinstance(msg, (StepResult, ExecutorError)) and msg.step_id in (plan.step_id, -1):
@@ -109,14 +163,15 @@ class ZmqExecutorChannel:
 
     def reset(self) -> None:
         """A fresh socket, so replies meant for the old conversation cannot arrive."""
-        self.sock.close(linger=0)
-        self.sock = transport.dealer(self.ctx, self.addr)
-        self._last_hello = -float("inf")
+        self.close()
+        self._connect()
 
     def shutdown(self) -> None:
         transport.send(self.sock, Shutdown())
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
         self.sock.close(linger=0)
 
 
@@ -131,6 +186,9 @@ class LocalChannel:
 
     def execute(self, plan: StepPlan) -> StepResult | ExecutorError:
         return self.executor.execute(plan)
+
+    def lost(self) -> bool:
+        return False
 
     def shutdown(self) -> None:
         pass
@@ -170,11 +228,14 @@ class SchedulerService:
     / ``num_host_blocks`` may be 0: the executor's values are taken at the handshake."""
 
     def __init__(self, sched_config: SchedulerConfig, cache_config: CacheConfig, gateway: zmq.Socket,
-                 channel: ExecutorChannel, *, shutdown_executor: bool = False, idle_timeout: float = 0.05):
+                 channel: ExecutorChannel, *, shutdown_executor: bool = False, idle_timeout: float = 0.05,
+                 recovery_timeout: float = 300.0):
         self.sched_config, self.cache_config = sched_config, cache_config
         self.gateway, self.channel = gateway, channel
         self.shutdown_executor = shutdown_executor
         self.idle_timeout = idle_timeout
+        self.recovery_timeout = recovery_timeout
+        self.lost_at: Optional[float] = None     # monotonic time the executor was lost, until one is ready
         self.scheduler: Optional[Scheduler] = None
         self.ready: Optional[ExecutorReady] = None
         self.owners: dict[str, _Owned] = {}
@@ -184,6 +245,7 @@ class SchedulerService:
         self._busy = False                       # the last turn ran a step: poll without blocking
         self.num_steps = 0
         self.num_executor_errors = 0
+        self.num_executor_losses = 0
 
     # ---------------------------------------------------------------------------- loop
 
@@ -199,20 +261,34 @@ class SchedulerService:
 
     def run_once(self) -> None:
         """One turn: handshake (until ready), gateway messages, at most one step."""
-        if self.scheduler is None:
+        if self.ready is None:
             self._drain_gateway(self.idle_timeout)
             ready = self.channel.hello(self.cache_config.block_size, 0.0)
             if ready is not None:
                 self._on_ready(ready)
+            elif self.lost_at is not None and time.monotonic() - self.lost_at > self.recovery_timeout:
+                self._give_up(f"no executor came back within {self.recovery_timeout:g}s")
+            return
+        if self.channel.lost():
+            self._on_lost("the executor disconnected")
             return
         self._drain_gateway(0.0 if self._busy else self.idle_timeout)
-        self._busy = self.scheduler is not None and self.step()
+        self._busy = self.ready is not None and self.step()
 
     def _on_ready(self, ready: ExecutorReady) -> None:
         sched, cache = _sized(self.sched_config, self.cache_config, ready)   # ConfigError: fatal
-        self.scheduler = Scheduler(sched, cache, eos_token_ids=ready.eos_token_ids)
-        self.ready = ready
+        if self.scheduler is None:
+            self.scheduler = Scheduler(sched, cache, eos_token_ids=ready.eos_token_ids)
+        else:                                    # a new executor after a lost one: recompute everything
+            self.scheduler.eos_token_ids = frozenset(ready.eos_token_ids)
+            resumed = len(self.scheduler.seqs)
+            for error in self.scheduler.reset_for_new_executor(sched, cache):
+                self._send_error(error)
+            log.warning("executor back after %.1fs: %d sequences requeued for recompute, %d dropped",
+                        time.monotonic() - self.lost_at, resumed, resumed - len(self.scheduler.seqs))
+        self.ready, self.lost_at = ready, None
         self.executor_known.clear()
+        self._resync = False
         log.info("executor ready: model %s on %s, %d blocks of %d tokens, %d host blocks, max_model_len %d",
                  ready.model, ready.device, cache.num_blocks, cache.block_size, cache.num_host_blocks,
                  sched.max_model_len)
@@ -225,8 +301,8 @@ class SchedulerService:
         sent = self._reconciled(plan) if self._resync else plan
         try:
             result = self.channel.execute(sent)
-        except ExecutorTimeout as e:
-            self._fail_all(str(e))
+        except ExecutorLost as e:
+            self._on_lost(str(e))
             return True
         if isinstance(result, ExecutorError):
             self._fail_step(plan, f"executor error at step {plan.step_id}: {result.message}")
@@ -254,15 +330,9 @@ class SchedulerService:
             if not self.gateway.poll(timeout_ms):
                 return
             timeout_ms = 0
-            frames = self.gateway.recv_multipart(copy=False)
-            identity = frames[0].bytes
-            if len(frames) != 2:
-                self._reply_invalid(identity, f"expected one message frame, got {len(frames) - 1}")
-                continue
-            try:
-                msg = decode(frames[1].buffer)
-            except ProtocolError as e:
-                self._reply_invalid(identity, str(e))
+            identity, msg = transport.recv_routed(self.gateway)
+            if isinstance(msg, ProtocolError):
+                self._reply_invalid(identity, str(msg))
                 continue
             self._handle(identity, msg)
 
@@ -271,7 +341,7 @@ class SchedulerService:
         transport.send(self.gateway, RequestError(request_id="", code="invalid", message=reason), identity)
 
     def _handle(self, identity: bytes, msg) -> None:
-        if isinstance(msg, AddRequest):
+        if isinstance(msg, AddRequest):          # while recovering, requests queue for the new executor
             if self.scheduler is None:
                 error = RequestError(request_id=msg.request_id, code="not_ready",
                                      message="the executor is not ready yet (loading the model)")
@@ -294,7 +364,7 @@ class SchedulerService:
     def stats(self) -> SchedulerStats:
         if self.scheduler is None:
             return SchedulerStats(executor_ready=False, block_size=self.cache_config.block_size)
-        return msgspec.structs.replace(self.scheduler.stats(), executor_ready=True,
+        return msgspec.structs.replace(self.scheduler.stats(), executor_ready=self.ready is not None,
                                        max_model_len=self.scheduler.config.max_model_len,
                                        block_size=self.scheduler.block_size)
 
@@ -315,14 +385,17 @@ class SchedulerService:
 
     # ---------------------------------------------------------------------------- failures
 
+    def _send_error(self, error: RequestError) -> None:
+        """Tell the owner a request ended with an error (the Scheduler has dropped it already)."""
+        owned = self.owners.pop(error.request_id, None)
+        if owned is not None:
+            transport.send(self.gateway, error, owned.identity)
+
     def _fail(self, request_ids, message: str) -> None:
         for rid in request_ids:
             if self.scheduler is not None:
                 self.scheduler.abort_request(rid)
-            owned = self.owners.pop(rid, None)
-            if owned is not None:
-                transport.send(self.gateway, RequestError(request_id=rid, code="executor_error", message=message),
-                               owned.identity)
+            self._send_error(RequestError(request_id=rid, code="executor_error", message=message))
 
     def _fail_step(self, plan: StepPlan, message: str) -> None:
         """The plan did not run: fail every request with state on the executor or in the plan."""
@@ -337,16 +410,23 @@ class SchedulerService:
         self._fail(sorted(affected), message)
         self._resync = True
 
-    def _fail_all(self, message: str) -> None:
-        """The executor is gone: fail everything, handshake again, rebuild the Scheduler."""
-        self.num_executor_errors += 1
-        log.error("%s; failing all requests and waiting for the executor again", message)
-        self._fail(list(self.owners), message)
-        self.scheduler, self.ready = None, None
+    def _on_lost(self, message: str) -> None:
+        """The executor is gone with its KV cache: handshake again on a fresh socket; requests
+        stay queued and are recomputed once a new executor is ready (``_on_ready``)."""
+        self.num_executor_losses += 1
+        log.error("%s; %d requests wait for a new executor (recompute)", message, len(self.owners))
+        self.ready, self.lost_at = None, time.monotonic()
         self.executor_known.clear()
         self._resync = False
+        self._busy = False
         if hasattr(self.channel, "reset"):
             self.channel.reset()
+
+    def _give_up(self, message: str) -> None:
+        """Recovery took too long: fail everything and start over as a fresh service."""
+        log.error("%s; failing %d requests", message, len(self.owners))
+        self._fail(list(self.owners), message)
+        self.scheduler, self.lost_at = None, None
 
     def _reconciled(self, plan: StepPlan) -> StepPlan:
         """After a failed plan: drop exactly what the executor still holds."""
@@ -442,7 +522,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hello-interval", type=_positive_float, default=1.0,
                    help="seconds between handshake attempts while the executor loads")
     p.add_argument("--step-timeout", type=_positive_float, default=300.0,
-                   help="seconds to wait for one step's result before declaring the executor lost")
+                   help="seconds to wait for one step's result before declaring the executor lost "
+                        "(a dropped connection is noticed at once)")
+    p.add_argument("--recovery-timeout", type=_positive_float, default=300.0,
+                   help="seconds to wait for a new executor after losing one before failing all requests")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -475,7 +558,8 @@ def run(args: argparse.Namespace) -> int:
     except zmq.ZMQError as e:
         print(f"pagedserve scheduler: error: cannot bind/connect ({e})", file=sys.stderr)
         return 1
-    service = SchedulerService(sched, cache, gateway, channel, shutdown_executor=args.shutdown_executor)
+    service = SchedulerService(sched, cache, gateway, channel, shutdown_executor=args.shutdown_executor,
+                               recovery_timeout=args.recovery_timeout)
     signal.signal(signal.SIGTERM, service.stop)
     signal.signal(signal.SIGINT, service.stop)
     log.info("scheduler serving gateways at %s, executor at %s", args.gateway_addr, args.executor_addr)
