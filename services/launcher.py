@@ -1,9 +1,13 @@
 """`pagedserve serve`: start executor, scheduler and gateway as processes on ipc:// sockets.
 
 The three services are the same programs compose runs (`pagedserve executor|scheduler|gateway`);
-this launcher only picks private socket paths, starts them in dependency order, waits until the
-gateway reports healthy, and tears everything down on Ctrl-C / SIGTERM (gateway first so no new
-requests arrive, then scheduler, then executor) and removes the socket directory.
+this launcher picks private socket paths, starts them in dependency order, waits until the
+gateway reports healthy, and supervises them: an executor or scheduler that exits is restarted
+(exponential backoff, at most ``--max-restarts`` times each; the scheduler recomputes in-flight
+requests on a new executor, the gateway fails those of a dead scheduler with 503); a gateway that
+exits stops everything with exit code 1. Ctrl-C / SIGTERM drains: the gateway refuses new
+requests and lets in-flight ones finish (``--drain-timeout``), then scheduler and executor stop,
+the socket directory is removed and the launcher exits 0.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from typing import Callable, Optional
 
 from shared.transport import ipc_address, runtime_dir
 
@@ -42,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cuda"])
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the weights to load")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish")
+    p.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts of a crashed executor or scheduler before giving up")
 
 
 def service_commands(args: argparse.Namespace, sock_dir: str) -> dict[str, list[str]]:
@@ -64,7 +73,7 @@ def service_commands(args: argparse.Namespace, sock_dir: str) -> dict[str, list[
                       "--preemption-mode", args.preemption_mode, "--shutdown-executor",
                       "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching"]
     gateway = py + ["services.gateway", "--scheduler-addr", scheduler_addr, "--host", args.host,
-                    "--port", str(args.port), "--model", args.model]
+                    "--port", str(args.port), "--model", args.model, "--drain-timeout", str(args.drain_timeout)]
     if args.served_model_name:
         gateway += ["--served-model-name", args.served_model_name]
     if args.api_key:
@@ -72,16 +81,22 @@ def service_commands(args: argparse.Namespace, sock_dir: str) -> dict[str, list[
     return {"executor": executor, "scheduler": scheduler, "gateway": gateway}
 
 
-def wait_healthy(url: str, procs: dict[str, subprocess.Popen], timeout: float) -> None:
-    """Poll /health until 200, showing progress; raise if a service dies or time runs out."""
+def wait_healthy(url: str, procs: dict[str, subprocess.Popen], timeout: float,
+                 supervise: Optional[Callable[[], Optional[str]]] = None) -> None:
+    """Poll /health until 200, showing progress; raise if a service exits by itself (a bad flag,
+    a model that cannot load) or time runs out. One killed by a signal goes to ``supervise``."""
     from tqdm import tqdm
 
     deadline = time.monotonic() + timeout
     with tqdm(desc="loading model and starting services", bar_format="{desc} {elapsed}", file=sys.stderr) as bar:
         while time.monotonic() < deadline:
             for name, proc in procs.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+                code = proc.poll()
+                if code is not None and (code >= 0 or supervise is None):
+                    raise RuntimeError(f"{name} exited with code {code} during start-up")
+            reason = supervise() if supervise is not None else None
+            if reason is not None:
+                raise RuntimeError(reason)
             try:
                 with urllib.request.urlopen(url, timeout=2) as resp:
                     if resp.status == 200:
@@ -93,47 +108,95 @@ def wait_healthy(url: str, procs: dict[str, subprocess.Popen], timeout: float) -
     raise TimeoutError(f"services not healthy after {timeout:.0f}s")
 
 
-def stop_all(procs: dict[str, subprocess.Popen], grace: float = 10.0) -> None:
+def stop_all(procs: dict[str, subprocess.Popen], grace: float = 10.0, drain_timeout: float = 0.0) -> None:
+    """SIGTERM in order gateway (which drains first), scheduler, executor; SIGKILL past grace."""
     for name in ("gateway", "scheduler", "executor"):
         proc = procs.get(name)
         if proc is None or proc.poll() is not None:
             continue
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=grace)
+            proc.wait(timeout=grace + (drain_timeout if name == "gateway" else 0.0))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class Supervisor:
+    """Restart policy for the services: the executor and the scheduler come back after a crash,
+    each at most ``max_restarts`` times, after ``backoff`` seconds doubling up to ``max_backoff``;
+    the gateway is the front door, so its exit ends the whole server."""
+
+    RESTARTABLE = ("executor", "scheduler")
+
+    def __init__(self, commands: dict[str, list[str]], max_restarts: int = 5, backoff: float = 0.5,
+                 max_backoff: float = 10.0, log=print):
+        self.commands, self.max_restarts = commands, max_restarts
+        self.backoff, self.max_backoff, self.log = backoff, max_backoff, log
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.restarts = {name: 0 for name in self.RESTARTABLE}
+        self._due: dict[str, float] = {}              # name -> monotonic time of its restart
+
+    def start(self, name: str) -> None:
+        self.procs[name] = subprocess.Popen(self.commands[name], start_new_session=True)
+
+    def start_all(self) -> None:
+        for name in self.commands:
+            self.start(name)
+
+    def check(self) -> Optional[str]:
+        """One supervision turn; returns why the server must stop, or None."""
+        now = time.monotonic()
+        for name, proc in self.procs.items():
+            code = proc.poll()
+            if code is None or name in self._due:
+                continue
+            if name not in self.RESTARTABLE:
+                return f"{name} exited with code {code}"
+            if self.restarts[name] >= self.max_restarts:
+                return f"{name} exited with code {code} after {self.max_restarts} restarts"
+            delay = min(self.backoff * 2 ** self.restarts[name], self.max_backoff)
+            self.restarts[name] += 1
+            self._due[name] = now + delay
+            self.log(f"{name} exited with code {code}; restart {self.restarts[name]}/{self.max_restarts} "
+                     f"in {delay:.1f}s")
+        for name, due in list(self._due.items()):
+            if now >= due:
+                del self._due[name]
+                self.start(name)
+                self.log(f"{name} restarted (pid {self.procs[name].pid})")
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise SystemExit(f"--port must be in 1..65535, got {args.port}")
     sock_dir = runtime_dir()
-    procs: dict[str, subprocess.Popen] = {}
+    supervisor = Supervisor(service_commands(args, sock_dir), args.max_restarts,
+                            log=lambda line: print(f"pagedserve serve: {line}", file=sys.stderr, flush=True))
 
-    def on_signal(signum, frame):  # SIGTERM behaves like Ctrl-C: leave the wait loop and clean up
+    def on_signal(signum, frame):  # SIGTERM behaves like Ctrl-C: leave the wait loop and drain
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        for name, cmd in service_commands(args, sock_dir).items():
-            procs[name] = subprocess.Popen(cmd, start_new_session=True)
+        supervisor.start_all()
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        wait_healthy(f"http://{host}:{args.port}/health", procs, args.ready_timeout)
+        wait_healthy(f"http://{host}:{args.port}/health", supervisor.procs, args.ready_timeout, supervisor.check)
         print(f"pagedserve ready on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
-        while True:  # stay up while all three live
-            for name, proc in procs.items():
-                if proc.poll() is not None:
-                    print(f"{name} exited with code {proc.returncode}; shutting down", file=sys.stderr)
-                    return 1
-            time.sleep(0.5)
+        while True:
+            reason = supervisor.check()
+            if reason is not None:
+                print(f"pagedserve serve: {reason}; shutting down", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
     except KeyboardInterrupt:
-        print("shutting down", file=sys.stderr)
+        print("draining and shutting down", file=sys.stderr)
         return 0
     except (RuntimeError, TimeoutError) as e:
         print(f"pagedserve serve: {e}", file=sys.stderr)
         return 1
     finally:
-        stop_all(procs)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # a second SIGTERM must not cut the drain short
+        stop_all(supervisor.procs, drain_timeout=args.drain_timeout)
         shutil.rmtree(sock_dir, ignore_errors=True)

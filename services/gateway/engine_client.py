@@ -4,6 +4,12 @@ One background task per connection receives every frame and routes it: ``Request
 the per-request ``asyncio.Queue``, ``RequestError`` ends that request's stream with an
 ``EngineError``, ``SchedulerStats`` resolves the pending ``stats()`` call.
 
+A socket monitor per connection tracks whether its scheduler is up. When the connection drops
+(the scheduler died), every stream in flight there ends with ``EngineError("engine_unavailable")``
+(the gateway answers 503) and new requests go elsewhere or get that error at once. The DEALER
+reconnects by itself; a restarted scheduler knows none of the old requests, which were all ended
+here, so request ids never straddle two scheduler lives.
+
 Several addresses may be given (one gateway fronting several schedulers): a new request goes to
 the connection with the fewest running + waiting requests in its last stats, and stays there
 (aborts are routed by request id). Sockets are created lazily inside the running event loop, so
@@ -18,6 +24,7 @@ from typing import AsyncIterator, Optional, Sequence
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from shared.messages import (
     AbortRequest, AddRequest, ProtocolError, RequestError, RequestOutput, RequestOutputs,
@@ -37,6 +44,7 @@ class EngineError(Exception):
 
 
 _END = object()  # queue sentinel: the request was aborted by this gateway
+UNAVAILABLE = "engine_unavailable"
 
 
 class _Connection:
@@ -46,12 +54,18 @@ class _Connection:
         self.addr = addr
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self.sock.connect(addr)
+        self.up = asyncio.Event()     # connected to a live scheduler
+        self.ever_up = False
+        if addr.startswith("inproc://"):  # no monitor events in-process: assume up
+            self.up.set()
         self.last_stats: Optional[SchedulerStats] = None
         self.stats_time = 0.0
         self.stats_waiter: Optional[asyncio.Future] = None
         self.num_active = 0           # requests this gateway has in flight here
         self.recv_task: Optional[asyncio.Task] = None
+        self.monitor_task: Optional[asyncio.Task] = None
 
     def load(self) -> int:
         s = self.last_stats
@@ -65,11 +79,13 @@ class _Stream:
 
 
 class EngineClient:
-    def __init__(self, addrs: str | Sequence[str], stats_ttl: float = 0.5, stats_timeout: float = 2.0):
+    def __init__(self, addrs: str | Sequence[str], stats_ttl: float = 0.5, stats_timeout: float = 2.0,
+                 connect_timeout: float = 2.0):
         self.addrs = [check_address(a) for a in ([addrs] if isinstance(addrs, str) else addrs)]
         if not self.addrs:
             raise ValueError("at least one scheduler address is needed")
         self.stats_ttl, self.stats_timeout = stats_ttl, stats_timeout
+        self.connect_timeout = connect_timeout    # how long a request waits for a scheduler to be up
         self._conns: list[_Connection] = []
         self._streams: dict[str, _Stream] = {}
         self._ctx: Optional[zmq.asyncio.Context] = None
@@ -82,14 +98,19 @@ class EngineClient:
             return
         self._ctx = zmq.asyncio.Context()
         self._conns = [_Connection(self._ctx, a) for a in self.addrs]
+        loop = asyncio.get_running_loop()
         for c in self._conns:
-            c.recv_task = asyncio.get_running_loop().create_task(self._recv_loop(c))
+            c.recv_task = loop.create_task(self._recv_loop(c))
+            c.monitor_task = loop.create_task(self._monitor_loop(c))
 
     async def close(self) -> None:
         for c in self._conns:
-            if c.recv_task:
-                c.recv_task.cancel()
+            for task in (c.recv_task, c.monitor_task):
+                if task:
+                    task.cancel()
         for c in self._conns:
+            c.sock.disable_monitor()
+            c.monitor.close(linger=0)
             c.sock.close(linger=0)
         self._conns = []
         if self._ctx is not None:
@@ -113,7 +134,7 @@ class EngineClient:
         self._ensure_started()
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
-        conn = min(self._conns, key=_Connection.load)
+        conn = await self._pick_connection()
         stream = self._streams[request_id] = _Stream(conn, sampling.n)
         conn.num_active += 1
         try:
@@ -181,12 +202,60 @@ class EngineClient:
 
     # -- internals ---------------------------------------------------------------------------
 
+    async def _pick_connection(self) -> _Connection:
+        """The least loaded connection whose scheduler is up; waits ``connect_timeout`` for one
+        (start-up, a scheduler restarting), else ``EngineError(engine_unavailable)``."""
+        up = [c for c in self._conns if c.up.is_set()]
+        if not up:
+            waits = [asyncio.ensure_future(c.up.wait()) for c in self._conns]
+            try:
+                await asyncio.wait(waits, timeout=self.connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
+            up = [c for c in self._conns if c.up.is_set()]
+            if not up:
+                raise EngineError(UNAVAILABLE, "no scheduler is reachable; retry shortly")
+        return min(up, key=_Connection.load)
+
+    def _on_disconnect(self, conn: _Connection) -> None:
+        """The scheduler behind ``conn`` is gone, with every request it held: end their streams."""
+        conn.up.clear()
+        conn.last_stats = None
+        lost = [rid for rid, st in self._streams.items() if st.conn is conn]
+        if lost:
+            log.error("scheduler at %s disconnected; ending %d requests", conn.addr, len(lost))
+        error = EngineError(UNAVAILABLE, "the scheduler went away; retry the request")
+        for rid in lost:
+            self._streams[rid].queue.put_nowait(error)
+            self._forget(rid)
+        if conn.stats_waiter is not None and not conn.stats_waiter.done():
+            conn.stats_waiter.set_result(SchedulerStats(executor_ready=False))
+
+    async def _monitor_loop(self, conn: _Connection) -> None:
+        while True:
+            event = parse_monitor_message(await conn.monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_CONNECTED:
+                if not conn.up.is_set():
+                    log.info("connected to scheduler at %s", conn.addr)
+                conn.up.set()
+                conn.ever_up = True
+            elif event == zmq.EVENT_DISCONNECTED and conn.up.is_set():
+                self._on_disconnect(conn)
+
     def _forget(self, request_id: str) -> None:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream.conn.num_active -= 1
 
     async def _stats_of(self, conn: _Connection) -> SchedulerStats:
+        if not conn.up.is_set():
+            if conn.ever_up:                  # known to be down: answer at once
+                return SchedulerStats(executor_ready=False)
+            try:                              # starting up: give the connection a moment
+                await asyncio.wait_for(conn.up.wait(), self.connect_timeout)
+            except asyncio.TimeoutError:
+                return SchedulerStats(executor_ready=False)
         if conn.last_stats is not None and time.monotonic() - conn.stats_time < self.stats_ttl:
             return conn.last_stats
         if conn.stats_waiter is None or conn.stats_waiter.done():

@@ -20,6 +20,9 @@ _GAUGES = {  # metric -> (stats field, help)
     "pagedserve:num_requests_waiting": ("num_waiting", "Requests waiting to be scheduled"),
     "pagedserve:num_requests_swapped": ("num_swapped", "Requests swapped out to host memory"),
     "pagedserve:kv_cache_usage_perc": ("kv_cache_usage", "Fraction of KV cache blocks in use (0-1)"),
+    "pagedserve:num_free_blocks": ("num_free_blocks", "KV cache blocks on the free list"),
+    "pagedserve:num_total_blocks": ("num_blocks", "KV cache blocks in the pool"),
+    "pagedserve:executor_ready": ("executor_ready", "1 while an executor is ready (0 while loading or recovering)"),
 }
 _COUNTERS = {
     "pagedserve:prefix_cache_queries_total": ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),

@@ -1,0 +1,148 @@
+"""`pagedserve serve` supervision: restart policy, scheduler death (503, then recovery), and the
+SIGTERM drain (in-flight requests finish, new ones get 503, exit 0)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from services.launcher import Supervisor
+from tests.test_serve_e2e import ROOT, free_port
+
+httpx = pytest.importorskip("httpx")
+psutil = pytest.importorskip("psutil")
+
+
+def _exit_with(code: int, sleep: float = 0.0) -> list[str]:
+    return [sys.executable, "-c", f"import sys, time; time.sleep({sleep}); sys.exit({code})"]
+
+
+def _supervise(sup: Supervisor, until, turns: int = 400):
+    for _ in range(turns):
+        reason = sup.check()
+        if until(reason):
+            return reason
+        time.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+def test_crashed_executor_is_restarted_until_the_bound():
+    lines = []
+    sup = Supervisor({"executor": _exit_with(3), "gateway": _exit_with(0, 60)}, max_restarts=2,
+                     backoff=0.01, max_backoff=0.02, log=lines.append)
+    sup.start_all()
+    try:
+        reason = _supervise(sup, lambda r: r is not None)
+        assert reason == "executor exited with code 3 after 2 restarts"
+        assert sup.restarts["executor"] == 2
+        assert sum("restarted" in line for line in lines) == 2
+    finally:
+        for p in sup.procs.values():
+            p.kill()
+            p.wait()
+
+
+def test_gateway_exit_stops_the_server():
+    sup = Supervisor({"scheduler": _exit_with(0, 60), "gateway": _exit_with(1)}, log=lambda _: None)
+    sup.start_all()
+    try:
+        assert _supervise(sup, lambda r: r is not None) == "gateway exited with code 1"
+        assert sup.restarts["scheduler"] == 0
+    finally:
+        for p in sup.procs.values():
+            p.kill()
+            p.wait()
+
+
+def _services(launcher: psutil.Process) -> dict[str, psutil.Process]:
+    out = {}
+    for child in launcher.children(recursive=True):
+        for name in ("executor", "scheduler", "gateway"):
+            if f"services.{name}" in " ".join(child.cmdline()):
+                out[name] = child
+    return out
+
+
+def _wait_healthy(base: str, proc, deadline_s: float = 240) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    pytest.fail("not healthy")
+
+
+def _stream(base: str, body: dict, events: list, first: threading.Event) -> None:
+    with httpx.stream("POST", f"{base}/v1/completions", json=dict(body, stream=True), timeout=120) as resp:
+        events.append(resp.status_code)
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                first.set()
+    first.set()
+
+
+def test_scheduler_death_then_sigterm_drain(tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "random:tiny", "--port", str(port),
+                                 "--device", "cpu", "--num-blocks", "300", "--max-model-len", "4096",
+                                 "--drain-timeout", "500"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    launcher = psutil.Process(proc.pid)
+    long_body = {"prompt": [5, 6, 7], "max_tokens": 2000, "temperature": 1.0, "seed": 0, "logprobs": 1,
+                 "ignore_eos": True}        # logprobs: a chunk per token even when its text is empty
+    try:
+        _wait_healthy(base, proc)
+        # 1. the scheduler dies mid-stream: the stream ends with a clear 503-class error
+        events, first = [], threading.Event()
+        t = threading.Thread(target=_stream, args=(base, long_body, events, first))
+        t.start()
+        assert first.wait(60)
+        _services(launcher)["scheduler"].send_signal(signal.SIGKILL)
+        t.join(60)
+        assert not t.is_alive() and events[0] == 200
+        errors = [json.loads(e)["error"] for e in events[1:] if e.startswith("{") and '"error"' in e]
+        assert errors and errors[0]["code"] == "engine_unavailable", events[-3:]
+        # 2. the launcher restarts it; the gateway serves again
+        _wait_healthy(base, proc, 120)
+        out = httpx.post(f"{base}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4}, timeout=60)
+        assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 4
+        # 3. SIGTERM drains: the in-flight stream finishes, new requests and /health get 503
+        events, first = [], threading.Event()
+        t = threading.Thread(target=_stream, args=(base, long_body, events, first))
+        t.start()
+        assert first.wait(60)
+        seen = {p.pid: p for p in _services(launcher).values()}
+        proc.send_signal(signal.SIGTERM)
+        for _ in range(100):
+            health = httpx.get(f"{base}/health", timeout=5)
+            if health.status_code == 503:
+                break
+            time.sleep(0.05)
+        assert health.json() == {"status": "draining"}
+        refused = httpx.post(f"{base}/v1/completions", json={"prompt": [1], "max_tokens": 2}, timeout=10)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+        assert refused.headers["retry-after"] == "1"
+        t.join(500)
+        assert events[-1] == "[DONE]" and not any('"error"' in e for e in events[1:] if isinstance(e, str))
+        assert proc.wait(timeout=60) == 0
+        assert not [p for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert "scheduler restarted" in log and "drained: no request in flight" in log
