@@ -254,19 +254,20 @@ _envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
 
 
 def decode(frame: bytes | memoryview) -> AnyMessage:
-    """Decode and validate one frame; raise ProtocolError with a readable reason otherwise."""
+    """Decode and validate one frame; raise ProtocolError with a readable reason otherwise (and
+    only ProtocolError: msgspec raises UnicodeDecodeError for a string that is not UTF-8)."""
     try:
         msg = _decoder.decode(frame)
     except msgspec.ValidationError as e:
         try:
             env = _envelope_decoder.decode(frame)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
             env = None
         if env is not None and env.version != PROTOCOL_VERSION:
             raise ProtocolError(f"unsupported protocol version {env.version} "
                                 f"(this side speaks {PROTOCOL_VERSION})") from None
         raise ProtocolError(f"invalid message: {e}") from None
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"malformed frame: {e}") from None
     if msg.version != PROTOCOL_VERSION:
         raise ProtocolError(f"unsupported protocol version {msg.version} (this side speaks {PROTOCOL_VERSION})")

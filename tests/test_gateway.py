@@ -7,24 +7,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from services.gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher, make_decode  # noqa: E402
 from services.gateway.engine_client import EngineClient  # noqa: E402
 from services.gateway.server import build_app  # noqa: E402
-from services.gateway.tokenizer import load_tokenizer  # noqa: E402
-from tests.fake_scheduler import FakeScheduler  # noqa: E402
+from tests.fake_scheduler import FakeScheduler, ServerThread as _Server, gateway_tokenizer  # noqa: E402
 
 MODEL = "smol-test"
 API_KEY = "sk-test-secret"
@@ -40,27 +36,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    return load_tokenizer("")
-
-
-class _Server:
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                   log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+    return gateway_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ def test_decode_plan_of_256_running_sequences_is_small():
     (msgspec.msgpack.encode({"type": "add", "version": PROTOCOL_VERSION, "request_id": "a",
                              "prompt_token_ids": [-1]}), "invalid"),
     (msgspec.msgpack.encode([1, 2, 3]), "invalid"),
+    (b"\x81\xa4type\xa2\xe1d", "malformed"),          # a tag that is not UTF-8 (found by fuzzing)
 ])
 def test_bad_frames_raise_protocol_error(frame, reason):
     with pytest.raises(ProtocolError, match=reason):

@@ -1,7 +1,9 @@
 """OpenAI API request and response models (msgspec Structs, validated on decode).
 
 Requests ignore unknown fields (clients send extras through ``extra_body``); known fields are
-range-checked here so a bad value is a 400 naming the parameter, never a scheduler error.
+range-checked here so a bad value is a 400 naming the parameter, never a scheduler error. The
+static limits below are part of the schema (and so of /openapi.json); limits that depend on the
+served model (vocabulary, context, KV blocks) and ``--max-n`` are checked by the server.
 """
 from __future__ import annotations
 
@@ -13,10 +15,21 @@ from msgspec import Meta, Struct
 
 from shared.messages import SamplingParams
 
+MAX_STOP_STRINGS = 16          # stop strings per request
+MAX_STOP_STRING_CHARS = 256    # characters per stop string
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300           # logit_bias entries (OpenAI's limit)
+LOGIT_BIAS_RANGE = 100.0       # each bias in [-100, 100]
+MAX_N = 64                     # the wire limit (SamplingParams.n); the gateway's --max-n is lower
+
 Temperature = Annotated[float, Meta(ge=0.0, le=10.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 MaxTokens = Annotated[int, Meta(ge=1)]
-StopStrings = Union[str, Annotated[list[str], Meta(max_length=16)], None]
+TokenId = Annotated[int, Meta(ge=0)]
+StopString = Annotated[str, Meta(max_length=MAX_STOP_STRING_CHARS)]
+StopStrings = Union[StopString, Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)], None]
+LogitBias = Annotated[dict[TokenId, Annotated[float, Meta(ge=-LOGIT_BIAS_RANGE, le=LOGIT_BIAS_RANGE)]],
+                      Meta(max_length=MAX_LOGIT_BIAS)]
 
 
 class StreamOptions(Struct):
@@ -30,7 +43,7 @@ class _SamplingFields(Struct, kw_only=True):
     max_tokens: Optional[MaxTokens] = None
     temperature: Optional[Temperature] = None
     top_p: Optional[Annotated[float, Meta(gt=0.0, le=1.0)]] = None
-    n: Annotated[int, Meta(ge=1, le=64)] = 1
+    n: Annotated[int, Meta(ge=1, le=MAX_N)] = 1
     stop: StopStrings = None
     seed: Optional[int] = None
     presence_penalty: Optional[Penalty] = None
@@ -38,11 +51,12 @@ class _SamplingFields(Struct, kw_only=True):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
+    logit_bias: Optional[LogitBias] = None     # validated (ids in the vocabulary); not applied yet
     # extras (vLLM-compatible names)
     top_k: Optional[Annotated[int, Meta(ge=-1)]] = None
     min_p: Optional[Annotated[float, Meta(ge=0.0, le=1.0)]] = None
     repetition_penalty: Optional[Annotated[float, Meta(gt=0.0, le=10.0)]] = None
-    stop_token_ids: Optional[list[Annotated[int, Meta(ge=0)]]] = None
+    stop_token_ids: Optional[Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)]] = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Meta(ge=0)] = 0
 
@@ -57,6 +71,10 @@ class _SamplingFields(Struct, kw_only=True):
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_tokens
+
+    def token_id_fields(self) -> dict[str, list[int]]:
+        """Token ids given by the client outside the prompt, by parameter name (vocabulary check)."""
+        return {"stop_token_ids": self.stop_token_ids or [], "logit_bias": list(self.logit_bias or ())}
 
     def requested_logprobs(self) -> Optional[int]:
         return None
@@ -110,12 +128,12 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-TokenIds = list[Annotated[int, Meta(ge=0)]]
+TokenIds = list[TokenId]
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
     # str | list[str] | list[int] | list[list[int]] (msgspec allows one array type per union)
-    prompt: Union[str, Annotated[list[Union[str, Annotated[int, Meta(ge=0)], TokenIds]], Meta(min_length=1)]]
+    prompt: Union[str, Annotated[list[Union[str, TokenId, TokenIds]], Meta(min_length=1)]]
     logprobs: Optional[Annotated[int, Meta(ge=0, le=20)]] = None
     echo: bool = False
 
@@ -137,7 +155,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
         return p[0]
 
 
-_PARAM_RE = re.compile(r"at `\$\.([A-Za-z_]\w*)")
+_PARAM_RE = re.compile(r"`\$\.([A-Za-z_]\w*)")
 
 
 def decode_request(body: bytes, cls: type[Struct]):
@@ -276,3 +294,7 @@ class ModelCard(Struct):
 class ModelList(Struct):
     data: list[ModelCard]
     object: str = "list"
+
+
+class HealthStatus(Struct):
+    status: Literal["ok"] = "ok"

@@ -2,6 +2,11 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
 GET /metrics, GET /openapi.json. Never touches block ids and never imports torch.
+
+Hostile input is refused before it reaches the scheduler: body size (413), header size (uvicorn's
+h11 limit, 400), every field's range and count (protocol.py), token ids outside the vocabulary,
+requests longer than the context or larger than the whole KV cache (400). ``--api-key`` guards
+every route but /health.
 """
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import inspect
 import logging
 import time
 import uuid
@@ -18,6 +24,7 @@ import anyio
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -25,6 +32,9 @@ from starlette.routing import Route
 from . import protocol as P
 from .detokenizer import make_decode
 from .engine_client import EngineClient, EngineError
+from .lifecycle import Lifecycle
+from .lifecycle import add_arguments as add_lifecycle_arguments
+from .lifecycle import serve
 from .generation import Generation, SampleDelta
 from .metrics import CONTENT_TYPE, GatewayMetrics
 from .openapi import openapi_schema
@@ -32,6 +42,9 @@ from .openapi import openapi_schema
 log = logging.getLogger("pagedserve.gateway")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024     # request line + headers (h11's incomplete-event limit)
+DEFAULT_MAX_N = 16
+OPEN_PATHS = frozenset({"/health"})      # the only route served without the API key
 _json = msgspec.json.Encoder()
 
 # scheduler RequestError code -> (HTTP status, OpenAI error type)
@@ -41,6 +54,7 @@ _ENGINE_ERRORS = {
     "invalid": (400, "invalid_request_error"),
     "not_ready": (503, "service_unavailable_error"),
     "executor_error": (500, "server_error"),
+    "engine_unavailable": (503, "service_unavailable_error"),
 }
 
 
@@ -98,14 +112,66 @@ class _SSEResponse(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
+def _authorized(headers, api_key: bytes) -> bool:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return hmac.compare_digest(token.strip().encode(), api_key) and scheme.lower() == "bearer"
+
+
+class _RequireAPIKey:
+    """ASGI middleware: ``Authorization: Bearer KEY`` on every HTTP route but OPEN_PATHS, compared
+    in constant time. Unknown routes are refused too, so nothing is learnt without the key."""
+
+    def __init__(self, app, api_key: Optional[str]):
+        self.app, self.api_key = app, api_key.encode() if api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.api_key is not None and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            if not _authorized(Request(scope).headers, self.api_key):
+                response = APIError(401, "Incorrect API key provided.", "authentication_error",
+                                    code="invalid_api_key").response()
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class _LimitHeaders:
+    """ASGI middleware: 431 when the request line + headers exceed ``max_bytes``. uvicorn's h11
+    limit only bounds headers that arrive in pieces; one read can bring up to 64 KiB at once."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + \
+                sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+            if size > self.max_bytes:
+                response = APIError(431, f"request headers exceed the limit of {self.max_bytes} bytes",
+                                    code="headers_too_large").response()
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _template_parameters(tokenizer) -> frozenset[str]:
+    """``apply_chat_template``'s own parameters: a client's ``chat_template_kwargs`` may not set
+    them (``chat_template`` would run a client-written Jinja template, ``tokenize`` etc. would
+    break the call)."""
+    try:
+        names = set(inspect.signature(tokenizer.apply_chat_template).parameters)
+    except (TypeError, ValueError):
+        names = set()
+    return frozenset((names | {"chat_template", "tokenize", "conversation", "tools", "documents"})
+                     - {"kwargs", "self"})
+
+
 class _Gateway:
     """Everything the handlers share."""
 
     def __init__(self, engine: EngineClient, tokenizer, served_model_name: str, max_model_len: int,
-                 api_key: Optional[str], max_body_bytes: int):
+                 max_body_bytes: int, max_n: int = DEFAULT_MAX_N):
         self.engine, self.tokenizer = engine, tokenizer
         self.model_name, self.max_model_len = served_model_name, max_model_len
-        self.api_key, self.max_body_bytes = api_key, max_body_bytes
+        self.max_body_bytes, self.max_n = max_body_bytes, max_n
+        self.template_parameters = _template_parameters(tokenizer)
         self.decode = make_decode(tokenizer)
         self.decode_token = make_decode(tokenizer, skip_special_tokens=False)
         self.vocab_size = len(tokenizer)
@@ -113,14 +179,6 @@ class _Gateway:
         self.created = int(time.time())
 
     # -- request plumbing ---------------------------------------------------------------------
-
-    def check_auth(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "Incorrect API key provided.", "authentication_error", code="invalid_api_key")
 
     async def read_body(self, request: Request) -> bytes:
         too_big = APIError(413, f"request body exceeds the limit of {self.max_body_bytes} bytes",
@@ -146,16 +204,37 @@ class _Gateway:
             self.max_model_len = stats.max_model_len
         return self.max_model_len
 
+    def check_token_ids(self, token_ids, param: str) -> None:
+        bad = next((t for t in token_ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is out of vocabulary (size {self.vocab_size})", param=param)
+
+    async def check_fits_kv_cache(self, num_prompt: int, max_tokens: int) -> None:
+        """400 for a sequence the whole KV cache could never hold, rather than one cut short.
+
+        Per sample: the ``n`` samples of a request need not be resident together (the scheduler
+        preempts siblings by recompute and finishes them in turn)."""
+        stats = await self.engine.stats()          # cached by the engine client
+        bs, total = stats.block_size, stats.num_blocks
+        if not (bs and total):                     # not known yet (executor loading)
+            return
+        need = -(-(num_prompt + max_tokens) // bs)
+        if need > total:
+            raise APIError(400, f"a sequence of {num_prompt + max_tokens} tokens needs {need} KV cache "
+                                f"blocks of {bs} tokens but the server has {total}; reduce "
+                                "max_tokens or the prompt", param="max_tokens", code="kv_cache_exceeded")
+
     async def plan(self, req: P._SamplingFields, prompt_ids: list[int], prompt_param: str,
                    default_max_tokens: Optional[int]):
         """Check lengths; return the SamplingParams to send."""
         n = len(prompt_ids)
         if n == 0:
             raise APIError(400, "the prompt is empty", param=prompt_param)
-        bad = next((t for t in prompt_ids if t >= self.vocab_size), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is out of vocabulary (size {self.vocab_size})",
-                           param=prompt_param)
+        if req.n > self.max_n:
+            raise APIError(400, f"n must be at most {self.max_n}, got {req.n}", param="n")
+        self.check_token_ids(prompt_ids, prompt_param)
+        for param, ids in req.token_id_fields().items():
+            self.check_token_ids(ids, param)
         limit = await self.context_limit()
         if limit and n >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, "
@@ -171,6 +250,7 @@ class _Gateway:
                                 f"{max_tokens} in the completion). Please reduce the length of "
                                 "the prompt or completion.", param="max_tokens",
                            code="context_length_exceeded")
+        await self.check_fits_kv_cache(n, max_tokens)
         try:
             return req.to_sampling(max_tokens)
         except msgspec.ValidationError as e:
@@ -261,7 +341,6 @@ def _endpoint(fn):
     async def handler(request: Request) -> Response:
         gw: _Gateway = request.app.state.gateway
         try:
-            gw.check_auth(request)
             return await fn(gw, request)
         except APIError as e:
             return e.response()
@@ -282,6 +361,10 @@ def _endpoint(fn):
 async def chat_completions(gw: _Gateway, request: Request) -> Response:
     req = P.decode_request(await gw.read_body(request), P.ChatCompletionRequest)
     gw.check_model(req.model)
+    reserved = sorted(gw.template_parameters.intersection(req.chat_template_kwargs or ()))
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
+                       param="chat_template_kwargs")
     try:
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
                     for m in req.messages]
@@ -415,7 +498,7 @@ async def health(request: Request) -> Response:
     gw: _Gateway = request.app.state.gateway
     stats = await gw.engine.stats()
     if stats.executor_ready:
-        return _json_response({"status": "ok"})
+        return _json_response(P.HealthStatus())
     return APIError(503, "the model executor is not ready", "service_unavailable_error",
                     code="not_ready").response()
 
@@ -436,7 +519,8 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 def build_app(engine_client: EngineClient, tokenizer, served_model_name: str, max_model_len: int = 0,
-              api_key: Optional[str] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> Starlette:
+              api_key: Optional[str] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+              max_n: int = DEFAULT_MAX_N, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Starlette:
     """The ASGI app. ``max_model_len`` 0 = learn it from the scheduler's stats."""
     routes = [
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
@@ -447,19 +531,33 @@ def build_app(engine_client: EngineClient, tokenizer, served_model_name: str, ma
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
 
+    lifecycle = Lifecycle()
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         await engine_client.close()
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error}, lifespan=lifespan,
+                    middleware=[lifecycle.middleware(), Middleware(_LimitHeaders, max_bytes=max_header_bytes),
+                                Middleware(_RequireAPIKey, api_key=api_key)])
+    app.state.lifecycle = lifecycle
     app.state.gateway = _Gateway(engine_client, tokenizer, served_model_name, max_model_len,
-                                 api_key, max_body_bytes)
+                                 max_body_bytes, max_n)
     return app
 
 
 # --------------------------------------------------------------------------------------------
 # CLI: pagedserve gateway
+
+
+def uvicorn_options(host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+                    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, limit_concurrency: int = 0) -> dict:
+    """uvicorn settings that bound what a client can make the HTTP layer hold: h11 (whose buffer
+    for a header block arriving in pieces is bounded) and, optionally, open connections."""
+    return dict(host=host, port=port, log_level=log_level, http="h11",
+                h11_max_incomplete_event_size=max_header_bytes,
+                limit_concurrency=limit_concurrency or None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -469,16 +567,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default="", help="model whose tokenizer to use ('' = bundled default)")
     parser.add_argument("--served-model-name", default=None, help="name clients pass as `model`")
-    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    parser.add_argument("--api-key", default=None,
+                        help="require `Authorization: Bearer KEY` on every route but /health")
     parser.add_argument("--max-model-len", type=int, default=0,
                         help="context limit for prompt checks (0 = from the scheduler)")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="larger request bodies get 413")
+    parser.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
+                        help="larger request lines + headers get 431")
+    parser.add_argument("--max-n", type=int, default=DEFAULT_MAX_N, help="most samples per request (n)")
+    parser.add_argument("--limit-concurrency", type=int, default=0,
+                        help="most open connections before uvicorn answers 503 (0 = no limit)")
     parser.add_argument("--log-level", default="info")
+    add_lifecycle_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from shared.model_path import resolve_model
     from shared.transport import check_address
 
@@ -491,11 +595,14 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"pagedserve gateway: {e}")
         return 2
-    if args.max_model_len < 0 or args.max_body_bytes < 1:
-        print("pagedserve gateway: --max-model-len must be >= 0 and --max-body-bytes >= 1")
+    if args.max_model_len < 0 or min(args.max_body_bytes, args.max_header_bytes, args.max_n) < 1 \
+            or not 1 <= args.max_n <= P.MAX_N or args.limit_concurrency < 0:
+        print("pagedserve gateway: --max-model-len and --limit-concurrency must be >= 0, "
+              f"--max-body-bytes and --max-header-bytes >= 1, --max-n in 1..{P.MAX_N}")
         return 2
     tokenizer = load_tokenizer(src)
     app = build_app(EngineClient(addrs), tokenizer, args.served_model_name or src.name,
-                    args.max_model_len, args.api_key, args.max_body_bytes)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+                    args.max_model_len, args.api_key, args.max_body_bytes, args.max_n, args.max_header_bytes)
+    serve(app, args.drain_timeout, **uvicorn_options(args.host, args.port, args.log_level, args.max_header_bytes,
+                                                     args.limit_concurrency))
     return 0
