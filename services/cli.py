@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "gateway": ("services.gateway.server", "run the HTTP gateway (OpenAI-compatible API)"),
     "generate": ("services.offline", "offline batch generation for a list of prompts"),
     "simulate": ("services.scheduler.simulate", "replay a synthetic workload: paged vs contiguous KV memory"),
+    "bench": ("services.bench.cli", "benchmark tools: bench serve | bench compare | bench sweep"),
 }
 
 
