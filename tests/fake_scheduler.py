@@ -3,8 +3,9 @@
 Every AddRequest is answered by streaming the tokens of ``reply`` (tokenized with the real
 tokenizer) one token per RequestOutput, for each of the ``n`` samples, cut at ``max_tokens``
 (finish "length") or ending with EOS (finish "stop"). ``error`` makes it refuse requests with that
-RequestError code instead; ``max_active`` bounds the requests it holds (beyond: "queue_full", as the
-real scheduler's waiting queue does). Aborts and requests are recorded; StatsRequest gets
+RequestError code instead; ``fail_after`` makes it fail them with "executor_error" once that many
+tokens per sample were sent (as when the executor fails a step); ``max_active`` bounds the
+requests it holds (beyond: "queue_full", as the real scheduler's waiting queue does). Aborts and requests are recorded; StatsRequest gets
 SchedulerStats (``num_blocks`` blocks of 16 tokens).
 
 ``ServerThread`` serves an app with a real uvicorn (the gateway's own HTTP settings) on a free
@@ -72,6 +73,7 @@ class FakeScheduler:
     reply: str = "Hello world!"
     token_delay: float = 0.0
     error: str | None = None            # queue_full / not_ready / too_long / invalid
+    fail_after: int | None = None       # tokens per sample sent before an executor_error
     executor_ready: bool = True
     max_model_len: int = 256
     max_active: int | None = None
@@ -92,7 +94,7 @@ class FakeScheduler:
         self._thread.start()
 
     def reset(self) -> None:
-        self.reply, self.token_delay, self.error = "Hello world!", 0.0, None
+        self.reply, self.token_delay, self.error, self.fail_after = "Hello world!", 0.0, None, None
         self.executor_ready, self.max_model_len = True, 256
         self.max_active, self.num_blocks = None, 100
         self.requests.clear()
@@ -169,6 +171,11 @@ class FakeScheduler:
         by_identity: dict[bytes, list[RequestOutput]] = {}
         for rid, a in list(self._active.items()):
             i = a.sent
+            if self.fail_after is not None and i >= self.fail_after:
+                del self._active[rid]
+                transport.send(self._sock, RequestError(request_id=rid, code="executor_error",
+                                                        message="fake executor_error"), a.identity)
+                continue
             for index, toks in enumerate(a.tokens):
                 if i >= len(toks):
                     continue

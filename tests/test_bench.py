@@ -20,11 +20,8 @@ from services.bench.datasets import (  # noqa: E402
 from services.bench.metrics import RequestResult, compute_metrics, format_table  # noqa: E402
 from services.bench.serve import LoadShape, benchmark, run_requests  # noqa: E402
 from services.cli import main  # noqa: E402
-from services.gateway.engine_client import EngineClient  # noqa: E402
-from services.gateway.server import build_app  # noqa: E402
 from services.gateway.tokenizer import load_tokenizer  # noqa: E402
-from tests.fake_scheduler import FakeScheduler  # noqa: E402
-from tests.test_gateway import _Server  # noqa: E402
+from tests.gateway_harness import fake, sched, serve_gateway  # noqa: E402,F401 (fixtures)
 
 MODEL = "bench-test"
 API_KEY = "sk-bench"
@@ -113,31 +110,15 @@ def test_metrics_of_an_all_failed_run_are_zeros_not_errors():
 
 
 @pytest.fixture(scope="module")
-def fake(tokenizer):
-    f = FakeScheduler(tokenizer)
-    yield f
-    f.close()
-
-
-@pytest.fixture
-def sched(fake):
-    fake.reset()
-    yield fake
-    fake.reset()
+def server(fake):
+    with serve_gateway(fake, MODEL, max_model_len=0) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
-def server(fake, tokenizer):
-    srv = _Server(build_app(EngineClient(fake.addr), tokenizer, MODEL, max_model_len=0))
-    yield srv
-    srv.close()
-
-
-@pytest.fixture(scope="module")
-def keyed_server(fake, tokenizer):
-    srv = _Server(build_app(EngineClient(fake.addr), tokenizer, MODEL, max_model_len=0, api_key=API_KEY))
-    yield srv
-    srv.close()
+def keyed_server(fake):
+    with serve_gateway(fake, MODEL, max_model_len=0, api_key=API_KEY) as srv:
+        yield srv
 
 
 def test_client_streams_and_times_every_request(server, sched, pool, tokenizer):

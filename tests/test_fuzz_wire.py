@@ -3,6 +3,7 @@ sockets on garbage (each bad frame is answered and logged, and a valid request i
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -159,7 +160,10 @@ def test_scheduler_rejects_garbage_from_a_gateway_and_keeps_serving(caplog):
         h.close()
 
 
-def _executor_client(worker_):  # noqa: F811
+@contextlib.contextmanager
+def _serving_executor(worker_):
+    """The executor's ZMQ loop on ``worker_`` in a thread and a DEALER to it; yields (client, the
+    loop's exit codes or exception). On exit: Shutdown if the loop still runs, then close it all."""
     from services.executor.service import serve
 
     ctx = zmq.Context()
@@ -175,14 +179,22 @@ def _executor_client(worker_):  # noqa: F811
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    return ctx, sock, thread, code, transport.dealer(ctx, addr)
+    client = transport.dealer(ctx, addr)
+    try:
+        yield client, code
+    finally:
+        if thread.is_alive():
+            transport.send(client, Shutdown())
+            thread.join(timeout=10)
+        client.close(linger=0)
+        sock.close(linger=0)
+        ctx.term()
 
 
 def test_executor_rejects_garbage_frames_and_keeps_serving(worker, caplog):  # noqa: F811
     caplog.set_level(logging.WARNING, logger="pagedserve.executor")
-    ctx, sock, thread, code, client = _executor_client(worker)
-    client.setsockopt(zmq.RCVTIMEO, 10_000)
-    try:
+    with _serving_executor(worker) as (client, code):
+        client.setsockopt(zmq.RCVTIMEO, 10_000)
         frames = [f for f in _garbage_frames(150)
                   if not isinstance(_try_decode(f), (StepPlan, Shutdown, ExecutorHello))]
         for frame in frames:
@@ -195,19 +207,13 @@ def test_executor_rejects_garbage_frames_and_keeps_serving(worker, caplog):  # n
         transport.send(client, ok_decode(1))
         res = transport.recv(client)
         assert isinstance(res, StepResult) and res.seq_ids == [1]
-        transport.send(client, Shutdown())
-        thread.join(timeout=10)
-        assert code == [0]
-    finally:
-        client.close(linger=0)
-        sock.close(linger=0)
-        ctx.term()
+        assert not code, f"the executor loop ended: {code}"
+    assert code == [0]                               # the Shutdown on exit ended the loop cleanly
 
 
 def test_executor_survives_a_multipart_message(worker):  # noqa: F811
-    ctx, sock, thread, code, client = _executor_client(worker)
-    client.setsockopt(zmq.RCVTIMEO, 1_000)
-    try:
+    with _serving_executor(worker) as (client, code):
+        client.setsockopt(zmq.RCVTIMEO, 1_000)
         client.send_multipart([b"two", b"frames"])
         rejected = transport.recv(client)
         assert isinstance(rejected, ExecutorError) and "one message frame" in rejected.message
@@ -215,13 +221,6 @@ def test_executor_survives_a_multipart_message(worker):  # noqa: F811
         res = transport.recv(client)
         assert not code, f"the executor loop ended: {code}"
         assert isinstance(res, StepResult)
-    finally:
-        if thread.is_alive():
-            transport.send(client, Shutdown())
-            thread.join(timeout=10)
-        client.close(linger=0)
-        sock.close(linger=0)
-        ctx.term()
 
 
 def _try_decode(frame: bytes):

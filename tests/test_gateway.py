@@ -20,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from services.gateway.detokenizer import IncrementalDetokenizer, StopStringMatcher, make_decode  # noqa: E402
 from services.gateway.engine_client import EngineClient  # noqa: E402
 from services.gateway.server import build_app  # noqa: E402
-from tests.fake_scheduler import FakeScheduler, ServerThread as _Server, gateway_tokenizer  # noqa: E402
+from tests.fake_scheduler import FakeScheduler, gateway_tokenizer  # noqa: E402
+from tests.gateway_harness import fake, http, sched, serve_gateway  # noqa: E402,F401 (fixtures)
 
 MODEL = "smol-test"
 API_KEY = "sk-test-secret"
@@ -40,38 +41,15 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def fake(tokenizer):
-    f = FakeScheduler(tokenizer)
-    yield f
-    f.close()
+def server(fake):
+    with serve_gateway(fake, MODEL, stats_ttl=0.05, max_model_len=0, max_body_bytes=MAX_BODY) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
-def server(fake, tokenizer):
-    srv = _Server(build_app(EngineClient(fake.addr, stats_ttl=0.05), tokenizer, MODEL, max_model_len=0,
-                            max_body_bytes=MAX_BODY))
-    yield srv
-    srv.close()
-
-
-@pytest.fixture(scope="module")
-def keyed_server(fake, tokenizer):
-    srv = _Server(build_app(EngineClient(fake.addr), tokenizer, MODEL, max_model_len=128, api_key=API_KEY))
-    yield srv
-    srv.close()
-
-
-@pytest.fixture
-def sched(fake):
-    fake.reset()
-    yield fake
-    fake.reset()
-
-
-@pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=20) as c:
-        yield c
+def keyed_server(fake):
+    with serve_gateway(fake, MODEL, max_model_len=128, api_key=API_KEY) as srv:
+        yield srv
 
 
 @pytest.fixture
@@ -195,6 +173,22 @@ def test_chat_stream_wire_format(http, sched):
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     assert all("usage" not in e or e["usage"] is None for e in events)    # no include_usage
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == "One two"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_stream_failing_mid_way_ends_with_one_error_event_then_done(http, sched, path):
+    """The tokens sent so far, then the error instead of a finish reason or the usage chunk."""
+    sched.reply, sched.fail_after = "one two three four five", 2
+    body = _chat() if path == "/v1/chat/completions" else {"model": MODEL, "prompt": "x"}
+    r = http.post(path, json=dict(body, stream=True, max_tokens=10, stream_options={"include_usage": True}))
+    assert r.status_code == 200
+    events = _sse_events(r.text)
+    assert "error" in events[-1] and events[-1]["error"]["code"] == "executor_error", events[-1]
+    assert not any("error" in e for e in events[:-1])
+    chunks = events[:-1]
+    assert all(c["choices"] and c["choices"][0]["finish_reason"] is None for c in chunks)
+    assert any(c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content") for c in chunks)
+    assert all(c.get("usage") is None for c in chunks)
 
 
 def test_completions_token_ids_prompt_length_limit(client, sched):

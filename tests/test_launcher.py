@@ -3,9 +3,7 @@ SIGTERM drain (in-flight requests finish, new ones get 503, exit 0)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -13,7 +11,7 @@ import time
 import pytest
 
 from services.launcher import Supervisor
-from tests.test_serve_e2e import ROOT, free_port
+from tests.serve_harness import services_of, start_serve, wait_healthy
 
 httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
@@ -60,28 +58,6 @@ def test_gateway_exit_stops_the_server():
             p.wait()
 
 
-def _services(launcher: psutil.Process) -> dict[str, psutil.Process]:
-    out = {}
-    for child in launcher.children(recursive=True):
-        for name in ("executor", "scheduler", "gateway"):
-            if f"services.{name}" in " ".join(child.cmdline()):
-                out[name] = child
-    return out
-
-
-def _wait_healthy(base: str, proc, deadline_s: float = 240) -> None:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    pytest.fail("not healthy")
-
-
 def _stream(base: str, body: dict, events: list, first: threading.Event) -> None:
     with httpx.stream("POST", f"{base}/v1/completions", json=dict(body, stream=True), timeout=120) as resp:
         events.append(resp.status_code)
@@ -93,31 +69,25 @@ def _stream(base: str, body: dict, events: list, first: threading.Event) -> None
 
 
 def test_scheduler_death_then_sigterm_drain(tmp_path):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1")
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "random:tiny", "--port", str(port),
-                                 "--device", "cpu", "--num-blocks", "300", "--max-model-len", "4096",
-                                 "--drain-timeout", "500"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, base, log_path = start_serve(["random:tiny", "--device", "cpu", "--num-blocks", "300",
+                                        "--max-model-len", "4096", "--drain-timeout", "500"], tmp_path)
     launcher = psutil.Process(proc.pid)
     long_body = {"prompt": [5, 6, 7], "max_tokens": 2000, "temperature": 1.0, "seed": 0, "logprobs": 1,
                  "ignore_eos": True}        # logprobs: a chunk per token even when its text is empty
     try:
-        _wait_healthy(base, proc)
+        wait_healthy(base, proc, log_path)
         # 1. the scheduler dies mid-stream: the stream ends with a clear 503-class error
         events, first = [], threading.Event()
         t = threading.Thread(target=_stream, args=(base, long_body, events, first))
         t.start()
         assert first.wait(60)
-        _services(launcher)["scheduler"].send_signal(signal.SIGKILL)
+        services_of(launcher)["scheduler"].send_signal(signal.SIGKILL)
         t.join(60)
         assert not t.is_alive() and events[0] == 200
         errors = [json.loads(e)["error"] for e in events[1:] if e.startswith("{") and '"error"' in e]
         assert errors and errors[0]["code"] == "engine_unavailable", events[-3:]
         # 2. the launcher restarts it; the gateway serves again
-        _wait_healthy(base, proc, 120)
+        wait_healthy(base, proc, log_path, 120)
         out = httpx.post(f"{base}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4}, timeout=60)
         assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 4
         # 3. SIGTERM drains: the in-flight stream finishes, new requests and /health get 503
@@ -125,7 +95,7 @@ def test_scheduler_death_then_sigterm_drain(tmp_path):
         t = threading.Thread(target=_stream, args=(base, long_body, events, first))
         t.start()
         assert first.wait(60)
-        seen = {p.pid: p for p in _services(launcher).values()}
+        seen = {p.pid: p for p in services_of(launcher).values()}
         proc.send_signal(signal.SIGTERM)
         for _ in range(100):
             health = httpx.get(f"{base}/health", timeout=5)

@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from services.gateway import protocol as P
-from services.gateway.engine_client import EngineClient
-from services.gateway.server import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_N, build_app
-from tests.fake_scheduler import FakeScheduler, ServerThread, gateway_tokenizer
+from services.gateway.server import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_N
+from tests.fake_scheduler import FakeScheduler, gateway_tokenizer
+from tests.gateway_harness import fake, http, sched, serve_gateway  # noqa: F401 (fixtures)
 
 MODEL = "smol-test"
 
@@ -24,30 +24,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def fake():
-    f = FakeScheduler(gateway_tokenizer())
-    yield f
-    f.close()
-
-
-@pytest.fixture(scope="module")
 def server(fake):
-    srv = ServerThread(build_app(EngineClient(fake.addr, stats_ttl=0.05), gateway_tokenizer(), MODEL))
-    yield srv
-    srv.close()
-
-
-@pytest.fixture
-def sched(fake):
-    fake.reset()
-    yield fake
-    fake.reset()
-
-
-@pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=20) as c:
-        yield c
+    with serve_gateway(fake, MODEL, stats_ttl=0.05) as srv:
+        yield srv
 
 
 def _chat(**kw):

@@ -1,4 +1,4 @@
-"""Scheduler policy against the fake executor (tests/fake_executor.py checks the protocol)."""
+"""Scheduler policy against the fake executor (tests/scheduler_harness.py checks the protocol)."""
 import subprocess
 import sys
 
@@ -6,8 +6,9 @@ import pytest
 
 from services.scheduler.scheduler import Scheduler
 from shared.config import CacheConfig, SchedulerConfig
-from shared.messages import AddRequest, SamplingParams, StepResult, encode
-from tests.fake_executor import FakeExecutor, run_to_completion, step
+from services.scheduler.fake_executor import FakeExecutor
+from shared.messages import AddRequest, ExecutorError, NewSeq, SamplingParams, StepPlan, StepResult, encode
+from tests.scheduler_harness import CheckedFakeExecutor, run_to_completion, step
 
 
 def make(num_blocks=64, block_size=4, num_host_blocks=0, watermark=0.0, eos=(), caching=True, **sched):
@@ -17,7 +18,7 @@ def make(num_blocks=64, block_size=4, num_host_blocks=0, watermark=0.0, eos=(), 
                   CacheConfig(block_size=block_size, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
                               watermark=watermark, enable_prefix_caching=caching).validate(),
                   eos_token_ids=eos)
-    return s, FakeExecutor(s)
+    return s, CheckedFakeExecutor(s)
 
 
 def add(s, rid, prompt, **params):
@@ -261,6 +262,18 @@ def test_n_samples_admitted_with_room_to_fork_are_not_preempted():
 
 # ------------------------------------------------------------------------------------ preemption
 
+# three 6-token prompts that grow to 18 tokens each: more than 8 blocks of 4 hold
+CROWDED = {f"r{i}": prompt_of(6, 100 * i + 1) for i in range(3)}
+
+
+def crowded(**config):
+    """A scheduler on 8 blocks of 4 with the CROWDED requests (12 tokens each) added."""
+    s, ex = make(num_blocks=8, block_size=4, **config)
+    for rid, p in CROWDED.items():
+        add(s, rid, p, max_tokens=12)
+    return s, ex
+
+
 def reference_outputs(prompts, **params):
     s, ex = make(num_blocks=256)
     for rid, p in prompts.items():
@@ -269,33 +282,20 @@ def reference_outputs(prompts, **params):
 
 
 def test_preemption_by_recompute_resumes_and_completes():
-    prompts = {f"r{i}": prompt_of(6, 100 * i + 1) for i in range(3)}
-    s, ex = make(num_blocks=8, block_size=4, max_num_batched_tokens=64)
-    for rid, p in prompts.items():
-        add(s, rid, p, max_tokens=12)
-    saw_preempted, saw_resume = False, False
-    results = {}
-    while s.has_unfinished():
-        plan = s.schedule()
-        saw_preempted |= bool(plan.preempted)
-        saw_resume |= any(n.output_token_ids for n in plan.new)
-        for o in s.update(plan, ex.execute(plan)):
-            results.setdefault((o.request_id, o.index), []).extend(o.token_ids)
-    assert saw_preempted and saw_resume and s.stats().num_preemptions > 0
-    ref = reference_outputs(prompts, max_tokens=12)
-    assert results == {k: v[0] for k, v in ref.items()}
+    s, ex = crowded()
+    plans = []
+    results = run_to_completion(s, ex, on_plan=plans.append)
+    assert any(p.preempted for p in plans) and any(n.output_token_ids for p in plans for n in p.new)
+    assert s.stats().num_preemptions > 0
+    assert results == reference_outputs(CROWDED, max_tokens=12)
     assert_drained(s)
 
 
 def test_preemption_by_swap_resumes_and_completes():
-    prompts = {f"r{i}": prompt_of(6, 100 * i + 1) for i in range(3)}
-    s, ex = make(num_blocks=8, block_size=4, num_host_blocks=16, preemption_mode="swap")
-    for rid, p in prompts.items():
-        add(s, rid, p, max_tokens=12)
+    s, ex = crowded(num_host_blocks=16, preemption_mode="swap")
     seen = {"swap_out": False, "swap_in": False, "preempted": False}
-    results = {}
-    while s.has_unfinished():
-        plan = s.schedule()
+
+    def watch(plan):
         seen["swap_out"] |= bool(plan.swap_out)
         seen["preempted"] |= bool(plan.preempted)
         if plan.swap_in:
@@ -304,25 +304,18 @@ def test_preemption_by_swap_resumes_and_completes():
             assert {d for _, d in plan.swap_in} <= whole_tables
         if s.num_swapped:
             assert s.block_manager.host.num_free < 16
-        for o in s.update(plan, ex.execute(plan)):
-            results.setdefault((o.request_id, o.index), []).extend(o.token_ids)
+
+    results = run_to_completion(s, ex, on_plan=watch)
     assert seen == {"swap_out": True, "swap_in": True, "preempted": False}
-    ref = reference_outputs(prompts, max_tokens=12)
-    assert results == {k: v[0] for k, v in ref.items()}
+    assert results == reference_outputs(CROWDED, max_tokens=12)
     assert_drained(s)
 
 
 def test_swap_falls_back_to_recompute_when_host_pool_is_full():
-    prompts = {f"r{i}": prompt_of(6, 100 * i + 1) for i in range(3)}
-    s, ex = make(num_blocks=8, block_size=4, num_host_blocks=1, preemption_mode="swap")
-    for rid, p in prompts.items():
-        add(s, rid, p, max_tokens=12)
-    saw_preempted = False
-    while s.has_unfinished():
-        plan = s.schedule()
-        saw_preempted |= bool(plan.preempted)
-        s.update(plan, ex.execute(plan))
-    assert saw_preempted
+    s, ex = crowded(num_host_blocks=1, preemption_mode="swap")
+    plans = []
+    run_to_completion(s, ex, on_plan=plans.append)
+    assert any(p.preempted for p in plans)
     assert_drained(s)
 
 
@@ -405,9 +398,7 @@ def test_abort_mid_prefill_and_while_step_in_flight():
 
 
 def test_abort_swapped_frees_host_blocks():
-    s, ex = make(num_blocks=8, block_size=4, num_host_blocks=16, preemption_mode="swap")
-    for i in range(3):
-        add(s, f"r{i}", prompt_of(6, 100 * i + 1), max_tokens=12)
+    s, ex = crowded(num_host_blocks=16, preemption_mode="swap")
     while not s.num_swapped:
         step(s, ex)
     victim = s.swapped[0]
@@ -516,6 +507,20 @@ def test_update_rejects_mismatched_results():
     assert len(s.update(plan, ex.execute(plan))) == 1
 
 
+@pytest.mark.parametrize("bad, message", [
+    ({"run_seq_ids": [0, 0], "run_num_tokens": [1, 1]}, "runs twice"),
+    ({"run_seq_ids": [0], "run_num_tokens": [0]}, "without computing a token"),
+    ({"new": [NewSeq(1, [4, 5], [], [2], 0, 0, SamplingParams())]}, "without computing a token"),
+])
+def test_fake_executor_rejects_plans_that_run_a_sequence_twice_or_for_nothing(bad, message):
+    ex = FakeExecutor(block_size=4, num_blocks=4, strict=True)
+    assert isinstance(ex.execute(StepPlan(step_id=0, new=[NewSeq(0, [1, 2, 3], [], [0], 0, 3, SamplingParams())])),
+                      StepResult)
+    err = ex.execute(StepPlan(step_id=1, **bad))
+    assert isinstance(err, ExecutorError) and message in err.message
+    assert list(ex.seqs) == [0] and ex.seqs[0].computed == 3          # a rejected plan changes nothing
+
+
 def test_logprobs_travel_to_outputs():
     from shared.messages import TokenLogprobs
     s, ex = make()
@@ -561,7 +566,7 @@ def test_reset_for_new_executor_requeues_and_outputs_continue_exactly(lose_after
     assert s.num_free_blocks == 10 and s.stats().num_preemptions == before + live
     plan = s.schedule()
     assert not plan.finished and not plan.preempted and not plan.run_seq_ids   # a clean slate
-    ex = FakeExecutor(s)
+    ex = CheckedFakeExecutor(s)
     take(s.update(plan, ex.execute(plan)))
     for key, (tokens, _) in run_to_completion(s, ex).items():
         results.setdefault(key, []).extend(tokens)
@@ -580,7 +585,7 @@ def test_reset_for_new_executor_drops_what_no_longer_fits():
     assert [(e.request_id, e.code) for e in errors] == [("long", "executor_error")]
     assert "at most 16 tokens" in errors[0].message and "already has 17" in errors[0].message
     assert not s.has_request("long") and s.has_request("short")
-    results = run_to_completion(s, FakeExecutor(s))
+    results = run_to_completion(s, CheckedFakeExecutor(s))
     assert {k: len(v[0]) for k, v in results.items()} == {("short", 0): 1, ("short", 1): 1}
     assert_drained(s)
 

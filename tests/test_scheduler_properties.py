@@ -9,7 +9,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from services.scheduler.scheduler import Scheduler
 from shared.config import CacheConfig, SchedulerConfig
 from shared.messages import AddRequest, SamplingParams
-from tests.fake_executor import FakeExecutor
+from tests.scheduler_harness import CheckedFakeExecutor
 
 BASES = [list(range(10, 60)), list(range(100, 150))]     # shared prefixes make cache hits likely
 EOS = 3
@@ -30,7 +30,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         cache = CacheConfig(block_size=block_size, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
                             watermark=watermark, enable_prefix_caching=caching).validate()
         self.s = Scheduler(sched, cache, eos_token_ids=[EOS])
-        self.ex = FakeExecutor(self.s, roundtrip=False)
+        self.ex = CheckedFakeExecutor(self.s, roundtrip=False)
         self.cap = min(max_model_len, num_blocks * block_size)
         self.next_id = 0
         self.prompts: dict[str, list[int]] = {}
@@ -90,7 +90,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         new = CacheConfig(block_size=old.block_size, num_blocks=num_blocks, num_host_blocks=old.num_host_blocks,
                           watermark=old.watermark, enable_prefix_caching=old.enable_prefix_caching).validate()
         errors = self.s.reset_for_new_executor(cache_config=new)
-        self.ex = FakeExecutor(self.s, roundtrip=False)
+        self.ex = CheckedFakeExecutor(self.s, roundtrip=False)
         self.cap = min(self.s.config.max_model_len, num_blocks * old.block_size)
         assert not self.s.running and not self.s.swapped and self.s.num_free_blocks == num_blocks
         for e in errors:
@@ -169,7 +169,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert block.hash == h
             prefix = expected[h]                           # every cached block came from these
             i = len(prefix) // bs - 1
-            assert self.ex.kv[block.block_id] == [(i * bs + j, prefix[i * bs + j]) for j in range(bs)]
+            assert self.ex.kv[block.block_id] == prefix[i * bs:(i + 1) * bs]
 
     @invariant()
     def executor_mirrors_scheduler(self):
@@ -180,7 +180,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if seq.status in ("running", "swapped"):
                 st_ = self.ex.seqs[sid]
                 assert st_.prompt + st_.outputs == seq.token_ids
-                assert st_.num_computed == seq.num_computed
+                assert st_.computed == seq.num_computed
 
     def _check_drained(self):
         s = self.s

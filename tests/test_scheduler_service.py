@@ -1,4 +1,5 @@
 """The scheduler service over real ZeroMQ sockets, with the fake executor behind its own ROUTER."""
+import logging
 import os
 import signal
 import subprocess
@@ -14,8 +15,8 @@ from services.scheduler.service import (ExecutorLost, ExecutorTimeout, LocalChan
                                         add_arguments)
 from shared import transport
 from shared.config import CacheConfig, SchedulerConfig
-from shared.messages import (AbortRequest, AddRequest, RequestError, RequestOutputs, SamplingParams,
-                             SchedulerStats, StatsRequest, StepPlan, encode)
+from shared.messages import (AbortRequest, AddRequest, NewSeq, RequestError, RequestOutputs, SamplingParams,
+                             SchedulerStats, StatsRequest, StepPlan, StepResult, encode)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,6 +55,18 @@ class Harness:
 
     def ready(self):
         self.pump(lambda: self.service.scheduler is not None)
+
+    def ready_gateway(self) -> zmq.Socket:
+        """A gateway DEALER, once the service has finished its handshake with the executor."""
+        sock = self.gateway()
+        self.ready()
+        return sock
+
+    def assert_drained(self, num_blocks: int = 64):
+        """No request left, no stream owner left, every KV block free."""
+        scheduler = self.service.scheduler
+        assert not self.service.owners and not scheduler.has_unfinished()
+        assert scheduler.num_free_blocks == num_blocks
 
     def close(self):
         self.service.close()
@@ -110,10 +123,17 @@ def add(sock, rid, n_prompt=10, **sampling):
                                     sampling=SamplingParams(**sampling)))
 
 
+def finishes_alone(h, sock, rid, **sampling) -> list[int]:
+    """A request added now runs to its max_tokens with no error; returns its tokens."""
+    add(sock, rid, **sampling)
+    tokens, finished, errors = collect(h, sock, [rid])
+    assert finished == {(rid, 0): "length"} and not errors, (finished, errors)
+    return tokens[(rid, 0)]
+
+
 def test_add_streams_tokens_until_finished(make):
     h = make()
-    gw = h.gateway()
-    h.ready()
+    gw = h.ready_gateway()
     add(gw, "a", max_tokens=5)
     add(gw, "b", n_prompt=9, max_tokens=3, n=2)
     tokens, finished, errors = collect(h, gw, ["a", "b"])
@@ -121,8 +141,7 @@ def test_add_streams_tokens_until_finished(make):
     assert finished == {("a", 0): "length", ("b", 0): "length", ("b", 1): "length"}
     assert len(tokens[("a", 0)]) == 5 and len(tokens[("b", 0)]) == 3 and len(tokens[("b", 1)]) == 3
     assert tokens[("b", 0)] != tokens[("b", 1)]          # the fork samples its own tokens
-    assert not h.service.owners and not h.service.scheduler.has_unfinished()
-    assert h.service.scheduler.num_free_blocks == 64
+    h.assert_drained()
 
 
 def test_outputs_are_routed_to_the_gateway_that_owns_the_request(make):
@@ -160,8 +179,7 @@ def test_stats_before_and_after_the_handshake_and_not_ready_rejection(make):
 
 def test_abort_frees_everything_and_stops_the_stream(make):
     h = make()
-    gw = h.gateway()
-    h.ready()
+    gw = h.ready_gateway()
     add(gw, "long", max_tokens=200)
     seen = []
     h.pump(lambda: seen.extend(inbox(gw)) or len(seen) >= 3)
@@ -173,8 +191,7 @@ def test_abort_frees_everything_and_stops_the_stream(make):
     for _ in range(5):
         h.service.run_once()
     assert inbox(gw) == []
-    assert "long" not in h.service.owners
-    assert h.service.scheduler.num_free_blocks == 64
+    h.assert_drained()
 
 
 def test_abort_from_another_gateway_is_ignored(make):
@@ -186,26 +203,27 @@ def test_abort_from_another_gateway_is_ignored(make):
     transport.send(other, AbortRequest(request_id="mine"))
     _, finished, errors = collect(h, owner, ["mine"])
     assert finished == {("mine", 0): "length"} and not errors
+    h.assert_drained()
 
 
 def test_queue_full_is_answered_to_the_sender(make):
     h = make(max_waiting=1)
-    gw = h.gateway()
-    h.ready()
+    gw = h.ready_gateway()
     add(gw, "first", max_tokens=2)
     add(gw, "second", max_tokens=2)                  # drained in the same turn: the queue holds one
     tokens, finished, errors = collect(h, gw, ["first", "second"])
     assert [(e.request_id, e.code) for e in errors] == [("second", "queue_full")]
     assert finished == {("first", 0): "length"}
+    h.assert_drained()
 
 
 def test_too_long_prompt_is_answered(make):
     h = make()
-    gw = h.gateway()
-    h.ready()
+    gw = h.ready_gateway()
     add(gw, "huge", n_prompt=300)
     _, _, errors = collect(h, gw, ["huge"])
     assert errors[0].code == "too_long"
+    h.assert_drained()
 
 
 @pytest.mark.parametrize("frames", [
@@ -217,23 +235,20 @@ def test_too_long_prompt_is_answered(make):
 ])
 def test_malformed_frames_get_an_error_and_the_service_keeps_serving(make, frames):
     h = make()
-    gw = h.gateway()
-    h.ready()
+    gw = h.ready_gateway()
     gw.send_multipart(frames)
     replies = []
     h.pump(lambda: replies.extend(inbox(gw)) or replies)
     assert isinstance(replies[0], RequestError)
     assert replies[0].request_id == "" and replies[0].code == "invalid" and replies[0].message
-    add(gw, "after", max_tokens=3)
-    _, finished, errors = collect(h, gw, ["after"])
-    assert finished == {("after", 0): "length"} and not errors
+    finishes_alone(h, gw, "after", max_tokens=3)
+    h.assert_drained()
 
 
 @pytest.mark.parametrize("fail_step", [0, 2])       # 0: the failed plan registered the sequence
 def test_executor_error_fails_the_step_requests_and_the_service_recovers(make, fail_step):
     h = make(max_num_seqs=1, fail_steps={fail_step})  # the second request waits behind the first
-    gw = h.gateway()
-    h.ready()
+    gw = h.ready_gateway()
     add(gw, "victim", max_tokens=10)
     add(gw, "queued", max_tokens=3)
     tokens, finished, errors = collect(h, gw, ["victim", "queued"])
@@ -241,10 +256,8 @@ def test_executor_error_fails_the_step_requests_and_the_service_recovers(make, f
     assert "injected failure" in errors[0].message
     assert finished == {("queued", 0): "length"}     # waiting requests survive; the executor resynced
     assert h.service.num_executor_errors == 1
-    add(gw, "later", max_tokens=4)                   # strict fake: any state mismatch would error again
-    _, finished, errors = collect(h, gw, ["later"])
-    assert finished == {("later", 0): "length"} and not errors
-    assert h.service.scheduler.num_free_blocks == 64
+    finishes_alone(h, gw, "later", max_tokens=4)     # strict fake: any state mismatch would error again
+    h.assert_drained()
     assert set(h.fake.seqs) <= h.service.executor_known
 
 
@@ -277,8 +290,7 @@ def test_lost_executor_requeues_everything_and_requests_finish_by_recompute(make
     old = FakeExecutor(block_size=4, num_blocks=64, max_model_len=256, strict=True)
     new = FakeExecutor(block_size=4, num_blocks=40, max_model_len=256, strict=True)   # a smaller pool
     h = make(channel=Restartable(old, new, die_at))
-    gw = h.gateway()
-    h.ready()
+    gw = h.ready_gateway()
     add(gw, "a", max_tokens=12)
     add(gw, "b", n_prompt=7, max_tokens=8, n=2)
     tokens, finished, errors = collect(h, gw, ["a", "b"])
@@ -287,47 +299,43 @@ def test_lost_executor_requeues_everything_and_requests_finish_by_recompute(make
     # each token streamed once: recompute resumes after the last emitted token
     assert [len(tokens[k]) for k in [("a", 0), ("b", 0), ("b", 1)]] == [12, 8, 8]
     assert h.service.num_executor_losses == 1 and h.service.scheduler.block_manager.num_blocks == 40
-    assert h.service.scheduler.num_free_blocks == 40 and not h.service.owners
-    add(gw, "after", max_tokens=3)                   # the strict new executor agrees with the scheduler
-    _, finished, errors = collect(h, gw, ["after"])
-    assert finished == {("after", 0): "length"} and not errors
+    h.assert_drained(40)
+    finishes_alone(h, gw, "after", max_tokens=3)     # the strict new executor agrees with the scheduler
 
 
 def test_requests_that_no_longer_fit_the_new_executor_get_a_clear_error(make):
     old = FakeExecutor(block_size=4, num_blocks=64, max_model_len=256)
     new = FakeExecutor(block_size=4, num_blocks=4, max_model_len=256)               # 16 tokens at most
     h = make(channel=Restartable(old, new, die_at=3))
-    gw = h.gateway()
-    h.ready()
+    gw = h.ready_gateway()
     add(gw, "long", n_prompt=20, max_tokens=5)
     add(gw, "short", n_prompt=3, max_tokens=5)
     tokens, finished, errors = collect(h, gw, ["long", "short"])
     assert [(e.request_id, e.code) for e in errors] == [("long", "executor_error")]
     assert "at most 16 tokens" in errors[0].message
     assert finished == {("short", 0): "length"} and len(tokens[("short", 0)]) == 5
-    assert h.service.scheduler.num_free_blocks == 4 and not h.service.owners
+    h.assert_drained(4)
 
 
 def test_requests_added_while_the_executor_is_down_wait_for_the_new_one(make):
     old = FakeExecutor(block_size=4, num_blocks=64, max_model_len=256)
     h = make(channel=Restartable(old, FakeExecutor(block_size=4, num_blocks=64, max_model_len=256),
                                  die_at=1, down_hellos=50))
-    gw = h.gateway()
-    h.ready()
+    gw = h.ready_gateway()
     add(gw, "first", max_tokens=4)
     h.pump(lambda: h.service.ready is None)
     transport.send(gw, StatsRequest())
     add(gw, "during", max_tokens=4)
     tokens, finished, errors = collect(h, gw, ["first", "during"])
     assert not errors and finished == {("first", 0): "length", ("during", 0): "length"}
+    h.assert_drained()
 
 
 def test_no_executor_back_within_the_recovery_timeout_fails_everything(make):
     old = FakeExecutor(block_size=4, num_blocks=64, max_model_len=256)
     h = make(channel=Restartable(old, old, die_at=1, down_hellos=10**9))
     h.service.recovery_timeout = 0.05
-    gw = h.gateway()
-    h.ready()
+    gw = h.ready_gateway()
     add(gw, "stuck", max_tokens=4)
     _, _, errors = collect(h, gw, ["stuck"])
     assert (errors[0].request_id, errors[0].code) == ("stuck", "executor_error")
@@ -348,12 +356,10 @@ def test_step_timeout_counts_as_a_lost_executor(make):
             return super().execute(plan)
 
     h = make(channel=Wedged(fake))
-    gw = h.gateway()
-    h.ready()
-    add(gw, "slow", max_tokens=3)
-    _, finished, errors = collect(h, gw, ["slow"])
-    assert finished == {("slow", 0): "length"} and not errors
+    gw = h.ready_gateway()
+    finishes_alone(h, gw, "slow", max_tokens=3)
     assert h.service.num_executor_losses == 1
+    h.assert_drained()
 
 
 def test_killed_executor_process_is_noticed_by_the_socket_monitor(tmp_path, caplog):
@@ -400,6 +406,35 @@ def test_killed_executor_process_is_noticed_by_the_socket_monitor(tmp_path, capl
         if replacement is not None:
             replacement.stop()
         ctx.term()
+
+
+def test_late_answers_to_hellos_queued_while_loading_are_skipped_quietly(tmp_path, caplog):
+    """Hellos sent before the executor binds queue in the socket and it answers every one: the extra
+    ExecutorReady replies that arrive during the first step are expected (DEBUG, not a WARNING)."""
+    caplog.set_level(logging.DEBUG, logger="pagedserve.scheduler")
+    ctx = zmq.Context()
+    addr = f"ipc://{tmp_path}/ex.sock"
+    channel = ZmqExecutorChannel(ctx, addr, hello_interval=0, step_timeout=10)
+    server = None
+    try:
+        for _ in range(3):
+            assert channel.hello(4, 0.01) is None      # nobody bound yet: the hellos queue
+        server = FakeExecutorServer(FakeExecutor(block_size=4, num_blocks=8), ctx, addr).start()
+        for _ in range(100):
+            if channel.hello(4, 0.1) is not None:
+                break
+        else:
+            raise AssertionError("no ExecutorReady")
+        plan = StepPlan(step_id=0, new=[NewSeq(0, [5, 6, 7], [], [0], 0, 3, SamplingParams())])
+        assert isinstance(channel.execute(plan), StepResult)
+    finally:
+        channel.close()
+        if server is not None:
+            server.stop()
+        ctx.term()
+    late = [r for r in caplog.records if "late ExecutorReady" in r.getMessage()]
+    assert late and all(r.levelno == logging.DEBUG for r in late)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_block_size_mismatch_is_fatal_with_a_clear_message(make):

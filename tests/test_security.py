@@ -13,21 +13,13 @@ import pytest
 
 from services.cli import build_parser
 from services.gateway import server as gateway_server
-from services.gateway.engine_client import EngineClient
 from shared import transport
-from tests.fake_scheduler import FakeScheduler, ServerThread, gateway_tokenizer
+from tests.gateway_harness import fake, serve_gateway  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 API_KEY = "sk-secret-key"
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def fake():
-    f = FakeScheduler(gateway_tokenizer())
-    yield f
-    f.close()
 
 
 def _parse(argv: list[str]):
@@ -73,24 +65,19 @@ def test_api_key_on_every_route_but_health(fake, monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(gateway_server.hmac, "compare_digest", spy)
-    srv = ServerThread(gateway_server.build_app(EngineClient(fake.addr), gateway_tokenizer(), "m",
-                                                api_key=API_KEY))
     body = {"prompt": "x", "max_tokens": 2}
-    try:
-        with httpx.Client(base_url=srv.url, timeout=20) as c:
-            for method, path in PROTECTED:
-                for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
-                                {"Authorization": f"Basic {API_KEY}"}):
-                    r = c.request(method, path, headers=headers, json=body if method == "POST" else None)
-                    assert r.status_code == 401, (method, path, headers, r.text)
-                    assert r.json()["error"]["code"] == "invalid_api_key"
-                r = c.request(method, path, headers={"Authorization": f"Bearer {API_KEY}"},
-                              json=body if method == "POST" else None)
-                assert r.status_code != 401, (method, path)
-            assert c.get("/health").status_code == 200
-            assert c.get("/metrics", headers={"Authorization": f"bearer {API_KEY}"}).status_code == 200
-    finally:
-        srv.close()
+    with serve_gateway(fake, "m", api_key=API_KEY) as srv, httpx.Client(base_url=srv.url, timeout=20) as c:
+        for method, path in PROTECTED:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                            {"Authorization": f"Basic {API_KEY}"}):
+                r = c.request(method, path, headers=headers, json=body if method == "POST" else None)
+                assert r.status_code == 401, (method, path, headers, r.text)
+                assert r.json()["error"]["code"] == "invalid_api_key"
+            r = c.request(method, path, headers={"Authorization": f"Bearer {API_KEY}"},
+                          json=body if method == "POST" else None)
+            assert r.status_code != 401, (method, path)
+        assert c.get("/health").status_code == 200
+        assert c.get("/metrics", headers={"Authorization": f"bearer {API_KEY}"}).status_code == 200
     assert (b"wrong", API_KEY.encode()) in compared and (API_KEY.encode(), API_KEY.encode()) in compared
 
 
@@ -124,23 +111,18 @@ def test_no_user_text_in_info_logs(fake, caplog):
     """Prompts, stop strings, model names and bad bodies never reach INFO+ log lines."""
     marker = "ZQXJ-secret-user-text"
     fake.reset()
-    srv = ServerThread(gateway_server.build_app(EngineClient(fake.addr), gateway_tokenizer(), "m"),
-                       log_level="info")
-    caplog.set_level(logging.INFO)
-    try:
-        with httpx.Client(base_url=srv.url, timeout=20) as c:
-            chat = {"messages": [{"role": "user", "content": marker}], "stop": [marker], "user": marker}
-            assert c.post("/v1/chat/completions", json=chat).status_code == 200
-            assert c.post("/v1/chat/completions", json={**chat, "stream": True}).status_code == 200
-            assert c.post("/v1/completions", json={"prompt": marker, "max_tokens": 3}).status_code == 200
-            assert c.post("/v1/completions", json={"prompt": marker, "model": marker}).status_code == 404
-            assert c.post("/v1/completions", json={"prompt": marker, "n": marker}).status_code == 400
-            assert c.post("/v1/completions", content=marker.encode()).status_code == 400
-            assert c.post("/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": marker}],
-                "chat_template_kwargs": {"chat_template": marker}}).status_code == 400
-    finally:
-        srv.close()
+    with serve_gateway(fake, "m", log_level="info") as srv, httpx.Client(base_url=srv.url, timeout=20) as c:
+        caplog.set_level(logging.INFO)
+        chat = {"messages": [{"role": "user", "content": marker}], "stop": [marker], "user": marker}
+        assert c.post("/v1/chat/completions", json=chat).status_code == 200
+        assert c.post("/v1/chat/completions", json={**chat, "stream": True}).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": marker, "max_tokens": 3}).status_code == 200
+        assert c.post("/v1/completions", json={"prompt": marker, "model": marker}).status_code == 404
+        assert c.post("/v1/completions", json={"prompt": marker, "n": marker}).status_code == 400
+        assert c.post("/v1/completions", content=marker.encode()).status_code == 400
+        assert c.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": marker}],
+            "chat_template_kwargs": {"chat_template": marker}}).status_code == 400
     assert fake.requests, "the requests reached the scheduler"
     leaked = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and marker in r.getMessage()]
     assert not leaked

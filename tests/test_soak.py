@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from tests.test_serve_e2e import ROOT, free_port  # noqa: E402
+from tests.serve_harness import services_of, start_serve, wait_healthy  # noqa: E402
 
 REQUEST_TIMEOUT = 120.0          # a request still open after this counts as hung
 
@@ -44,19 +43,6 @@ class SoakResult:
 
 def _metrics(text: str) -> dict[str, float]:
     return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def _services(launcher: psutil.Process) -> dict[str, psutil.Process]:
-    found = {}
-    for child in launcher.children(recursive=True):
-        try:
-            cmd = " ".join(child.cmdline())
-        except psutil.NoSuchProcess:
-            continue
-        for name in ("executor", "scheduler", "gateway"):
-            if f"services.{name}" in cmd:
-                found[name] = child
-    return found
 
 
 def _body(rng: random.Random) -> tuple[dict, str | None]:
@@ -162,42 +148,27 @@ async def _load(base: str, num_requests: int, concurrency: int, seed: int, sched
 
 
 def soak(tmp_path, model: str, num_requests: int, concurrency: int, seed: int = 0) -> SoakResult:
-    port = free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1")
-    log_path = tmp_path / "serve.log"
-    argv = [sys.executable, "-m", "services.cli", "serve", model, "--port", str(port), "--device", "cpu",
-            "--num-blocks", "96", "--max-model-len", "256", "--max-num-seqs", "32", "--max-restarts", "2",
-            "--drain-timeout", "20"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, base, log_path = start_serve([model, "--device", "cpu", "--num-blocks", "96", "--max-model-len", "256",
+                                        "--max-num-seqs", "32", "--max-restarts", "2", "--drain-timeout", "20"],
+                                       tmp_path)
     launcher = psutil.Process(proc.pid)
     seen: dict[int, psutil.Process] = {}
     result = SoakResult()
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "serve did not become healthy"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        services = _services(launcher)
+        wait_healthy(base, proc, log_path, 300)
+        services = services_of(launcher)
         seen.update({p.pid: p for p in services.values()})
         killed = []
 
         def kill_executor() -> None:
-            executor = _services(launcher)["executor"]
+            executor = services_of(launcher)["executor"]
             executor.send_signal(signal.SIGKILL)
             killed.append(executor.pid)
 
         start = time.monotonic()
-        asyncio.run(_load(f"http://127.0.0.1:{port}", num_requests, concurrency, seed, services["scheduler"],
-                          kill_executor, result))
+        asyncio.run(_load(base, num_requests, concurrency, seed, services["scheduler"], kill_executor, result))
         result.wall_s = time.monotonic() - start
-        now = _services(launcher)
+        now = services_of(launcher)
         seen.update({p.pid: p for p in now.values()})
         assert killed and now["executor"].pid != killed[0], "the executor was not restarted"
         assert now["scheduler"].pid == services["scheduler"].pid

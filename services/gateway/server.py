@@ -18,7 +18,7 @@ import inspect
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Iterable, Iterator, Optional
 
 import anyio
 import msgspec
@@ -88,6 +88,29 @@ def _sse(obj) -> bytes:
 
 
 _SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _sse_stream(rid: str, gen: Generation, head: Iterable[bytes], chunks_of: Callable[[SampleDelta], Iterable[bytes]],
+                usage_chunk: Optional[Callable[[], bytes]]) -> _SSEResponse:
+    """The event stream of one generation: ``head``, the chunks ``chunks_of`` makes of each delta,
+    then an error event if the engine failed, else the usage chunk (when one is asked for), then
+    ``[DONE]`` either way."""
+    async def events() -> AsyncIterator[bytes]:
+        for event in head:
+            yield event
+        try:
+            async for d in gen.deltas():
+                for event in chunks_of(d):
+                    yield event
+        except EngineError as e:
+            yield _sse(P.ErrorResponse(APIError.from_engine(e).info()))
+        else:
+            if usage_chunk is not None:
+                yield usage_chunk()
+        yield _SSE_DONE
+
+    return _SSEResponse(events(), media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
 
 
 class _SSEResponse(StreamingResponse):
@@ -383,28 +406,19 @@ async def chat_completions(gw: _Gateway, request: Request) -> Response:
     created, model = int(time.time()), gw.model_name
 
     if req.stream:
-        async def events() -> AsyncIterator[bytes]:
-            def chunk(choices, usage=None):
-                return _sse(P.ChatCompletionChunk(rid, created, model, choices, usage))
+        def chunk(choices, usage=None) -> bytes:
+            return _sse(P.ChatCompletionChunk(rid, created, model, choices, usage))
 
-            for i in range(sampling.n):
-                yield chunk([P.ChatChunkChoice(i, P.ChatDelta(role="assistant", content=""))])
-            try:
-                async for d in gen.deltas():
-                    lp = gw.chat_logprobs(d)
-                    if d.text or lp:
-                        yield chunk([P.ChatChunkChoice(d.index, P.ChatDelta(content=d.text), lp)])
-                    if d.finish_reason:
-                        yield chunk([P.ChatChunkChoice(d.index, P.ChatDelta(), None, d.finish_reason)])
-            except EngineError as e:
-                yield _sse(P.ErrorResponse(APIError.from_engine(e).info()))
-            else:
-                if req.include_usage:
-                    yield chunk([], gw.usage(gen))
-            yield _SSE_DONE
+        def chunks_of(d: SampleDelta) -> Iterator[bytes]:
+            lp = gw.chat_logprobs(d)
+            if d.text or lp:
+                yield chunk([P.ChatChunkChoice(d.index, P.ChatDelta(content=d.text), lp)])
+            if d.finish_reason:
+                yield chunk([P.ChatChunkChoice(d.index, P.ChatDelta(), None, d.finish_reason)])
 
-        return _SSEResponse(events(), media_type="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+        roles = (chunk([P.ChatChunkChoice(i, P.ChatDelta(role="assistant", content=""))]) for i in range(sampling.n))
+        return _sse_stream(rid, gen, roles, chunks_of,
+                           (lambda: chunk([], gw.usage(gen))) if req.include_usage else None)
 
     texts = [[] for _ in range(sampling.n)]
     logprobs: list[Optional[P.ChatLogprobs]] = [None] * sampling.n
@@ -445,25 +459,16 @@ async def completions(gw: _Gateway, request: Request) -> Response:
     offsets = [0] * sampling.n
 
     if req.stream:
-        async def events() -> AsyncIterator[bytes]:
-            def chunk(choices, usage=None):
-                return _sse(P.CompletionResponse(rid, created, model, choices, usage))
+        def chunk(choices, usage=None) -> bytes:
+            return _sse(P.CompletionResponse(rid, created, model, choices, usage))
 
-            try:
-                async for d in gen.deltas():
-                    lp = gw.completion_logprobs(d, offsets[d.index])
-                    offsets[d.index] += len(d.text)
-                    if d.text or lp or d.finish_reason:
-                        yield chunk([P.CompletionChoice(d.index, d.text, lp, d.finish_reason)])
-            except EngineError as e:
-                yield _sse(P.ErrorResponse(APIError.from_engine(e).info()))
-            else:
-                if req.include_usage:
-                    yield chunk([], gw.usage(gen))
-            yield _SSE_DONE
+        def chunks_of(d: SampleDelta) -> Iterator[bytes]:
+            lp = gw.completion_logprobs(d, offsets[d.index])
+            offsets[d.index] += len(d.text)
+            if d.text or lp or d.finish_reason:
+                yield chunk([P.CompletionChoice(d.index, d.text, lp, d.finish_reason)])
 
-        return _SSEResponse(events(), media_type="text/event-stream",
-                            headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+        return _sse_stream(rid, gen, (), chunks_of, (lambda: chunk([], gw.usage(gen))) if req.include_usage else None)
 
     texts = [[] for _ in range(sampling.n)]
     logprobs = [P.CompletionLogprobs([], [], [], []) if sampling.logprobs is not None else None

@@ -1,7 +1,8 @@
 """A fake executor: follows the Step protocol exactly, computes nothing, samples deterministically.
 
-Used by the scheduler's tests, the simulator and the service's tests (behind a real ZMQ ROUTER,
-see ``FakeExecutorServer``). Same face as the real worker: ``ready()`` and ``execute(plan)``.
+Used by the simulator, the service's tests (behind a real ZMQ ROUTER, see ``FakeExecutorServer``)
+and the scheduler's tests (``tests/scheduler_harness.py`` subclasses it to also compare its tables
+with the scheduler's). Same face as the real worker: ``ready()`` and ``execute(plan)``.
 
 It keeps what the real executor keeps per seq id (tokens, block table, computed count, sampling
 params) and a *shadow KV cache*: every block slot remembers which token was written into it.
@@ -118,6 +119,11 @@ class FakeExecutor:
             length[ns.seq_id] = (len(ns.block_ids), ns.num_computed + ns.num_new_tokens)
         if len(plan.run_seq_ids) != len(plan.run_num_tokens):
             raise PlanError("run_seq_ids and run_num_tokens differ in length")
+        ran = [ns.seq_id for ns in plan.new] + list(plan.run_seq_ids)
+        if len(set(ran)) != len(ran):
+            raise PlanError("a sequence runs twice in one step")
+        if any(n < 1 for n in plan.run_num_tokens) or any(ns.num_new_tokens < 1 for ns in plan.new):
+            raise PlanError("a sequence runs without computing a token")
         for tu in plan.table_updates:
             if tu.seq_id not in known and tu.seq_id not in length:
                 raise PlanError(f"table update for unknown seq {tu.seq_id}")
@@ -188,7 +194,7 @@ class FakeExecutor:
             child.verified = p.verified
             self.sample_index[f.child] = f.sample_index
             sampled.append(f.child)
-        tokens = [self._sample(self.seqs[sid]) for sid in sampled]
+        tokens = [self._sample(sid, self.seqs[sid]) for sid in sampled]
         for sid, tok in zip(sampled, tokens):
             self.seqs[sid].outputs.append(tok)
         self.num_steps += 1
@@ -298,7 +304,8 @@ class FakeExecutor:
         s.verified = s.computed
         self.tokens_computed += n
 
-    def _sample(self, s: _Seq) -> int:
+    def _sample(self, sid: int, s: _Seq) -> int:
+        """The token after ``s``'s last one (``sid`` is for subclasses that sample by seq id)."""
         if self.output_len is not None and len(s.outputs) + 1 >= self.output_len(s.prompt, s.sample_index):
             return self.eos_token_ids[0]
         last = s.token(s.num_tokens - 1)

@@ -151,8 +151,11 @@ class ZmqExecutorChannel:
             msg = self._recv()
             if isinstance(msg, (StepResult, ExecutorError)) and msg.step_id in (plan.step_id, -1):
                 return msg
-            log.warning("skipping unexpected %s from the executor while waiting for step %d",
-                        type(msg).__name__, plan.step_id)
+            if isinstance(msg, ExecutorReady):     # the answer to a hello that queued while it loaded
+                log.debug("skipping a late ExecutorReady while waiting for step %d", plan.step_id)
+            else:
+                log.warning("skipping unexpected %s from the executor while waiting for step %d",
+                            type(msg).__name__, plan.step_id)
 
     def _recv(self):
         try:
@@ -467,24 +470,22 @@ def _int_at_least(low: int):
     return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
+def _float_where(holds, rule: str):
+    """An argparse type: a float for which ``holds(value)`` is true (NaN never is), else an error
+    stating ``rule``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {value}")
+        return value
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+_fraction = _float_where(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+_positive_float = _float_where(lambda v: v > 0, "must be > 0")
 
 
 def _address(text: str) -> str:

@@ -1,0 +1,76 @@
+"""The scheduler driven in-process, step by step, against the shared fake executor
+(services/scheduler/fake_executor.py) with every check on.
+
+``CheckedFakeExecutor`` is the strict fake built from a scheduler's config that, on top of the
+protocol and KV-content checks the fake makes itself, fails the test on any plan the fake rejects,
+sends every plan through the wire codec, and compares its block tables with the scheduler's block
+manager after every step. It samples ``token_fn(seq_id, position)``, so tests choose exact tokens
+and a sequence recomputed on a new executor continues with the same ones.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from services.scheduler.fake_executor import FakeExecutor
+from shared.messages import StepPlan, StepResult, decode, encode
+
+
+def default_token_fn(seq_id: int, position: int) -> int:
+    return 3 + (seq_id * 7 + position * 13) % 97
+
+
+class CheckedFakeExecutor(FakeExecutor):
+    def __init__(self, scheduler, token_fn: Callable[[int, int], int] = default_token_fn, roundtrip: bool = True):
+        bm = scheduler.block_manager
+        super().__init__(block_size=scheduler.block_size, num_blocks=bm.num_blocks,
+                         num_host_blocks=bm.host.num_blocks, max_model_len=scheduler.config.max_model_len,
+                         eos_token_ids=sorted(scheduler.eos_token_ids), strict=True)
+        self.scheduler, self.token_fn, self.roundtrip = scheduler, token_fn, roundtrip
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        if self.roundtrip:
+            plan = decode(encode(plan))
+        result = super().execute(plan)
+        assert isinstance(result, StepResult), f"step {plan.step_id}: {result.message}"
+        self.check_tables()
+        return result
+
+    def _sample(self, sid: int, s) -> int:
+        return self.token_fn(sid, s.num_tokens)
+
+    def check_tables(self) -> None:
+        """Executor tables equal the scheduler's for every sequence resident on the device."""
+        bm = self.scheduler.block_manager
+        for sid, st in self.seqs.items():
+            if sid not in self.scheduler.seqs:              # finished: dropped with the next plan
+                assert sid in self.scheduler._finished_ids, f"seq {sid} is gone but never finished"
+                continue
+            if sid in bm.host_tables:                       # swapped out: its table here is stale
+                continue
+            assert bm.tables.get(sid) == st.table, \
+                f"seq {sid}: executor table {st.table} != scheduler table {bm.tables.get(sid)}"
+
+
+def step(scheduler, executor) -> list:
+    plan = scheduler.schedule()
+    if plan is None:
+        return []
+    return scheduler.update(plan, executor.execute(plan))
+
+
+def run_to_completion(scheduler, executor, max_steps: int = 10_000,
+                      on_plan: Callable[[StepPlan], None] | None = None) -> dict:
+    """Run until nothing is left, showing each plan to ``on_plan`` before it executes; returns
+    {(request_id, index): (tokens, finish_reason)}."""
+    results: dict = {}
+    for _ in range(max_steps):
+        if not scheduler.has_unfinished():
+            return results
+        plan = scheduler.schedule()
+        assert plan is not None, "unfinished work but nothing scheduled"
+        if on_plan is not None:
+            on_plan(plan)
+        for out in scheduler.update(plan, executor.execute(plan)):
+            tokens, _ = results.get((out.request_id, out.index), ([], None))
+            results[(out.request_id, out.index)] = (tokens + out.token_ids, out.finish_reason)
+    raise AssertionError("did not finish")
