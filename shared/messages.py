@@ -48,6 +48,7 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True):
     stop_token_ids: list[NonNegInt] = []
     ignore_eos: bool = False
     logprobs: Optional[Annotated[int, Meta(ge=0, le=20)]] = None   # top-k logprobs of sampled tokens
+    logit_bias: dict[NonNegInt, Annotated[float, Meta(ge=-100.0, le=100.0)]] = {}   # token id -> added to its logit
 
     @property
     def greedy(self) -> bool:

@@ -128,7 +128,7 @@ def test_chat_non_streaming_openai_client(client, sched):
     sched.reply = "Hello there, friend!"
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
                                        max_tokens=50, temperature=0.5, top_p=0.9, seed=7,
-                                       presence_penalty=0.1, frequency_penalty=0.2,
+                                       presence_penalty=0.1, frequency_penalty=0.2, logit_bias={"42": -100, "7": 2.5},
                                        extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.1,
                                                    "stop_token_ids": [7], "ignore_eos": True,
                                                    "min_tokens": 2})
@@ -144,6 +144,7 @@ def test_chat_non_streaming_openai_client(client, sched):
     assert (s.max_tokens, s.temperature, s.top_p, s.seed, s.top_k, s.min_p) == (50, 0.5, 0.9, 7, 5, 0.05)
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.1, 0.2, 1.1)
     assert (s.stop_token_ids, s.ignore_eos, s.min_tokens, s.n, s.logprobs) == ([7], True, 2, 1, None)
+    assert s.logit_bias == {42: -100.0, 7: 2.5}
     # the chat template was applied
     prompt = sched.tokenizer.decode(add.prompt_token_ids)
     assert "<|im_start|>user\nHi<|im_end|>" in prompt and prompt.endswith("<|im_start|>assistant\n")

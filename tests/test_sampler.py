@@ -416,3 +416,24 @@ def test_seeded_noise_and_tokens_same_on_cuda_as_cpu():
     cpu = sampler(logits, SamplingMetadata.build(rows, "cpu")).token_ids
     gpu = sampler(logits.cuda(), SamplingMetadata.build(rows, "cuda")).token_ids.cpu()
     assert torch.equal(cpu, gpu)
+
+
+def test_logit_bias_adds_to_the_named_tokens_of_its_row_only():
+    logits = distinct_logits(3, 50, seed=7)
+    top = logits.argmax(-1)
+    forced, banned = 11, int(top[1])
+    rows = [SP(temperature=0.0, logit_bias={forced: 100.0}),            # +100 wins the argmax
+            SP(temperature=0.0, logit_bias={banned: -100.0}),           # -100 drops the argmax
+            SP(temperature=0.0)]                                         # untouched
+    out = run(logits, rows).token_ids.tolist()
+    assert out[0] == forced
+    assert out[1] != banned and out[1] == int(logits[1].clone().index_fill_(0, top[1], -math.inf).argmax())
+    assert out[2] == int(top[2])
+    meta = SamplingMetadata.build([(r, [], [], 0) for r in rows], "cpu")
+    assert not meta.fast_greedy and meta.bias_rows.tolist() == [0, 1]
+
+
+def test_logit_bias_bans_a_token_when_sampling():
+    logits = torch.zeros(4, 8)                                           # uniform
+    rows = [SP(temperature=1.0, seed=s, logit_bias={t: -100.0 for t in range(7)}) for s in range(4)]
+    assert run(logits, rows).token_ids.tolist() == [7, 7, 7, 7]

@@ -87,6 +87,12 @@ BAD_PLANS = {
         StepPlan(step_id=1, forks=[Fork(1, 2, 1)]), "does not sample"),
     "fork child known": (
         StepPlan(step_id=1, run_seq_ids=[1], run_num_tokens=[1], forks=[Fork(1, 1, 1)]), "already known"),
+    "prompt token outside the vocabulary": (
+        StepPlan(step_id=1, new=[NewSeq(2, [1, 10**6], [], [2], 0, 2, GREEDY)]), "outside the vocabulary"),
+    "logit_bias token outside the vocabulary": (
+        StepPlan(step_id=1, new=[NewSeq(2, [1, 2], [], [2], 0, 2,
+                                        SamplingParams(temperature=0.0, logit_bias={10**6: 1.0}))]),
+        "logit_bias token id"),
     "beyond max_model_len": (
         StepPlan(step_id=1, new=[NewSeq(2, list(range(65)), [], list(range(2, 16)) + [0, 1, 2], 0, 65,
                                         GREEDY)]), "max_model_len"),

@@ -135,6 +135,9 @@ class SamplingMetadata:
     prompt_lens: torch.Tensor          # [B] int64, 0 for rows without repetition penalty
     output_tokens: torch.Tensor        # [No] int64, outputs of rows with any penalty, flat
     output_lens: torch.Tensor          # [B] int64, 0 for rows without penalties
+    bias_rows: torch.Tensor            # [Nb] int64, row of each logit_bias entry
+    bias_tokens: torch.Tensor          # [Nb] int64, its token id
+    bias_values: torch.Tensor          # [Nb] float32, its bias
     # --- host flags
     logprob_ks: list[Optional[int]]    # params.logprobs per row
     max_logprobs: int                  # max k over rows that asked (0 if none)
@@ -149,6 +152,7 @@ class SamplingMetadata:
     any_top_k: bool
     any_top_p: bool
     any_logprobs: bool
+    any_logit_bias: bool
 
     @property
     def do_penalties(self) -> bool:
@@ -156,8 +160,8 @@ class SamplingMetadata:
 
     @property
     def fast_greedy(self) -> bool:
-        """Every row greedy, no penalties, no logprobs: the step is one argmax."""
-        return self.all_greedy and not self.do_penalties and not self.any_logprobs
+        """Every row greedy, no penalties, no logit bias, no logprobs: the step is one argmax."""
+        return self.all_greedy and not self.do_penalties and not self.any_logprobs and not self.any_logit_bias
 
     @staticmethod
     def build(rows: list[tuple[SamplingParams, list[int], list[int], int]],
@@ -170,6 +174,7 @@ class SamplingMetadata:
         temp, top_p, min_p, rep, pres, freq = [], [], [], [], [], []
         top_k, greedy, plens, olens = [], [], [], []
         seeded, keys, ptoks, otoks = [], [], [], []
+        brows, btoks, bvals = [], [], []
         ks: list[Optional[int]] = []
         max_top_k = 0
         for i, (p, prompt, output, sample_index) in enumerate(rows):
@@ -199,14 +204,19 @@ class SamplingMetadata:
                 seeded.append(i)
                 keys.append(row_key(p.seed, sample_index, len(output)))
             ks.append(p.logprobs)
+            if p.logit_bias:
+                brows.extend([i] * len(p.logit_bias))
+                btoks.extend(p.logit_bias)
+                bvals.extend(p.logit_bias.values())
 
-        f = torch.tensor([temp, top_p, min_p, rep, pres, freq], dtype=torch.float32,
-                         device=device).view(6, B)
-        S, Np, No = len(seeded), len(ptoks), len(otoks)
-        ints = torch.tensor(top_k + greedy + plens + olens + seeded + keys + ptoks + otoks,
+        S, Np, No, Nb = len(seeded), len(ptoks), len(otoks), len(brows)
+        floats = torch.tensor(temp + top_p + min_p + rep + pres + freq + bvals, dtype=torch.float32,
+                              device=device)
+        f, bvals_t = floats[:6 * B].view(6, B), floats[6 * B:]
+        ints = torch.tensor(top_k + greedy + plens + olens + seeded + keys + ptoks + otoks + brows + btoks,
                             dtype=torch.int64, device=device)
-        top_k_t, greedy_t, plens_t, olens_t, seeded_t, keys_t, ptoks_t, otoks_t = ints.split(
-            [B, B, B, B, S, S, Np, No])
+        top_k_t, greedy_t, plens_t, olens_t, seeded_t, keys_t, ptoks_t, otoks_t, brows_t, btoks_t = ints.split(
+            [B, B, B, B, S, S, Np, No, Nb, Nb])
         asked = [k for k in ks if k is not None]
         return SamplingMetadata(
             num_rows=B,
@@ -214,6 +224,7 @@ class SamplingMetadata:
             presence_penalty=f[4], frequency_penalty=f[5],
             top_k=top_k_t, is_greedy=greedy_t.bool(), seeded_rows=seeded_t, seed_keys=keys_t,
             prompt_tokens=ptoks_t, prompt_lens=plens_t, output_tokens=otoks_t, output_lens=olens_t,
+            bias_rows=brows_t, bias_tokens=btoks_t, bias_values=bvals_t,
             logprob_ks=ks, max_logprobs=max(asked, default=0), max_top_k=max_top_k,
             all_greedy=all(greedy), any_greedy=any(greedy),
             any_seeded=S > 0, all_seeded=S == B,
@@ -223,6 +234,7 @@ class SamplingMetadata:
             any_top_k=max_top_k > 0,
             any_top_p=any(x < 1.0 for x in top_p),
             any_logprobs=bool(asked),
+            any_logit_bias=Nb > 0,
         )
 
 
@@ -243,6 +255,14 @@ def _token_counts(tokens: torch.Tensor, lens: torch.Tensor, B: int, V: int) -> t
                                        output_size=tokens.numel())     # [N], no sync
         counts.scatter_add_(0, rows * V + tokens, torch.ones_like(tokens, dtype=torch.float32))
     return counts.view(B, V)
+
+
+def apply_logit_bias(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """logits [B, V] float32 -> logits with each row's ``logit_bias`` added (a new tensor, or
+    ``logits`` itself when no row has one). Token ids were checked against V by the worker."""
+    if not meta.any_logit_bias:
+        return logits
+    return logits.index_put((meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -320,7 +340,7 @@ class Sampler:
 
         logits = logits.float()
         raw_logprobs = logits.log_softmax(-1) if meta.any_logprobs else None    # [B, V]
-        logits = apply_penalties(logits, meta)
+        logits = apply_penalties(apply_logit_bias(logits, meta), meta)
         greedy_tokens = logits.argmax(-1) if meta.any_greedy else None          # [B]
         if meta.all_greedy:
             tokens = greedy_tokens

@@ -178,6 +178,14 @@ class Worker:
                     raise PlanError(f"duplicate {what} {i}")
                 seen.add(i)
 
+        vocab = self.model_config.vocab_size
+
+        def check_token_ids(ns) -> None:     # an id >= V would index out of the embedding / logits
+            for what, ids in (("prompt", ns.prompt_token_ids), ("output", ns.output_token_ids),
+                              ("logit_bias", ns.sampling.logit_bias)):
+                if ids and max(ids) >= vocab:
+                    raise PlanError(f"new seq {ns.seq_id}: {what} token id {max(ids)} outside the vocabulary of {vocab}")
+
         dropped = list(plan.finished) + list(plan.preempted)
         check_unique(dropped, "finished/preempted seq")
         for sid in dropped:
@@ -207,6 +215,7 @@ class Worker:
             if ns.num_computed + ns.num_new_tokens > ntok:
                 raise PlanError(f"seq {ns.seq_id}: {ns.num_computed}+{ns.num_new_tokens} tokens "
                                 f"> {ntok} known")
+            check_token_ids(ns)
             shape[ns.seq_id] = [len(ns.block_ids), ns.num_computed + ns.num_new_tokens, ntok]
             if ns.num_new_tokens:
                 checked.work.append((ns.seq_id, ns.num_new_tokens))

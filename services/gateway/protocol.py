@@ -51,7 +51,7 @@ class _SamplingFields(Struct, kw_only=True):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
-    logit_bias: Optional[LogitBias] = None     # validated (ids in the vocabulary); not applied yet
+    logit_bias: Optional[LogitBias] = None     # token id -> bias added to its logit (ids checked against the vocabulary)
     # extras (vLLM-compatible names)
     top_k: Optional[Annotated[int, Meta(ge=-1)]] = None
     min_p: Optional[Annotated[float, Meta(ge=0.0, le=1.0)]] = None
@@ -83,7 +83,7 @@ class _SamplingFields(Struct, kw_only=True):
         """Map to the wire SamplingParams; ``None`` fields keep the engine defaults."""
         kw = dict(n=self.n, max_tokens=max_tokens, min_tokens=min(self.min_tokens, max_tokens),
                   seed=self.seed, ignore_eos=self.ignore_eos, stop_token_ids=self.stop_token_ids or [],
-                  logprobs=self.requested_logprobs())
+                  logprobs=self.requested_logprobs(), logit_bias=self.logit_bias or {})
         for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
                      "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
