@@ -75,7 +75,11 @@ class AddRequest(Message, tag="add"):
 
 
 class AbortRequest(Message, tag="abort"):
+    """Stop a whole request, or with ``sample_index`` one sample of an n > 1 request (the others
+    go on). The field defaults to None, so frames without it mean the whole request, as before."""
+
     request_id: str
+    sample_index: Optional[NonNegInt] = None
 
 
 class StatsRequest(Message, tag="stats_request"):

@@ -1,11 +1,14 @@
 """A scripted scheduler for gateway tests: a real zmq ROUTER in a thread, no engine behind it.
 
 Every AddRequest is answered by streaming the tokens of ``reply`` (tokenized with the real
-tokenizer) one token per RequestOutput, for each of the ``n`` samples, cut at ``max_tokens``
-(finish "length") or ending with EOS (finish "stop"). ``error`` makes it refuse requests with that
+tokenizer) one token per RequestOutput, for each of the ``n`` samples (sample ``i`` streams
+``sample_replies[i]`` instead when that list is set), cut at ``max_tokens`` (finish "length") or
+ending with EOS (finish "stop"). ``error`` makes it refuse requests with that
 RequestError code instead; ``fail_after`` makes it fail them with "executor_error" once that many
 tokens per sample were sent (as when the executor fails a step); ``max_active`` bounds the
-requests it holds (beyond: "queue_full", as the real scheduler's waiting queue does). Aborts and requests are recorded; StatsRequest gets
+requests it holds (beyond: "queue_full", as the real scheduler's waiting queue does). Requests,
+whole-request aborts (``aborted``) and per-sample aborts (``aborted_samples``: the sample stops and
+gets its "abort" finish, as the real scheduler does) are recorded; StatsRequest gets
 SchedulerStats (``num_blocks`` blocks of 16 tokens).
 
 ``ServerThread`` serves an app with a real uvicorn (the gateway's own HTTP settings) on a free
@@ -71,6 +74,7 @@ class _Active:
 class FakeScheduler:
     tokenizer: object
     reply: str = "Hello world!"
+    sample_replies: list[str] | None = None
     token_delay: float = 0.0
     error: str | None = None            # queue_full / not_ready / too_long / invalid
     fail_after: int | None = None       # tokens per sample sent before an executor_error
@@ -81,6 +85,7 @@ class FakeScheduler:
     eos_token_id: int = 2
     requests: list[AddRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
+    aborted_samples: list[tuple[str, int]] = field(default_factory=list)
     generated: int = 0
 
     def __post_init__(self):
@@ -95,10 +100,12 @@ class FakeScheduler:
 
     def reset(self) -> None:
         self.reply, self.token_delay, self.error, self.fail_after = "Hello world!", 0.0, None, None
+        self.sample_replies = None
         self.executor_ready, self.max_model_len = True, 256
         self.max_active, self.num_blocks = None, 100
         self.requests.clear()
         self.aborted.clear()
+        self.aborted_samples.clear()
 
     def close(self) -> None:
         self._stop.set()
@@ -145,9 +152,10 @@ class FakeScheduler:
                 transport.send(self._sock, RequestError(request_id=msg.request_id, code=error,
                                                         message=f"fake {error}"), identity)
                 return
-            ids = self.tokenizer.encode(self.reply, add_special_tokens=False)
             tokens, finish = [], []
-            for _ in range(msg.sampling.n):
+            for index in range(msg.sampling.n):
+                reply = self.sample_replies[index] if self.sample_replies else self.reply
+                ids = self.tokenizer.encode(reply, add_special_tokens=False)
                 if len(ids) >= msg.sampling.max_tokens:
                     tokens.append(list(ids[:msg.sampling.max_tokens]))
                     finish.append("length")
@@ -155,6 +163,16 @@ class FakeScheduler:
                     tokens.append(list(ids) + [self.eos_token_id])
                     finish.append("stop")
             self._active[msg.request_id] = _Active(identity, msg, tokens, finish)
+        elif isinstance(msg, AbortRequest) and msg.sample_index is not None:
+            self.aborted_samples.append((msg.request_id, msg.sample_index))
+            a = self._active.get(msg.request_id)
+            if (a is not None and msg.sample_index < len(a.tokens)
+                    and a.sent < len(a.tokens[msg.sample_index])):              # still streaming
+                del a.tokens[msg.sample_index][a.sent:]
+                transport.send(self._sock, RequestOutputs(outputs=[RequestOutput(
+                    msg.request_id, msg.sample_index, [], "abort")]), identity)
+                if all(a.sent >= len(t) for t in a.tokens):
+                    del self._active[msg.request_id]
         elif isinstance(msg, AbortRequest):
             self.aborted.append(msg.request_id)
             self._active.pop(msg.request_id, None)

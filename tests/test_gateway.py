@@ -258,6 +258,36 @@ def test_stop_string_spanning_tokens(client, sched, http):
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_n2_stop_string_stops_only_that_sample_at_the_scheduler(client, sched):
+    sched.sample_replies = ["Alpha STOP" + " tail" * 40, "Beta" + " goes" * 20 + " on."]
+    sched.token_delay = 0.01
+    full = sum(len(sched.tokenizer.encode(t, add_special_tokens=False)) + 1 for t in sched.sample_replies)
+    generated = sched.generated
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], n=2,
+                                       stop="STOP", max_tokens=200)
+    assert [(c.index, c.message.content, c.finish_reason) for c in r.choices] == [
+        (0, "Alpha ", "stop"), (1, sched.sample_replies[1], "stop")]
+    assert sched.aborted_samples == [(r.id, 0)]
+    assert sched.wait_for_abort(r.id, timeout=0.3) == []   # sample 1 finished: nothing to abort
+    assert sched.generated - generated < full           # sample 0's tail was never generated
+    assert r.usage.completion_tokens == sched.generated - generated
+
+
+def test_n2_streaming_each_sample_stops_on_its_own_stop_string(http, sched):
+    sched.sample_replies = ["one STOP" + " tail" * 30, "two two two two STOP" + " tail" * 30]
+    sched.token_delay = 0.01
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "q", "stream": True, "n": 2,
+                                           "stop": ["STOP"], "max_tokens": 100})
+    events = _sse_events(r.text)
+    rid = events[0]["id"]
+    for i, text in enumerate(["one ", "two two two two "]):
+        mine = [e["choices"][0] for e in events if e["choices"] and e["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == text
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == ["stop"]
+    assert sched.aborted_samples == [(rid, 0)]           # the first to stop: that sample only
+    assert sched.wait_for_abort(rid) == [rid]            # the last to stop: the whole request
+
+
 def test_chat_logprobs(client, sched):
     sched.reply = "Yes indeed"
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],

@@ -416,6 +416,187 @@ def test_abort_unknown_is_a_no_op():
     s.abort_request("nope")
 
 
+# ------------------------------------------------------------------------------------ one sample
+
+def used_blocks(s) -> int:
+    return s.block_manager.num_blocks - s.num_free_blocks
+
+
+def test_finish_sample_running_frees_its_own_blocks_and_siblings_go_on():
+    s, ex = make(block_size=4)
+    add(s, "a", prompt_of(6), n=3, max_tokens=10)
+    for _ in range(4):
+        step(s, ex)                                    # forked; each sample wrote into its own blocks
+    (victim,) = [q for q in s.requests["a"].seqs if q.index == 1]
+    table = list(s.block_manager.tables[victim.seq_id])
+    own = [b for b in table if s.block_manager.pool.blocks[b].ref_cnt == 1]
+    shared = [b for b in table if s.block_manager.pool.blocks[b].ref_cnt > 1]
+    assert own and shared                              # the first prompt block is shared by all three
+    refs = {b: s.block_manager.pool.blocks[b].ref_cnt for b in shared}
+    before = used_blocks(s)
+    out = s.finish_sample("a", 1)
+    assert (out.request_id, out.index, out.token_ids, out.finish_reason) == ("a", 1, [], "abort")
+    assert out.num_prompt_tokens == 6
+    assert used_blocks(s) == before - len(own)
+    assert all(s.block_manager.pool.blocks[b].ref_cnt == refs[b] - 1 for b in shared)
+    assert s.finish_sample("a", 1) is None             # already finished
+    assert s.has_request("a")
+    plan = s.schedule()
+    assert plan.finished == [victim.seq_id] and victim.seq_id not in plan.run_seq_ids
+    s.update(plan, ex.execute(plan))
+    assert victim.seq_id not in ex.seqs
+    res = run_to_completion(s, ex)
+    assert set(res) == {("a", 0), ("a", 2)}
+    assert all(len(res[k][0]) == 10 - 5 and res[k][1] == "length" for k in res)   # 5 streamed before
+    assert_drained(s)
+
+
+def test_finish_sample_before_the_fork_strikes_it_from_the_fork():
+    s, ex = make(block_size=4, max_num_batched_tokens=8)
+    add(s, "a", prompt_of(13), n=3, max_tokens=3)
+    assert s.finish_sample("a", 2).finish_reason == "abort"        # still waiting
+    step(s, ex)                                                     # mid-prefill
+    assert s.finish_sample("a", 2) is None
+    plans = []
+    res = run_to_completion(s, ex, on_plan=plans.append)
+    assert [(f.parent, f.sample_index) for p in plans for f in p.forks] == [(0, 1)]
+    assert set(res) == {("a", 0), ("a", 1)}
+    assert_drained(s)
+
+
+def test_finish_every_sample_but_the_parent_before_the_fork_leaves_a_single_sample():
+    s, ex = make()
+    add(s, "a", prompt_of(6), n=2, max_tokens=3)
+    s.finish_sample("a", 1)
+    plans = []
+    res = run_to_completion(s, ex, on_plan=plans.append)
+    assert not any(p.forks for p in plans) and set(res) == {("a", 0)}
+    assert_drained(s)
+
+
+def test_finish_sample_zero_before_the_fork_keeps_the_others_exact():
+    """The parent still computes the prompt and the siblings fork from it; it is dropped after
+    that step, and the other samples get exactly the tokens they get without the abort."""
+    reference = reference_outputs({"a": prompt_of(6)}, n=3, max_tokens=4)
+    s, ex = make(num_blocks=256)
+    add(s, "a", prompt_of(6), n=3, max_tokens=4)
+    assert s.finish_sample("a", 0).index == 0
+    assert s.finish_sample("a", 0) is None
+    plan = s.schedule()
+    assert [(f.parent, f.sample_index) for f in plan.forks] == [(0, 1), (0, 2)]
+    outs = s.update(plan, ex.execute(plan))
+    assert sorted(o.index for o in outs) == [1, 2]
+    plan = s.schedule()
+    assert plan.finished == [0] and 0 not in plan.run_seq_ids
+    s.update(plan, ex.execute(plan))
+    res = run_to_completion(s, ex)
+    for i in (1, 2):
+        assert reference[("a", i)][0][2:] == res[("a", i)][0] and res[("a", i)][1] == "length"
+    assert ("a", 0) not in res
+    assert_drained(s)
+
+
+def test_finish_every_sample_before_the_fork_ends_the_request():
+    s, ex = make()
+    add(s, "a", prompt_of(6), n=3, max_tokens=3)
+    assert [s.finish_sample("a", i).index for i in (2, 0, 1)] == [2, 0, 1]
+    assert not s.has_request("a") and s.schedule() is None
+    assert_drained(s)
+
+
+def test_struck_samples_free_their_admission_slots_and_fork_blocks():
+    s, ex = make(max_num_seqs=3)
+    add(s, "a", prompt_of(6), n=3, max_tokens=3)
+    add(s, "b", prompt_of(6, 100), max_tokens=3)
+    assert s._fork_blocks(s.requests["a"]) == 2
+    s.finish_sample("a", 1)
+    assert s._fork_blocks(s.requests["a"]) == 1
+    plan = s.schedule()                                # a takes two slots now, so b fits too
+    assert [n.seq_id for n in plan.new] == [0, 1]
+    s.update(plan, ex.execute(plan))
+    res = run_to_completion(s, ex)
+    assert set(res) == {("a", 0), ("a", 2), ("b", 0)}
+    assert_drained(s)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_finish_sample_while_its_step_is_in_flight(index):
+    s, ex = make()
+    add(s, "a", prompt_of(6), n=2, max_tokens=5)
+    step(s, ex)
+    plan = s.schedule()
+    result = ex.execute(plan)
+    (victim,) = [q for q in s.requests["a"].seqs if q.index == index]
+    assert s.finish_sample("a", index) is not None
+    outs = s.update(plan, result)
+    assert [o.index for o in outs] == [1 - index]      # its sampled token is dropped
+    plan = s.schedule()
+    assert plan.finished == [victim.seq_id]
+    s.update(plan, ex.execute(plan))
+    res = run_to_completion(s, ex)
+    assert set(res) == {("a", 1 - index)} and res[("a", 1 - index)][1] == "length"
+    assert_drained(s)
+
+
+def test_finish_sample_zero_while_the_forking_step_is_in_flight():
+    s, ex = make()
+    add(s, "a", prompt_of(6), n=3, max_tokens=3)
+    plan = s.schedule()
+    assert len(plan.forks) == 2
+    result = ex.execute(plan)
+    s.finish_sample("a", 0)
+    assert sorted(o.index for o in s.update(plan, result)) == [1, 2]
+    res = run_to_completion(s, ex)
+    assert set(res) == {("a", 1), ("a", 2)}
+    assert_drained(s)
+
+
+def test_finish_sample_swapped_frees_its_host_blocks():
+    s, ex = make(num_blocks=8, block_size=4, num_host_blocks=16, preemption_mode="swap")
+    add(s, "a", prompt_of(6), n=3, max_tokens=12)
+    while not s.num_swapped:
+        step(s, ex)
+    victim = s.swapped[0]
+    host_used = 16 - s.block_manager.host.num_free
+    assert s.finish_sample("a", victim.index).finish_reason == "abort"
+    assert 16 - s.block_manager.host.num_free == host_used - len(ex.seqs[victim.seq_id].table)
+    plan = s.schedule()
+    assert victim.seq_id in plan.finished
+    s.update(plan, ex.execute(plan))
+    res = run_to_completion(s, ex)
+    assert ("a", victim.index) not in res and len(res) == 2
+    assert_drained(s)
+
+
+def test_finish_sample_preempted_by_recompute_needs_no_executor_drop():
+    s, ex = make(num_blocks=8, block_size=4)
+    add(s, "a", prompt_of(6), n=3, max_tokens=12)
+    while not s.stats().num_preemptions:
+        step(s, ex)
+    victim = s.waiting[0]
+    assert victim.output_token_ids and victim.seq_id not in ex.seqs
+    s.finish_sample("a", victim.index)
+    assert not s.num_waiting
+    plan = s.schedule()
+    assert victim.seq_id not in plan.finished
+    s.update(plan, ex.execute(plan))
+    run_to_completion(s, ex)
+    assert_drained(s)
+
+
+def test_finish_sample_bad_index_unknown_request_and_finished_sample():
+    s, ex = make()
+    add(s, "a", prompt_of(6), n=2, max_tokens=1)
+    with pytest.raises(ValueError, match="sample index 2 is out of range"):
+        s.finish_sample("a", 2)
+    with pytest.raises(ValueError):
+        s.finish_sample("a", -1)
+    assert s.finish_sample("nope", 0) is None
+    step(s, ex)                                        # both samples finish ("length")
+    assert s.finish_sample("a", 0) is None and s.finish_sample("a", 1) is None
+    assert_drained(s)
+
+
 # ------------------------------------------------------------------------------------ admission
 
 def test_request_ids_of_and_has_request():
@@ -594,3 +775,55 @@ def test_reset_for_new_executor_rejects_another_block_size():
     s, _ = make(block_size=4)
     with pytest.raises(ValueError, match="block size 8"):
         s.reset_for_new_executor(cache_config=CacheConfig(block_size=8, num_blocks=4).validate())
+
+
+# ------------------------------------------------------------------------------------ real engine
+
+def test_real_engine_siblings_of_a_finished_sample_keep_their_exact_tokens(default_worker_factory):
+    """With the real worker (seeded sampling, real paged KV): stopping sample 1 mid-way and
+    sample 0 of another request before its fork, on a pool so tight that the freed blocks are
+    reused, leaves every other sample token-for-token as in a run without the aborts."""
+    from services.offline import Engine
+    from shared.config import EngineConfig
+
+    def engine(num_blocks):
+        config = EngineConfig(device="cpu", dtype="float32",
+                              cache=CacheConfig(block_size=4, num_blocks=num_blocks, num_host_blocks=0,
+                                                watermark=0.0),
+                              scheduler=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256,
+                                                        max_model_len=128))
+        return Engine(config, default_worker_factory(num_blocks=num_blocks, block_size=4, num_host_blocks=0))
+
+    params = SamplingParams(n=3, max_tokens=10, temperature=0.8, seed=7, ignore_eos=True)
+    reqs = [AddRequest(request_id=rid, prompt_token_ids=prompt_of(9, start), sampling=params)
+            for rid, start in (("a", 300), ("b", 700))]
+    late = AddRequest(request_id="late", prompt_token_ids=prompt_of(13, 900),
+                      sampling=SamplingParams(max_tokens=10, temperature=0.0))
+    reference = engine(64).run(reqs + [late])
+    assert len({tuple(smp.token_ids) for smp in reference["a"]}) == 3       # the samples differ
+
+    e = engine(22)                          # the peak need: a[1]'s blocks must be reused
+    got = {(r.request_id, i): [] for r in reqs + [late] for i in range(r.sampling.n)}
+    for r in reqs:
+        e.add(r)
+    assert e.scheduler.finish_sample("b", 0).finish_reason == "abort"       # before b's fork
+    for _ in range(7):
+        for out in e.step():
+            got[(out.request_id, out.index)] += out.token_ids
+    bm = e.scheduler.block_manager
+    (a1,) = [q.seq_id for q in e.scheduler.requests["a"].seqs if q.index == 1]
+    own = {b for b in bm.tables[a1] if bm.pool.blocks[b].ref_cnt == 1}
+    free = e.scheduler.num_free_blocks
+    assert e.scheduler.finish_sample("a", 1) is not None
+    assert e.scheduler.num_free_blocks == free + len(own) > free             # its own blocks came back
+    e.add(late)
+    reused = set()
+    while e.scheduler.has_unfinished():
+        for out in e.step():
+            got[(out.request_id, out.index)] += out.token_ids
+        reused |= own & {b for table in bm.tables.values() for b in table}
+    assert reused and e.scheduler.num_preemptions == 0
+    assert got[("a", 1)] == reference["a"][1].token_ids[:7] and got[("b", 0)] == []
+    for key in (("a", 0), ("a", 2), ("b", 1), ("b", 2), ("late", 0)):
+        assert got[key] == reference[key[0]][key[1]].token_ids, key
+    assert e.scheduler.num_free_blocks == 22 and not e.scheduler.seqs

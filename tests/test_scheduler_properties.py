@@ -1,5 +1,6 @@
-"""Property test: random add / abort / step sequences on tiny pools keep the block accounting,
-the prefix cache and the step protocol consistent, and always drain to an empty pool."""
+"""Property test: random add / abort / abort-one-sample / step sequences on tiny pools keep the
+block accounting, the prefix cache and the step protocol consistent, and always drain to an empty
+pool."""
 from collections import Counter
 
 from hypothesis import HealthCheck, event, settings
@@ -70,6 +71,32 @@ class SchedulerMachine(RuleBasedStateMachine):
         del self.prompts[rid]
         del self.accepted[rid]
 
+    @precondition(lambda self: self.prompts)
+    @rule(data=st.data(), in_flight=st.booleans())
+    def abort_one_sample(self, data, in_flight):
+        """Finish one sample (waiting, before or after the fork, running, swapped, or with a step
+        in flight): it reports "abort" once, unless it had finished already; its siblings go on."""
+        rid = data.draw(st.sampled_from(sorted(self.prompts)))
+        index = data.draw(st.integers(0, self.accepted[rid] - 1))
+        if in_flight:
+            self._step(during=lambda: self._finish_sample(rid, index))
+        else:
+            self._finish_sample(rid, index)
+
+    def _finish_sample(self, rid, index):
+        if rid not in self.s.requests:                     # ended in this very step
+            return
+        out = self.s.finish_sample(rid, index)
+        key = (rid, index)
+        assert (out is None) == (key in self.done), (key, out)
+        if out is not None:
+            assert (out.request_id, out.index, out.token_ids, out.finish_reason) == (rid, index, [], "abort")
+            event("sample finished early" if key in self.outputs else "sample struck before its first token")
+            self.done.add(key)
+        if rid not in self.s.requests:
+            event("request ended by its last sample")
+            del self.prompts[rid]
+
     @rule()
     def step(self):
         self._step()
@@ -108,7 +135,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.accepted.clear()
         self._check_drained()
 
-    def _step(self, abort=None):
+    def _step(self, abort=None, during=None):
         plan = self.s.schedule()
         if plan is None:
             assert not self.s.has_unfinished(), "work left but nothing scheduled"
@@ -123,6 +150,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.s.abort_request(abort)
             del self.prompts[abort]
             del self.accepted[abort]
+        if during is not None:
+            during()
         for out in self.s.update(plan, result):
             key = (out.request_id, out.index)
             assert key not in self.done
@@ -198,7 +227,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self._step()
         self._check_drained()
         for rid, n in self.accepted.items():               # every sample of every request finished
-            assert all((rid, i) in self.done and len(self.outputs[(rid, i)]) <= 8 for i in range(n))
+            assert all((rid, i) in self.done and len(self.outputs.get((rid, i), [])) <= 8 for i in range(n))
 
 
 SchedulerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,

@@ -206,6 +206,64 @@ def test_abort_from_another_gateway_is_ignored(make):
     h.assert_drained()
 
 
+def until_owners_are_gone(h, sock, seen=()):
+    """Pump until the service forgot every request (each sample finished); returns tokens and
+    finish reasons per (rid, index) and errors, counting the messages in ``seen`` too."""
+    msgs = list(seen)
+    h.pump(lambda: msgs.extend(inbox(sock)) or not h.service.owners)
+    msgs.extend(inbox(sock))
+    tokens, finished = {}, {}
+    for m in msgs:
+        for o in getattr(m, "outputs", ()):
+            tokens.setdefault((o.request_id, o.index), []).extend(o.token_ids)
+            if o.finish_reason:
+                assert (o.request_id, o.index) not in finished, "a sample finished twice"
+                finished[(o.request_id, o.index)] = o.finish_reason
+    return tokens, finished, [m for m in msgs if isinstance(m, RequestError)]
+
+
+def test_abort_one_sample_streams_its_finish_and_the_others_go_on(make):
+    h = make()
+    gw = h.ready_gateway()
+    add(gw, "three", max_tokens=30, n=3)
+    seen = []
+    h.pump(lambda: seen.extend(inbox(gw)) or len(seen) >= 3)       # forked and streaming
+    transport.send(gw, AbortRequest(request_id="three", sample_index=1))
+    tokens, finished, errors = until_owners_are_gone(h, gw, seen)
+    assert not errors
+    assert finished == {("three", 0): "length", ("three", 1): "abort", ("three", 2): "length"}
+    assert len(tokens[("three", 0)]) == len(tokens[("three", 2)]) == 30
+    assert 3 <= len(tokens[("three", 1)]) < 30
+    h.assert_drained()
+
+
+def test_aborting_every_sample_one_by_one_ends_the_request(make):
+    h = make()
+    gw = h.ready_gateway()
+    add(gw, "pair", max_tokens=50, n=2)
+    transport.send(gw, AbortRequest(request_id="pair", sample_index=0))   # same turn: before the fork
+    h.pump(lambda: gw.poll(0))
+    transport.send(gw, AbortRequest(request_id="pair", sample_index=1))
+    tokens, finished, errors = until_owners_are_gone(h, gw)
+    assert not errors and finished == {("pair", 0): "abort", ("pair", 1): "abort"}
+    assert ("pair", 0) not in tokens or tokens[("pair", 0)] == []
+    h.assert_drained()
+
+
+def test_abort_of_a_sample_out_of_range_is_invalid_and_the_request_goes_on(make):
+    h = make()
+    gw, other = h.gateway(), h.gateway()
+    h.ready()
+    add(gw, "pair", max_tokens=4, n=2)
+    h.service.run_once()
+    transport.send(other, AbortRequest(request_id="pair", sample_index=0))   # not its request
+    transport.send(gw, AbortRequest(request_id="pair", sample_index=2))
+    tokens, finished, errors = until_owners_are_gone(h, gw)
+    assert [(e.request_id, e.code) for e in errors] == [("", "invalid")] and "out of range" in errors[0].message
+    assert finished == {("pair", 0): "length", ("pair", 1): "length"}
+    h.assert_drained()
+
+
 def test_queue_full_is_answered_to_the_sender(make):
     h = make(max_waiting=1)
     gw = h.ready_gateway()

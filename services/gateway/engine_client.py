@@ -163,9 +163,9 @@ class EngineClient:
                     raise item
                 if item.finish_reason is not None:
                     stream.unfinished.discard(item.index)
+                ended = not stream.unfinished      # the last output: closing after it aborts nothing
                 yield item
-                if not stream.unfinished:
-                    ended = True
+                if ended:
                     return
                 item = await stream.queue.get()
         finally:
@@ -174,18 +174,34 @@ class EngineClient:
             else:
                 self.abort_nowait(request_id)
 
-    async def abort(self, request_id: str) -> None:
-        self.abort_nowait(request_id)
+    async def abort(self, request_id: str, sample_index: Optional[int] = None) -> None:
+        self.abort_nowait(request_id, sample_index)
 
-    def abort_nowait(self, request_id: str) -> None:
+    def abort_nowait(self, request_id: str, sample_index: Optional[int] = None) -> None:
         """Tell the scheduler to drop the request and end its local stream. Never awaits, so it
-        is safe in ``finally`` blocks of cancelled tasks (client disconnects)."""
+        is safe in ``finally`` blocks of cancelled tasks (client disconnects).
+
+        With ``sample_index``, only that sample of an n > 1 request stops (a stop string ended
+        it): the stream goes on for the others and ends once they finished; the scheduler's
+        "abort" finish for the sample may still come through it. Stopping the last unfinished
+        sample aborts the whole request."""
         stream = self._streams.get(request_id)
         if stream is None:
             return
+        if sample_index is not None:
+            if sample_index not in stream.unfinished:
+                return
+            if len(stream.unfinished) > 1:
+                stream.unfinished.discard(sample_index)
+                self._send_nowait(stream.conn, AbortRequest(request_id=request_id, sample_index=sample_index))
+                return
         self._forget(request_id)
         stream.queue.put_nowait(_END)
-        fut = stream.conn.sock.send(encode(AbortRequest(request_id=request_id)))
+        self._send_nowait(stream.conn, AbortRequest(request_id=request_id))
+
+    def _send_nowait(self, conn: _Connection, msg) -> None:
+        """Queue a frame without awaiting; the send future is kept until it completes."""
+        fut = conn.sock.send(encode(msg))
         if not fut.done():
             self._pending_sends.add(fut)
             fut.add_done_callback(self._pending_sends.discard)

@@ -1,8 +1,9 @@
 """One API request's generation: engine outputs -> per-sample text deltas.
 
 ``Generation`` submits the request through the engine client, detokenizes each sample
-incrementally, applies stop strings (aborting the request at the scheduler once every sample has
-stopped), keeps token counts for usage and feeds the latency metrics. It yields ``SampleDelta``s;
+incrementally, applies stop strings (a sample that hits one is stopped at the scheduler at once,
+so it frees its KV blocks while its siblings go on; the last one aborts the request), keeps token
+counts for usage and feeds the latency metrics. It yields ``SampleDelta``s;
 the server formats them as chat or completion chunks. If the consumer stops early (client
 disconnect, cancellation), the request is aborted.
 """
@@ -96,6 +97,8 @@ class Generation:
         safe = s.stops.feed(text)
         if s.stops.stopped:
             s.finish_reason = "stop"
+            if out.finish_reason is None and not self.done:     # its siblings go on without it
+                self.engine.abort_nowait(self.request_id, sample_index=out.index)
         elif out.finish_reason is not None:
             safe += s.stops.finish()
             s.finish_reason = out.finish_reason

@@ -15,6 +15,11 @@ sample is an independent sequence: it is scheduled, preempted (one sequence at a
 from the tail of the running list) and finished on its own. Beam search would fork the same way,
 from any sequence at any step.
 
+One sample can be finished early (``finish_sample``: the gateway saw a stop string in it). After
+the fork that drops its sequence like an abort; before it, the sample is struck from the fork
+(sample 0, the parent, still computes the prompt for its siblings and is dropped right after the
+forking step, so every sample keeps its index and seeded stream).
+
 Preempted sequences are protected until they produce a token again, so the victim is another
 sequence whenever one is unprotected (anti-thrash). Plans are diffs: decodes are two int lists,
 and only tables that changed travel as ``TableUpdate``.
@@ -26,8 +31,8 @@ from typing import Iterable, Optional
 
 from services.scheduler.block_manager import BlockManager
 from shared.config import CacheConfig, SchedulerConfig
-from shared.messages import (AddRequest, Fork, NewSeq, RequestError, RequestOutput, SchedulerStats,
-                             StepPlan, StepResult, TableUpdate)
+from shared.messages import (AddRequest, FinishReason, Fork, NewSeq, RequestError, RequestOutput,
+                             SchedulerStats, StepPlan, StepResult, TableUpdate)
 
 WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished"
 
@@ -35,8 +40,8 @@ WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished
 class Request:
     """What all samples of one request share."""
 
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "stop_ids", "seqs", "forked",
-                 "num_cached_tokens", "admitted")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "stop_ids", "seqs", "to_fork", "forked",
+                 "drop_parent", "num_cached_tokens", "admitted")
 
     def __init__(self, add: AddRequest, eos_token_ids: frozenset[int]):
         self.request_id = add.request_id
@@ -47,7 +52,9 @@ class Request:
             stop |= eos_token_ids
         self.stop_ids = frozenset(stop)
         self.seqs: list[Sequence] = []
-        self.forked = add.sampling.n == 1       # nothing left to fork
+        self.to_fork = list(range(1, add.sampling.n))   # sample indices the fork will create
+        self.forked = not self.to_fork          # nothing left to fork
+        self.drop_parent = False                # sample 0 finished before the fork: drop it after
         self.num_cached_tokens = 0              # prompt tokens served from the prefix cache
         self.admitted = False
 
@@ -166,14 +173,42 @@ class Scheduler:
         if request is None:
             return
         for seq in request.seqs:
-            if seq.status == WAITING:
-                self.waiting.remove(seq)
-            elif seq.status == SWAPPED:
-                self.swapped.remove(seq)
-            if seq.status in (RUNNING, SWAPPED):      # the executor holds state for it
-                self._finished_ids.append(seq.seq_id)
-            if seq.status != FINISHED:
-                self._finish(seq)
+            self._drop(seq)
+
+    def finish_sample(self, request_id: str, index: int,
+                      reason: FinishReason = "abort") -> Optional[RequestOutput]:
+        """Finish sample ``index`` of a request now, in whatever state it is (waiting, before or
+        after the fork, running, swapped, in the step in flight): its blocks are released (shared
+        ones only lose a reference), its siblings go on, and the request ends with its last sample.
+
+        Returns the sample's last output (no tokens, ``reason``) for the stream, or None when the
+        request is unknown or the sample already finished. ValueError for an index not in 0..n-1.
+        """
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        if not 0 <= index < request.sampling.n:
+            raise ValueError(f"sample index {index} is out of range: request {request_id!r} "
+                             f"has n={request.sampling.n}")
+        if request.forked:                          # every sample left has its own sequence
+            seq = next((s for s in request.seqs if s.index == index), None)
+            if seq is None or seq.status == FINISHED:
+                return None                         # finished, or struck from the fork earlier
+            self._drop(seq)
+        else:                                       # not forked yet: only the parent exists
+            if index == 0 and not request.drop_parent:
+                request.drop_parent = True
+            elif index in request.to_fork:
+                request.to_fork.remove(index)
+            else:
+                return None
+            if not request.to_fork:
+                if request.drop_parent:
+                    self.abort_request(request_id)  # no sample left
+                else:
+                    request.forked = True           # the parent is the only sample left
+        return RequestOutput(request_id, index, [], reason, len(request.prompt_token_ids),
+                             request.num_cached_tokens)
 
     def reset_for_new_executor(self, scheduler_config: Optional[SchedulerConfig] = None,
                                cache_config: Optional[CacheConfig] = None) -> list[RequestError]:
@@ -249,12 +284,15 @@ class Scheduler:
         if not scheduled and not self._swap_out and not self._preempted:
             return None
         num_scheduled = len(scheduled)                     # forks append their children after
+        dropped_parents: list[Sequence] = []
         for idx in range(num_scheduled):
             seq, num_tokens = scheduled[idx]
             if seq.num_computed + num_tokens == len(seq.token_ids):
                 self._samplers.append(seq.seq_id)
                 if not seq.request.forked:
                     self._fork(seq, num_tokens)
+                    if seq.request.drop_parent:
+                        dropped_parents.append(seq)
         new_ids = {s.seq_id for s in new}
         tables = self.block_manager.tables
         run = scheduled[:num_scheduled]
@@ -268,6 +306,8 @@ class Scheduler:
             forks=self._forks, copies=self._copies, swap_out=self._swap_out, swap_in=swap_in,
             finished=self._finished_ids, preempted=self._preempted)
         self._finished_ids = []
+        for parent in dropped_parents:     # its siblings sample from its logits in this plan
+            self._drop(parent)             # after which the executor drops it (next plan)
         self._in_flight_step = self._step_id
         self._step_id += 1
         return plan
@@ -360,15 +400,15 @@ class Scheduler:
 
     def _num_seq_slots(self) -> int:
         """Running sequences, counting the future children of n > 1 requests not forked yet."""
-        return len(self.running) + sum(s.request.sampling.n - 1 for s in self.running
+        return len(self.running) + sum(len(s.request.to_fork) for s in self.running
                                        if not s.request.forked)
 
     @staticmethod
     def _fork_blocks(request: Request) -> int:
         """Free blocks an n > 1 request not forked yet will take right after its fork: each of
-        the ``n - 1`` children needs its own copy of the partly filled last prompt block (or, on
-        a block boundary, a fresh block), before any further growth."""
-        return 0 if request.forked else request.sampling.n - 1
+        its (up to ``n - 1``) children needs its own copy of the partly filled last prompt block
+        (or, on a block boundary, a fresh block), before any further growth."""
+        return 0 if request.forked else len(request.to_fork)
 
     def _pending_fork_blocks(self) -> int:
         """Fork blocks of running sequences whose request has not forked yet (admitted, prompt
@@ -381,7 +421,7 @@ class Scheduler:
         pending = self._pending_fork_blocks() if self.swapped else 0
         while self.swapped and budget > 0:
             seq = self.swapped[0]
-            slots = 1 if seq.request.forked else seq.request.sampling.n
+            slots = 1 + len(seq.request.to_fork)
             if num_seqs + slots > self.config.max_num_seqs:
                 break
             remaining = len(seq.token_ids) - seq.num_computed
@@ -416,7 +456,7 @@ class Scheduler:
         while waiting and budget > 0:
             seq = waiting[0]
             request = seq.request
-            if num_seqs + (1 if request.forked else request.sampling.n) > self.config.max_num_seqs:
+            if num_seqs + 1 + len(request.to_fork) > self.config.max_num_seqs:
                 break
             hits = bm.match_prefix(seq.token_ids)
             num_computed = len(hits) * bs
@@ -446,7 +486,7 @@ class Scheduler:
             seq.num_computed = num_computed
             seq.status = RUNNING
             self.running.append(seq)
-            num_seqs += 1 if request.forked else request.sampling.n
+            num_seqs += 1 + len(request.to_fork)
             new.append(NewSeq(seq.seq_id, request.prompt_token_ids, seq.output_token_ids,
                               list(bm.tables[seq.seq_id]), num_computed, num_new, request.sampling))
             self._in_flight.append((seq, num_new))
@@ -457,7 +497,7 @@ class Scheduler:
         share the parent's blocks and sample from its logits row after the forward pass."""
         request = parent.request
         request.forked = True
-        for index in range(1, request.sampling.n):
+        for index in request.to_fork:
             child = self._new_seq(request, index, list(parent.token_ids))
             child.num_computed = parent.num_computed
             child.status = RUNNING
@@ -466,6 +506,7 @@ class Scheduler:
             self._forks.append(Fork(parent.seq_id, child.seq_id, index))
             self._in_flight.append((child, num_tokens))
             self._samplers.append(child.seq_id)
+        request.to_fork = []
 
     # ------------------------------------------------------------------------------- update
 
@@ -518,6 +559,17 @@ class Scheduler:
         request.seqs.append(seq)
         self.seqs[seq.seq_id] = seq
         return seq
+
+    def _drop(self, seq: Sequence) -> None:
+        """Finish a sequence in any state (abort); the executor is told if it holds its state."""
+        if seq.status == WAITING:
+            self.waiting.remove(seq)
+        elif seq.status == SWAPPED:
+            self.swapped.remove(seq)
+        if seq.status in (RUNNING, SWAPPED):
+            self._finished_ids.append(seq.seq_id)
+        if seq.status != FINISHED:
+            self._finish(seq)
 
     def _finish(self, seq: Sequence) -> None:
         """Free the sequence's blocks now; its id reaches the executor with the next plan."""

@@ -8,7 +8,8 @@ Life of the loop (``SchedulerService.run_once``):
     answer gateways meanwhile (AddRequest -> RequestError "not_ready", stats with
     ``executor_ready=False``); the first ``ExecutorReady`` sizes the cache and builds the Scheduler;
   * drain the gateway socket (without blocking when there is work, else block up to
-    ``idle_timeout``): AddRequest, AbortRequest, StatsRequest; a bad frame gets RequestError
+    ``idle_timeout``): AddRequest, AbortRequest (the whole request, or with ``sample_index`` one
+    sample, whose finish "abort" is streamed back), StatsRequest; a bad frame gets RequestError
     ``invalid`` with ``request_id=""`` and the loop goes on;
   * one step: ``schedule()`` -> StepPlan to the executor -> StepResult -> ``update()`` -> one
     RequestOutputs per gateway identity.
@@ -356,9 +357,19 @@ class SchedulerService:
                 self.owners[msg.request_id] = _Owned(identity, set(range(msg.sampling.n)))
         elif isinstance(msg, AbortRequest):
             owned = self.owners.get(msg.request_id)
-            if owned is not None and owned.identity == identity and self.scheduler is not None:
+            if owned is None or owned.identity != identity or self.scheduler is None:
+                return                           # finished already, or not this gateway's
+            if msg.sample_index is None:
                 self.scheduler.abort_request(msg.request_id)
                 del self.owners[msg.request_id]
+                return
+            try:
+                out = self.scheduler.finish_sample(msg.request_id, msg.sample_index)
+            except ValueError as e:
+                self._reply_invalid(identity, str(e))
+                return
+            if out is not None:                  # its finish reaches the owner; the request
+                self._route([out])               # is forgotten once its last sample finished
         elif isinstance(msg, StatsRequest):
             transport.send(self.gateway, self.stats(), identity)
         else:
