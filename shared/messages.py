@@ -153,6 +153,7 @@ class NewSeq(Struct, array_like=True):
     num_computed: NonNegInt              # tokens already in the cache (prefix hit)
     num_new_tokens: NonNegInt            # tokens to compute this step
     sampling: SamplingParams
+    sample_index: NonNegInt = 0          # which of the request's n samples (keys its seeded stream)
 
 
 class TableUpdate(Struct, array_like=True):

@@ -35,13 +35,13 @@ def worker(tiny_config):
 
 
 def snapshot(w: Worker):
-    return copy.deepcopy(w.seqs), dict(w.sample_index), [c.clone() for c in w.kv.device_caches], \
+    return copy.deepcopy(w.seqs), [c.clone() for c in w.kv.device_caches], \
         [c.clone() for c in w.kv.host_caches]
 
 
 def assert_same(w: Worker, snap):
-    seqs, idx, dev, host = snap
-    assert w.seqs == seqs and w.sample_index == idx
+    seqs, dev, host = snap
+    assert w.seqs == seqs
     assert all(torch.equal(a, b) for a, b in zip(w.kv.device_caches, dev))
     assert all(torch.equal(a, b) for a, b in zip(w.kv.host_caches, host))
 
@@ -201,3 +201,20 @@ def test_cli_help():
                  "--kv-cache-memory", "--gpu-memory-utilization", "--max-model-len",
                  "--attention-backend", "--seed"):
         assert flag in out
+
+
+def test_resumed_sample_keeps_its_own_seeded_stream(tiny_config, worker):
+    """A forked sample resumed by NewSeq (recompute preemption, or a restarted executor) samples
+    from its own seeded stream: its sample_index travels on NewSeq."""
+    params = SamplingParams(temperature=1.0, seed=7, n=2)
+    prompt = [5, 6, 7, 8, 9, 10]
+    w = Worker.from_loaded(worker.loaded, tiny_config)
+    r = w.execute(StepPlan(step_id=0, new=[NewSeq(1, prompt, [], [0, 1], 0, 6, params)], forks=[Fork(1, 2, 1)]))
+    first = dict(zip(r.seq_ids, r.token_ids))
+    r = w.execute(StepPlan(step_id=1, run_seq_ids=[1, 2], run_num_tokens=[1, 1],
+                           table_updates=[TableUpdate(2, 1, [2])], copies=[(1, 2)]))
+    second = dict(zip(r.seq_ids, r.token_ids))
+
+    fresh = Worker.from_loaded(worker.loaded, tiny_config)
+    r = fresh.execute(StepPlan(step_id=0, new=[NewSeq(2, prompt, [first[2]], [3, 4], 0, 7, params, 1)]))
+    assert r.token_ids == [second[2]]

@@ -60,7 +60,6 @@ def forget_sequences(worker) -> None:
     and knows nothing of the old ones, so their state (not the weights, not the KV memory) goes.
     Every hello comes before the first plan of its conversation, so nothing live is dropped."""
     worker.seqs.clear()
-    worker.sample_index.clear()
 
 
 def serve(worker, sock: zmq.Socket) -> int:

@@ -125,7 +125,6 @@ class Worker:
         self.backend = get_backend(engine_config.attention_backend, self.device)
         self.sampler = Sampler()
         self.seqs: dict[int, SeqState] = {}
-        self.sample_index: dict[int, int] = {}      # survives recompute preemption
         self._pinned: Optional[Tensor] = None       # staging buffer for step metadata (CUDA)
         self._pinned_free = None                    # CUDA event: last copy out of _pinned done
 
@@ -269,7 +268,6 @@ class Worker:
     def _apply(self, plan: StepPlan, checked: _Checked) -> StepResult:
         for sid in plan.finished:
             del self.seqs[sid]
-            self.sample_index.pop(sid, None)
         for sid in plan.preempted:
             del self.seqs[sid]
         if plan.swap_out:
@@ -282,7 +280,7 @@ class Worker:
         for ns in plan.new:
             self.seqs[ns.seq_id] = SeqState(list(ns.prompt_token_ids), list(ns.output_token_ids),
                                             list(ns.block_ids), ns.num_computed, ns.sampling,
-                                            self.sample_index.get(ns.seq_id, 0))
+                                            ns.sample_index)
         for tu in plan.table_updates:
             table = self.seqs[tu.seq_id].table
             del table[tu.start:]
@@ -307,7 +305,6 @@ class Worker:
             p = self.seqs[f.parent]
             self.seqs[f.child] = SeqState(list(p.prompt), list(p.output), list(p.table),
                                           p.num_computed, p.params, f.sample_index)
-            self.sample_index[f.child] = f.sample_index
         if not sampled:
             return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
 

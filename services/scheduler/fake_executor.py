@@ -69,7 +69,6 @@ class FakeExecutor:
 
     def __post_init__(self):
         self.seqs: dict[int, _Seq] = {}
-        self.sample_index: dict[int, int] = {}           # survives recompute preemption
         self.owners: dict[int, dict[int, int]] = {}      # strict: block -> {seq id: table entries}
         self.kv: list[list[int]] = [[-1] * self.block_size for _ in range(self.num_blocks)]
         self.host_kv: list[list[int]] = [[-1] * self.block_size for _ in range(self.num_host_blocks)]
@@ -152,7 +151,6 @@ class FakeExecutor:
     def _apply(self, plan: StepPlan) -> StepResult:
         for sid in plan.finished:
             self._drop(sid)
-            self.sample_index.pop(sid, None)
         for sid in plan.preempted:
             self._drop(sid)
         run_ids = set(plan.run_seq_ids)
@@ -173,7 +171,7 @@ class FakeExecutor:
         work: list[tuple[int, int]] = []
         for ns in plan.new:
             s = _Seq(list(ns.prompt_token_ids), list(ns.output_token_ids), [], ns.num_computed, ns.sampling,
-                     self.sample_index.get(ns.seq_id, 0))
+                     ns.sample_index)
             self.seqs[ns.seq_id] = s
             self._set_table(ns.seq_id, s, 0, ns.block_ids)
             work.append((ns.seq_id, ns.num_new_tokens))
@@ -192,7 +190,6 @@ class FakeExecutor:
             self.seqs[f.child] = child
             self._set_table(f.child, child, 0, p.table)
             child.verified = p.verified
-            self.sample_index[f.child] = f.sample_index
             sampled.append(f.child)
         tokens = [self._sample(sid, self.seqs[sid]) for sid in sampled]
         for sid, tok in zip(sampled, tokens):

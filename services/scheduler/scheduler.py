@@ -488,7 +488,7 @@ class Scheduler:
             self.running.append(seq)
             num_seqs += 1 + len(request.to_fork)
             new.append(NewSeq(seq.seq_id, request.prompt_token_ids, seq.output_token_ids,
-                              list(bm.tables[seq.seq_id]), num_computed, num_new, request.sampling))
+                              list(bm.tables[seq.seq_id]), num_computed, num_new, request.sampling, seq.index))
             self._in_flight.append((seq, num_new))
             budget -= num_new
 
