@@ -71,6 +71,8 @@ CASES = {
     "prefill": [(5, 5), (1, 1), (12, 12), (4, 4)],
     "chunked": [(3, 11), (8, 8), (1, 20), (6, 30), (2, 2)],
     "mixed": [(1, 9), (17, 17), (1, 1), (5, 13), (1, 40)],
+    "uneven": [(2, 2), (64, 64), (3, 7), (1, 5), (2, 30), (2, 3), (2, 2)],   # two padded prefill groups
+    "long_alone": [(1, 9), (50, 50), (1, 3)],        # one prefill without cached prefix: plain causal
 }
 
 
@@ -131,3 +133,19 @@ def test_get_backend_falls_back_to_torch_on_cpu():
         assert isinstance(get_backend("cuda", "cpu"), TorchBackend)
     with pytest.raises(ValueError):
         get_backend("nope", "cpu")
+
+
+def test_group_prefills_covers_each_sequence_once_within_the_padding_bound():
+    from services.executor.attention.torch_ref import PREFILL_PAD_LIMIT, group_prefills
+    rnd = random.Random(5)
+    for _ in range(200):
+        B, bs = rnd.randint(1, 12), rnd.choice([1, 4, 16])
+        q_lens = [rnd.choice([1, rnd.randint(2, 8), rnd.randint(2, 300)]) for _ in range(B)]
+        ctx_lens = [n + rnd.choice([0, rnd.randint(0, 200)]) for n in q_lens]
+        multi = [b for b in range(B) if q_lens[b] > 1]
+        groups = group_prefills(multi, q_lens, ctx_lens, bs)
+        assert sorted(b for g in groups for b in g) == multi
+        for g in groups:
+            if len(g) > 1:
+                padded = len(g) * max(q_lens[b] for b in g) * (-(-max(ctx_lens[b] for b in g) // bs) * bs)
+                assert padded <= PREFILL_PAD_LIMIT * sum(q_lens[b] * ctx_lens[b] for b in g)

@@ -2,7 +2,8 @@
 
 Everything is read from local files: nothing here touches the network. Checkpoints are first read
 as an HF-named state dict (``load_hf_checkpoint``), then mapped onto ``model.Transformer`` names
-(``convert_hf_state_dict``: q/k/v fused into ``wqkv``, gate/up into ``w13``).
+(``convert_hf_state_dict``: q/k/v fused into ``wqkv``, gate/up into ``w13``, linear weights
+transposed to the ``[in, out]`` layout of ``model.Linear``).
 """
 from __future__ import annotations
 
@@ -75,8 +76,14 @@ def load_hf_checkpoint(source: ModelSource, dtype: Optional[torch.dtype] = None)
     return hf_config, state
 
 
+def _transposed(*weights: Tensor) -> Tensor:
+    """HF ``[out_i, in]`` weights, fused along out -> one contiguous ``[in, sum(out_i)]``."""
+    return torch.cat(weights).t().contiguous()
+
+
 def convert_hf_state_dict(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """HF Llama names -> Transformer names (fusing q|k|v and gate|up)."""
+    """HF Llama names -> Transformer names (fusing q|k|v and gate|up; HF's ``[out, in]`` linear
+    weights become ``[in, out]`` ``weight_t``)."""
     sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
     out = {"tok_embeddings.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"]}
     if not cfg.tie_word_embeddings:
@@ -84,14 +91,14 @@ def convert_hf_state_dict(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, 
     for i in range(cfg.num_layers):
         p = q = f"layers.{i}."          # HF prefix, our prefix (same after dropping "model.")
         a, m = p + "self_attn.", p + "mlp."
-        out[q + "attention.wqkv.weight"] = torch.cat(
-            [sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"]])
+        out[q + "attention.wqkv.weight_t"] = _transposed(
+            sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"])
         if cfg.attention_bias:
             out[q + "attention.wqkv.bias"] = torch.cat(
                 [sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"]])
-        out[q + "attention.wo.weight"] = sd[a + "o_proj.weight"]
-        out[q + "feed_forward.w13.weight"] = torch.cat([sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"]])
-        out[q + "feed_forward.w2.weight"] = sd[m + "down_proj.weight"]
+        out[q + "attention.wo.weight_t"] = _transposed(sd[a + "o_proj.weight"])
+        out[q + "feed_forward.w13.weight_t"] = _transposed(sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"])
+        out[q + "feed_forward.w2.weight_t"] = _transposed(sd[m + "down_proj.weight"])
         out[q + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
         out[q + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
     return out

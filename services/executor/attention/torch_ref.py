@@ -2,16 +2,25 @@
 
 Decode rows (one new token) of a step are attended in one batched, masked SDPA call over K/V
 gathered by block table into a padded batch. Rows of sequences with several new tokens (prefills,
-prefill chunks) are attended one sequence at a time, each over exactly its own context.
-Per-step index tensors are built on the first layer and cached in ``meta.scratch``.
+prefill chunks) are attended in padded groups too: one gather and one masked SDPA per group of
+similar sizes (``group_prefills``), with the KV-head sharing of GQA left to SDPA (``enable_gqa``).
+Per-step index tensors and masks are built on the first layer and cached in ``meta.scratch``;
+they are built from per-sequence lists only, with no device sync.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from services.executor.attention import AttentionBackend, AttentionMetadata
+
+# A prefill group is padded to (sequences x longest query x longest context); a sequence joins the
+# current group while that padded area stays within this factor of the area the group really needs.
+PREFILL_PAD_LIMIT = 4.0
 
 
 def _tile_rows(block_ids: Tensor, num_kv_heads: int) -> Tensor:
@@ -21,19 +30,72 @@ def _tile_rows(block_ids: Tensor, num_kv_heads: int) -> Tensor:
     return block_ids.unsqueeze(-2) * num_kv_heads + heads[:, None]
 
 
-def _gather_kv(cache: Tensor, rows: Tensor, out: Tensor | None = None) -> Tensor:
-    """cache [N, Hkv, bs, D], rows [..., Hkv, nb] (from _tile_rows) -> [..., Hkv, nb*bs, D].
+def _kv_rows(block_tables: Tensor, num_blocks: int, num_kv_heads: int) -> Tensor:
+    """block_tables [S, nb] -> rows [2 * S*Hkv*nb] of kv.view(2 * N * Hkv, bs*D): the K tiles of
+    every (seq, kv head, block), then the same V tiles (the V plane starts N * Hkv rows later)."""
+    rows = _tile_rows(block_tables.long(), num_kv_heads).reshape(-1)
+    return torch.cat((rows, rows + num_blocks * num_kv_heads))
 
-    One index_select over (block, head) tiles seen as rows of bs*D elements (the 2-D form is
-    the fast path on CPU); ``out`` [R, bs*D] reuses a buffer across layers."""
-    n, hkv, bs, d = cache.shape
-    g = torch.index_select(cache.view(n * hkv, bs * d), 0, rows.reshape(-1), out=out)
-    return g.view(*rows.shape[:-1], rows.shape[-1] * bs, d)
+
+def _gather_kv(kv: Tensor, rows: Tensor, shape: tuple[int, int, int], out: Optional[Tensor] = None
+               ) -> tuple[Tensor, Tensor]:
+    """kv [2, N, Hkv, bs, D], rows from ``_kv_rows`` -> (K, V), each [S, Hkv, nb*bs, D].
+
+    One index_select for K and V together over (block, head) tiles seen as rows of bs*D elements
+    (the 2-D form is the fast path on CPU); ``out`` [2 * S*Hkv*nb, bs*D] reuses a buffer across layers."""
+    _, n, hkv, bs, d = kv.shape
+    g = torch.index_select(kv.view(2 * n * hkv, bs * d), 0, rows, out=out)
+    k, v = g.view(2, *shape, bs * d).unbind(0)
+    s, h, nb = shape
+    return k.view(s, h, nb * bs, d), v.view(s, h, nb * bs, d)
 
 
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """Boolean mask -> additive float mask (0 / -inf), built once per step instead of per layer."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
+def group_prefills(seqs: list[int], q_lens: list[int], ctx_lens: list[int], block_size: int,
+                   pad_limit: float = PREFILL_PAD_LIMIT) -> list[list[int]]:
+    """Split the multi-token sequences of a step into groups attended by one padded SDPA each.
+
+    Greedy over the sequences by decreasing query length: a sequence joins the open group while
+    ``len(group) * max query * max padded context <= pad_limit * sum(query * context)``, so a long
+    prefill chunk is not padded against many short prompts (or the other way round)."""
+    groups: list[list[int]] = []
+    for b in sorted(seqs, key=lambda b: (-q_lens[b], -ctx_lens[b], b)):
+        if groups:
+            group = groups[-1] + [b]
+            n_max = max(q_lens[i] for i in group)
+            c_max = -(-max(ctx_lens[i] for i in group) // block_size) * block_size
+            useful = sum(q_lens[i] * ctx_lens[i] for i in group)
+            if len(group) * n_max * c_max <= pad_limit * useful:
+                groups[-1] = group
+                continue
+        groups.append([b])
+    return groups
+
+
+@dataclass
+class _DecodePlan:
+    rows: Optional[Tensor]          # [S] token rows of the decode seqs (None: every row, in order)
+    kv_rows: Tensor                 # [2 * S*Hkv*nb] from _kv_rows
+    shape: tuple[int, int, int]     # (S, Hkv, nb)
+    mask: Tensor                    # [S, 1, 1, nb*bs] additive
+    buf: Optional[Tensor] = None    # gather output, shared by every layer
+
+
+@dataclass
+class _PrefillPlan:
+    """One padded group of P sequences with up to n_max new tokens each."""
+    q_rows: Tensor                  # [P * n_max] token row of each padded query (padding repeats a real row)
+    dst: Tensor                     # [Tg] token rows of the group's real queries
+    src: Tensor                     # [Tg] their positions in the padded [P * n_max] order
+    kv_rows: Tensor                 # [2 * P*Hkv*nb]
+    shape: tuple[int, int, int]     # (P, Hkv, nb)
+    n_max: int
+    mask: Optional[Tensor]          # [P, 1, n_max, nb*bs] additive: query i of seq p sees keys <= c_p - n_p + i;
+                                    # None: one sequence without cached prefix, plain causal
 
 
 class TorchBackend(AttentionBackend):
@@ -68,11 +130,12 @@ class TorchBackend(AttentionBackend):
             kv[:, dst] = kv[:, src]
 
     # ------------------------------------------------------------------ attention
-    def _plan(self, meta: AttentionMetadata, block_size: int, num_kv_heads: int,
-              device: torch.device, dtype: torch.dtype) -> dict:
+    def _plan(self, meta: AttentionMetadata, kv: Tensor) -> dict:
         plan = meta.scratch.get("torch_ref")
         if plan is not None:
             return plan
+        _, num_blocks, hkv, bs, _ = kv.shape
+        device = kv.device
         q_lens, ctx_lens = meta.host_lens()
         cu = [0]
         for n in q_lens:
@@ -80,8 +143,7 @@ class TorchBackend(AttentionBackend):
         dec = [b for b in range(meta.num_seqs) if q_lens[b] == 1]
         plan = {"decode": None, "prefill": []}
         if dec:
-            max_ctx = max(ctx_lens[b] for b in dec)
-            nb = -(-max_ctx // block_size)
+            nb = -(-max(ctx_lens[b] for b in dec) // bs)
             if len(dec) == meta.num_seqs:
                 rows = None                                 # all rows, in order
                 tables = meta.block_tables[:, :nb]
@@ -91,60 +153,71 @@ class TorchBackend(AttentionBackend):
                 rows = meta.cu_seqlens_q.long()[idx]
                 tables = meta.block_tables[idx, :nb]
                 ctx = meta.context_lens[idx]
-            key_pos = torch.arange(nb * block_size, device=device)
-            mask = _additive((key_pos[None, :] < ctx[:, None].long())[:, None, None, :], dtype)  # [S,1,1,L]
-            plan["decode"] = (rows, _tile_rows(tables.long(), num_kv_heads), mask)
-        for b in range(meta.num_seqs):
-            n, c = q_lens[b], ctx_lens[b]
-            if n <= 1:
-                continue
-            nb = -(-c // block_size)
-            tables = _tile_rows(meta.block_tables[b, :nb].long(), num_kv_heads)
-            if c == n:
-                mask = None                                  # no cached prefix: plain causal
-            else:                                            # query i sits at position c - n + i
-                q_pos = torch.arange(c - n, c, device=device)
-                mask = _additive(torch.arange(c, device=device)[None, :] <= q_pos[:, None], dtype)  # [n, c]
-            plan["prefill"].append((cu[b], cu[b + 1], c, tables, mask))
+            key_pos = torch.arange(nb * bs, device=device)
+            mask = _additive((key_pos[None, :] < ctx[:, None].long())[:, None, None, :], kv.dtype)  # [S,1,1,L]
+            plan["decode"] = _DecodePlan(rows, _kv_rows(tables, num_blocks, hkv), (len(dec), hkv, nb), mask)
+        multi = [b for b in range(meta.num_seqs) if q_lens[b] > 1]
+        for group in group_prefills(multi, q_lens, ctx_lens, bs):
+            plan["prefill"].append(self._prefill_plan(meta, group, q_lens, ctx_lens, cu, num_blocks, kv))
         meta.scratch["torch_ref"] = plan
         return plan
+
+    @staticmethod
+    def _prefill_plan(meta: AttentionMetadata, group: list[int], q_lens: list[int], ctx_lens: list[int],
+                      cu: list[int], num_blocks: int, kv: Tensor) -> _PrefillPlan:
+        _, _, hkv, bs, _ = kv.shape
+        device = kv.device
+        P = len(group)
+        n_max = max(q_lens[b] for b in group)
+        nb = -(-max(ctx_lens[b] for b in group) // bs)
+        host = torch.tensor([[q_lens[b], ctx_lens[b], cu[b], b] for b in group], dtype=torch.long)
+        n, c, start, seq = host.to(device, non_blocking=True).unbind(1)          # [P] each
+        i = torch.arange(n_max, device=device)
+        q_rows = start[:, None] + torch.minimum(i[None, :], n[:, None] - 1)      # [P, n_max]
+        # the group's real queries, seq by seq: padded position src -> token row dst (no sync)
+        total = sum(q_lens[b] for b in group)
+        seg = torch.repeat_interleave(torch.arange(P, device=device), n, output_size=total)   # [Tg]
+        offset = torch.arange(total, device=device) - (n.cumsum(0) - n)[seg]                  # [Tg]
+        dst, src = start[seg] + offset, seg * n_max + offset
+        mask = None
+        if P > 1 or q_lens[group[0]] != ctx_lens[group[0]]:
+            q_pos = (c - n)[:, None] + i[None, :]                                  # [P, n_max]
+            allowed = torch.arange(nb * bs, device=device)[None, None, :] <= q_pos[:, :, None]   # [P, n_max, L]
+            mask = _additive(allowed[:, None], kv.dtype)
+        tables = meta.block_tables[seq, :nb]
+        return _PrefillPlan(q_rows.reshape(-1), dst, src, _kv_rows(tables, num_blocks, hkv), (P, hkv, nb),
+                            n_max, mask)
 
     def attend(self, query: Tensor, kv: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
         # query [T, Hq, D]; kv [2, N, Hkv, bs, D]
         T, hq, d = query.shape
-        hkv, bs = kv.shape[2], kv.shape[3]
+        hkv = kv.shape[2]
         group = hq // hkv
-        plan = self._plan(meta, bs, hkv, query.device, kv.dtype)
+        plan = self._plan(meta, kv)
         out = torch.empty_like(query)
-        k_cache, v_cache = kv[0], kv[1]
 
-        if plan["decode"] is not None:
-            rows, tables, mask = plan["decode"]
-            q = query if rows is None else query[rows]                  # [S, Hq, D]
+        dec: Optional[_DecodePlan] = plan["decode"]
+        if dec is not None:
+            q = query if dec.rows is None else query[dec.rows]                  # [S, Hq, D]
             s = q.shape[0]
-            q = q.view(s, hkv, group, d).to(kv.dtype)                   # [S, Hkv, G, D]
-            bufs = plan.get("decode_bufs")
-            if bufs is None:                                            # shared by every layer
-                bufs = plan["decode_bufs"] = tuple(
-                    torch.empty(tables.numel(), bs * d, dtype=kv.dtype, device=kv.device) for _ in range(2))
-            k = _gather_kv(k_cache, tables, bufs[0])                    # [S, Hkv, L, D]
-            v = _gather_kv(v_cache, tables, bufs[1])
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-            o = o.reshape(s, hq, d).to(query.dtype)                     # [S, Hq, D]
-            if rows is None:
+            q = q.view(s, hkv, group, d).to(kv.dtype)                           # [S, Hkv, G, D]: G as query length
+            if dec.buf is None:
+                dec.buf = kv.new_empty(dec.kv_rows.numel(), kv.shape[3] * d)
+            k, v = _gather_kv(kv, dec.kv_rows, dec.shape, dec.buf)               # [S, Hkv, L, D] each
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=dec.mask, scale=scale)
+            o = o.reshape(s, hq, d).to(query.dtype)                             # [S, Hq, D]
+            if dec.rows is None:
                 out = o
             else:
-                out[rows] = o
+                out[dec.rows] = o
 
-        for start, end, c, tables, mask in plan["prefill"]:
-            n = end - start
-            q = query[start:end].transpose(0, 1).to(kv.dtype)           # [Hq, n, D]
-            k = _gather_kv(k_cache, tables)[:, :c]                      # [Hkv, c, D]
-            v = _gather_kv(v_cache, tables)[:, :c]
-            if group > 1:
-                k = k[:, None].expand(hkv, group, c, d).reshape(hq, c, d)
-                v = v[:, None].expand(hkv, group, c, d).reshape(hq, c, d)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               scale=scale)            # [Hq, n, D]
-            out[start:end] = o.transpose(0, 1).to(query.dtype)
+        pre: _PrefillPlan
+        for pre in plan["prefill"]:
+            P = pre.shape[0]
+            q = query.index_select(0, pre.q_rows).view(P, pre.n_max, hq, d).transpose(1, 2)   # [P, Hq, n, D]
+            k, v = _gather_kv(kv, pre.kv_rows, pre.shape)                        # [P, Hkv, L, D] each
+            o = F.scaled_dot_product_attention(q.to(kv.dtype), k, v, attn_mask=pre.mask, scale=scale,
+                                               is_causal=pre.mask is None, enable_gqa=group > 1)  # [P, Hq, n, D]
+            o = o.transpose(1, 2).reshape(P * pre.n_max, hq, d)
+            out.index_copy_(0, pre.dst, o.index_select(0, pre.src).to(query.dtype))
         return out
