@@ -152,27 +152,63 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per input, in input order")
 
 
+INPUT_KEYS = ("prompt", "messages")
+
+
+def _fail(message: str) -> SystemExit:
+    """A clear one-line error exit (status 1) instead of a traceback."""
+    return SystemExit(f"pagedserve generate: {message}")
+
+
+def _check_item(obj, where: str) -> dict:
+    """One input line: exactly one of {"prompt": str} or {"messages": [{"role", "content"}, ...]}."""
+    if not isinstance(obj, dict):
+        raise _fail(f'{where}: expected a JSON object, got {type(obj).__name__}')
+    unknown = sorted(set(obj) - set(INPUT_KEYS))
+    if unknown:
+        raise _fail(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} (allowed: prompt, messages)")
+    if len(obj) != 1:
+        raise _fail(f'{where}: expected one of {{"prompt": ...}} or {{"messages": [...]}}')
+    if "prompt" in obj and not isinstance(obj["prompt"], str):
+        raise _fail(f"{where}: prompt must be a string")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs):
+            raise _fail(f'{where}: messages must be a non-empty list of {{"role": str, "content": str}}')
+    return obj
+
+
 def read_inputs(args: argparse.Namespace) -> list[dict]:
+    """The inputs in order; bad input exits with a message naming the file and line."""
     if args.prompt:
         return [{"prompt": p} for p in args.prompt]
+    try:
+        f = open(args.input, encoding="utf-8")
+    except OSError as e:
+        raise _fail(f"cannot read {args.input}: {e.strerror}")
     items = []
-    with open(args.input, encoding="utf-8") as f:
+    with f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{args.input}:{lineno}: not JSON ({e.msg})")
-            if not isinstance(obj, dict) or not ({"prompt", "messages"} & obj.keys()):
-                raise SystemExit(f'{args.input}:{lineno}: expected {{"prompt": ...}} or {{"messages": [...]}}')
-            items.append(obj)
+                raise _fail(f"{args.input}:{lineno}: not JSON ({e.msg})")
+            items.append(_check_item(obj, f"{args.input}:{lineno}"))
+    if not items:
+        raise _fail(f"{args.input}: no inputs")
     return items
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, worker=None, tokenizer=None) -> int:
+    """`pagedserve generate`. ``worker`` / ``tokenizer``: already loaded ones (tests); by default
+    both are loaded from ``--model``. Inputs are checked before anything is loaded."""
     import msgspec
 
+    items = read_inputs(args)
     try:
         params = msgspec.convert(dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                       top_k=args.top_k, seed=args.seed, n=args.n, ignore_eos=args.ignore_eos),
@@ -184,11 +220,13 @@ def run(args: argparse.Namespace) -> int:
                                                         max_model_len=args.max_model_len,
                                                         max_waiting=1 << 30)).validate()
     except (msgspec.ValidationError, ValueError) as e:
-        raise SystemExit(f"pagedserve generate: {e}")
-    items = read_inputs(args)
-    llm = LLM(config)
+        raise _fail(str(e))
+    llm = LLM(config, worker=worker, tokenizer=tokenizer)
     prompts = [llm.encode_chat(it["messages"]) if "messages" in it else it["prompt"] for it in items]
-    completions = llm.generate(prompts, params, progress=len(prompts) > 1)
+    try:
+        completions = llm.generate(prompts, params, progress=len(prompts) > 1)
+    except ValueError as e:                  # a request the scheduler refuses (e.g. longer than the model)
+        raise _fail(str(e))
     for item, c in zip(items, completions):
         if args.json:
             texts = [s.text for s in c.samples]

@@ -1,0 +1,111 @@
+"""`pagedserve generate` in-process: argument parsing by the real CLI parser, the offline engine on
+the session's loaded model (no second load), JSON output in input order, and clear error exits
+for bad input (checked before any model is loaded)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services import offline
+from services.cli import build_parser, main
+
+MAX_TOKENS = 8
+
+
+@pytest.fixture
+def generate(default_worker_factory, hf_tokenizer, capsys, monkeypatch):
+    """Run `pagedserve generate ARGV...` on a fresh worker around the session model; returns
+    (exit status, stdout lines, the LLM it used) so tests can check that every block came back."""
+    made = []
+
+    class RecordingLLM(offline.LLM):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(offline, "LLM", RecordingLLM)
+
+    def run(*argv: str):
+        full = ["generate", *argv]
+        parser, module = build_parser(full)
+        assert module is offline
+        status = offline.run(parser.parse_args(full), worker=default_worker_factory(), tokenizer=hf_tokenizer)
+        lines = capsys.readouterr().out.splitlines()
+        return status, lines, made[-1]
+    return run
+
+
+def _drained(llm) -> bool:
+    """Every request finished and every KV block back in the pool."""
+    sched = llm.engine.scheduler
+    return not sched.has_unfinished() and sched.num_free_blocks == llm.engine.ready.num_blocks
+
+
+def test_two_prompts_json_in_input_order(generate, hf_tokenizer):
+    prompts = ["The capital of France is", "One, two, three,"]
+    status, lines, llm = generate("--prompt", prompts[0], "--prompt", prompts[1], "--json",
+                                     "--max-tokens", str(MAX_TOKENS), "--ignore-eos")
+    assert status == 0 and _drained(llm)
+    rows = [json.loads(line) for line in lines]
+    assert [r["prompt"] for r in rows] == prompts
+    for r in rows:
+        assert isinstance(r["text"], str) and len(r["token_ids"]) == MAX_TOKENS
+        assert all(isinstance(t, int) for t in r["token_ids"])
+        assert r["text"] == hf_tokenizer.decode(r["token_ids"], skip_special_tokens=True)
+        assert r["finish_reason"] == "length"
+
+
+def test_input_file_prompt_and_messages_n2(generate, tmp_path):
+    items = [{"prompt": "Once upon a time"},
+             {"messages": [{"role": "user", "content": "Name a colour."}]},
+             {"prompt": "def add(a, b):"}]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(json.dumps(i) for i in items) + "\n\n", encoding="utf-8")   # blank line skipped
+    status, lines, llm = generate("--input", str(path), "--json", "--n", "2", "--temperature", "0.8",
+                                     "--seed", "7", "--max-tokens", str(MAX_TOKENS), "--ignore-eos")
+    assert status == 0 and _drained(llm)
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == len(items)
+    for item, r in zip(items, rows):
+        assert {k: r[k] for k in item} == item                      # echoed input, same order
+        assert isinstance(r["text"], list) and len(r["text"]) == 2
+        assert len(r["token_ids"]) == 2 and all(len(ids) == MAX_TOKENS for ids in r["token_ids"])
+        assert r["finish_reason"] == ["length", "length"]
+
+
+def test_plain_text_output(generate):
+    status, lines, llm = generate("--prompt", "Hello", "--max-tokens", "4", "--ignore-eos")
+    assert status == 0 and _drained(llm)
+    assert lines[-1] == "-" * 40
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"),                                        # no such file
+    ('{"prompt": "ok"}\n{"prompt": \n', "in.jsonl:2: not JSON"),
+    ('{"prompt": "ok", "temperature": 1}\n', "unknown key(s) 'temperature'"),
+    ('{"prompt": "a", "messages": []}\n', "expected one of"),
+    ('["a prompt"]\n', "expected a JSON object"),
+    ('{"prompt": 3}\n', "prompt must be a string"),
+    ('{"messages": [{"role": "user"}]}\n', "messages must be a non-empty list"),
+    ("\n\n", "no inputs"),
+])
+def test_bad_input_file_is_a_clear_error_exit(tmp_path, content, message, monkeypatch):
+    def no_model(*a, **kw):
+        raise AssertionError("the model must not load for bad input")
+    monkeypatch.setattr(offline, "LLM", no_model)
+    path = tmp_path / "in.jsonl"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--input", str(path)])
+    text = str(exc.value.code)
+    assert text.startswith("pagedserve generate: ") and message in text
+    assert "Traceback" not in text
+
+
+def test_bad_sampling_option_is_a_clear_error_exit(monkeypatch):
+    monkeypatch.setattr(offline, "LLM", lambda *a, **kw: pytest.fail("the model must not load"))
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "hi", "--n", "0"])
+    assert str(exc.value.code).startswith("pagedserve generate: ")
