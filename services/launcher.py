@@ -81,6 +81,14 @@ def service_commands(args: argparse.Namespace, sock_dir: str) -> dict[str, list[
     return {"executor": executor, "scheduler": scheduler, "gateway": gateway}
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): get SIGTERM when the launcher dies, even by SIGKILL,
+    so a killed launcher leaves no orphan services behind."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def wait_healthy(url: str, procs: dict[str, subprocess.Popen], timeout: float,
                  supervise: Optional[Callable[[], Optional[str]]] = None) -> None:
     """Poll /health until 200, showing progress; raise if a service exits by itself (a bad flag,
@@ -88,7 +96,8 @@ def wait_healthy(url: str, procs: dict[str, subprocess.Popen], timeout: float,
     from tqdm import tqdm
 
     deadline = time.monotonic() + timeout
-    with tqdm(desc="loading model and starting services", bar_format="{desc} {elapsed}", file=sys.stderr) as bar:
+    with tqdm(desc="loading model and starting services", bar_format="{desc} {elapsed}", file=sys.stderr,
+              disable=None) as bar:   # None: no bar when stderr is not a terminal
         while time.monotonic() < deadline:
             for name, proc in procs.items():
                 code = proc.poll()
@@ -138,7 +147,8 @@ class Supervisor:
         self._due: dict[str, float] = {}              # name -> monotonic time of its restart
 
     def start(self, name: str) -> None:
-        self.procs[name] = subprocess.Popen(self.commands[name], start_new_session=True)
+        self.procs[name] = subprocess.Popen(self.commands[name], start_new_session=True,
+                                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def start_all(self) -> None:
         for name in self.commands:

@@ -116,3 +116,21 @@ def test_scheduler_death_then_sigterm_drain(tmp_path):
             proc.wait()
     log = log_path.read_text()
     assert "scheduler restarted" in log and "drained: no request in flight" in log
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux-only")
+def test_a_killed_launcher_leaves_no_orphans(tmp_path):
+    """SIGKILL gives the launcher no chance to clean up: its children must still go."""
+    proc, base, log_path = start_serve(["random:tiny", "--device", "cpu", "--num-blocks", "64",
+                                        "--max-model-len", "256"], tmp_path)
+    try:
+        wait_healthy(base, proc, log_path)
+        children = list(services_of(psutil.Process(proc.pid)).values())
+        assert len(children) == 3
+    finally:
+        proc.kill()
+        proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    for p in alive:
+        p.kill()
+    assert not alive, [" ".join(p.cmdline()) for p in alive]
