@@ -125,6 +125,16 @@ def test_request_larger_than_the_whole_kv_cache_is_400_not_a_stall(http, sched, 
         assert err["code"] == "kv_cache_exceeded" and "4" in err["message"]
 
 
+def test_default_max_tokens_fits_a_kv_cache_smaller_than_the_context(http, sched):
+    """No max_tokens: the completion may fill what is left of the KV cache, not 400 for it."""
+    sched.num_blocks = 4                  # 64 tokens of KV cache, context 256
+    time.sleep(0.1)                       # let the cached stats expire
+    r = http.post("/v1/chat/completions", json=_chat())
+    assert r.status_code == 200, r.text
+    add = sched.requests[-1]
+    assert add.sampling.max_tokens == 4 * 16 - len(add.prompt_token_ids)
+
+
 def _raw_request(port: int, request: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(request)

@@ -232,14 +232,19 @@ class _Gateway:
         if bad is not None:
             raise APIError(400, f"token id {bad} is out of vocabulary (size {self.vocab_size})", param=param)
 
+    async def kv_cache_tokens(self) -> int:
+        """Tokens the whole KV cache holds (0 = not known yet: the executor is loading)."""
+        stats = await self.engine.stats()          # cached by the engine client
+        return stats.block_size * stats.num_blocks
+
     async def check_fits_kv_cache(self, num_prompt: int, max_tokens: int) -> None:
         """400 for a sequence the whole KV cache could never hold, rather than one cut short.
 
         Per sample: the ``n`` samples of a request need not be resident together (the scheduler
         preempts siblings by recompute and finishes them in turn)."""
-        stats = await self.engine.stats()          # cached by the engine client
+        stats = await self.engine.stats()
         bs, total = stats.block_size, stats.num_blocks
-        if not (bs and total):                     # not known yet (executor loading)
+        if not (bs and total):
             return
         need = -(-(num_prompt + max_tokens) // bs)
         if need > total:
@@ -264,8 +269,9 @@ class _Gateway:
                                 f"your prompt has {n} tokens.", param=prompt_param,
                            code="context_length_exceeded")
         max_tokens = req.requested_max_tokens()
-        if max_tokens is None:
-            room = limit - n if limit else 1024
+        if max_tokens is None:                     # the default fills what is left of context and KV cache
+            capacity = min(x for x in (limit, await self.kv_cache_tokens(), n + 1024) if x)
+            room = max(capacity - n, 1)
             max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
         elif limit and n + max_tokens > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, "
