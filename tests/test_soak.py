@@ -210,6 +210,7 @@ def test_soak_fast(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)     # thousands of requests with the real model: past the suite's 600 s per test
 def test_soak_slow_default_model(tmp_path, default_model_source):
     num = int(os.environ.get("PAGEDSERVE_SOAK_REQUESTS", "3000"))
     check(soak(tmp_path, "", num, concurrency=32, seed=2), num)
