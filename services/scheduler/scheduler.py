@@ -40,7 +40,7 @@ WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished
 class Request:
     """What all samples of one request share."""
 
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "stop_ids", "seqs", "to_fork", "forked",
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "stop_ids", "seqs", "to_fork",
                  "drop_parent", "num_cached_tokens", "admitted")
 
     def __init__(self, add: AddRequest, eos_token_ids: frozenset[int]):
@@ -53,10 +53,14 @@ class Request:
         self.stop_ids = frozenset(stop)
         self.seqs: list[Sequence] = []
         self.to_fork = list(range(1, add.sampling.n))   # sample indices the fork will create
-        self.forked = not self.to_fork          # nothing left to fork
         self.drop_parent = False                # sample 0 finished before the fork: drop it after
         self.num_cached_tokens = 0              # prompt tokens served from the prefix cache
         self.admitted = False
+
+    @property
+    def forked(self) -> bool:
+        """Nothing left to fork: every remaining sample has its own sequence."""
+        return not self.to_fork
 
 
 class Sequence:
@@ -85,15 +89,9 @@ class Scheduler:
                  eos_token_ids: Iterable[int] = ()):
         if cache_config.num_blocks < 1:
             raise ValueError("cache_config.num_blocks must be set (> 0) before building the scheduler")
-        self.config = scheduler_config
-        self.cache_config = cache_config
         self.block_size = cache_config.block_size
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.block_manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
-                                          cache_config.num_host_blocks, cache_config.enable_prefix_caching)
-        self.watermark_blocks = int(cache_config.watermark * cache_config.num_blocks)
-        # A sequence may never hold more tokens than the model allows or the pool can store.
-        self.max_len = min(scheduler_config.max_model_len, cache_config.num_blocks * cache_config.block_size)
+        self._set_pool(scheduler_config, cache_config)
         self.requests: dict[str, Request] = {}
         self.seqs: dict[int, Sequence] = {}          # live sequences by id
         self.waiting: deque[Sequence] = deque()
@@ -109,6 +107,16 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+
+    def _set_pool(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+        """A new, empty block pool (and prefix cache) for these configs."""
+        self.config = scheduler_config
+        self.cache_config = cache_config
+        self.block_manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
+                                          cache_config.num_host_blocks, cache_config.enable_prefix_caching)
+        self.watermark_blocks = int(cache_config.watermark * cache_config.num_blocks)
+        # A sequence may never hold more tokens than the model allows or the pool can store.
+        self.max_len = min(scheduler_config.max_model_len, cache_config.num_blocks * cache_config.block_size)
 
     # ------------------------------------------------------------------------------- public API
 
@@ -202,11 +210,8 @@ class Scheduler:
                 request.to_fork.remove(index)
             else:
                 return None
-            if not request.to_fork:
-                if request.drop_parent:
-                    self.abort_request(request_id)  # no sample left
-                else:
-                    request.forked = True           # the parent is the only sample left
+            if not request.to_fork and request.drop_parent:
+                self.abort_request(request_id)      # no sample left
         return RequestOutput(request_id, index, [], reason, len(request.prompt_token_ids),
                              request.num_cached_tokens)
 
@@ -222,13 +227,7 @@ class Scheduler:
         cache_config = cache_config or self.cache_config
         if cache_config.block_size != self.block_size:
             raise ValueError(f"block size {cache_config.block_size} differs from {self.block_size}")
-        if scheduler_config is not None:
-            self.config = scheduler_config
-        self.cache_config = cache_config
-        self.block_manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
-                                          cache_config.num_host_blocks, cache_config.enable_prefix_caching)
-        self.watermark_blocks = int(cache_config.watermark * cache_config.num_blocks)
-        self.max_len = min(self.config.max_model_len, cache_config.num_blocks * cache_config.block_size)
+        self._set_pool(scheduler_config or self.config, cache_config)
         live = [s for s in self.running if s.status == RUNNING] + list(self.swapped) + list(self.waiting)
         self.running, self.swapped, self.waiting = [], deque(), deque()
         self._finished_ids, self._in_flight, self._samplers = [], [], []
@@ -289,7 +288,7 @@ class Scheduler:
             seq, num_tokens = scheduled[idx]
             if seq.num_computed + num_tokens == len(seq.token_ids):
                 self._samplers.append(seq.seq_id)
-                if not seq.request.forked:
+                if seq.request.to_fork:
                     self._fork(seq, num_tokens)
                     if seq.request.drop_parent:
                         dropped_parents.append(seq)
@@ -400,20 +399,20 @@ class Scheduler:
 
     def _num_seq_slots(self) -> int:
         """Running sequences, counting the future children of n > 1 requests not forked yet."""
-        return len(self.running) + sum(len(s.request.to_fork) for s in self.running
-                                       if not s.request.forked)
+        return len(self.running) + self._pending_fork_blocks()
 
     @staticmethod
     def _fork_blocks(request: Request) -> int:
         """Free blocks an n > 1 request not forked yet will take right after its fork: each of
         its (up to ``n - 1``) children needs its own copy of the partly filled last prompt block
-        (or, on a block boundary, a fresh block), before any further growth."""
-        return 0 if request.forked else len(request.to_fork)
+        (or, on a block boundary, a fresh block), before any further growth. One per child, so
+        it is also the number of sequence slots the fork will take."""
+        return len(request.to_fork)
 
     def _pending_fork_blocks(self) -> int:
         """Fork blocks of running sequences whose request has not forked yet (admitted, prompt
         still computing): admission keeps them free on top of the watermark."""
-        return sum(self._fork_blocks(s.request) for s in self.running if not s.request.forked)
+        return sum(len(s.request.to_fork) for s in self.running if s.request.to_fork)
 
     def _schedule_swapped(self, budget: int, swap_in: list[tuple[int, int]]) -> int:
         bm = self.block_manager
@@ -496,7 +495,6 @@ class Scheduler:
         """The step computing the parent's last prompt chunk forks the other n - 1 samples: they
         share the parent's blocks and sample from its logits row after the forward pass."""
         request = parent.request
-        request.forked = True
         for index in request.to_fork:
             child = self._new_seq(request, index, list(parent.token_ids))
             child.num_computed = parent.num_computed
