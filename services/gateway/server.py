@@ -29,6 +29,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from shared.messages import SchedulerStats
+
 from . import protocol as P
 from .detokenizer import make_decode
 from .engine_client import EngineClient, EngineError
@@ -232,19 +234,14 @@ class _Gateway:
         if bad is not None:
             raise APIError(400, f"token id {bad} is out of vocabulary (size {self.vocab_size})", param=param)
 
-    async def kv_cache_tokens(self) -> int:
-        """Tokens the whole KV cache holds (0 = not known yet: the executor is loading)."""
-        stats = await self.engine.stats()          # cached by the engine client
-        return stats.block_size * stats.num_blocks
-
-    async def check_fits_kv_cache(self, num_prompt: int, max_tokens: int) -> None:
+    @staticmethod
+    def check_fits_kv_cache(stats: SchedulerStats, num_prompt: int, max_tokens: int) -> None:
         """400 for a sequence the whole KV cache could never hold, rather than one cut short.
 
         Per sample: the ``n`` samples of a request need not be resident together (the scheduler
         preempts siblings by recompute and finishes them in turn)."""
-        stats = await self.engine.stats()
         bs, total = stats.block_size, stats.num_blocks
-        if not (bs and total):
+        if not (bs and total):                     # not known yet (executor loading)
             return
         need = -(-(num_prompt + max_tokens) // bs)
         if need > total:
@@ -268,9 +265,10 @@ class _Gateway:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, "
                                 f"your prompt has {n} tokens.", param=prompt_param,
                            code="context_length_exceeded")
+        stats = await self.engine.stats()          # cached by the engine client
         max_tokens = req.requested_max_tokens()
         if max_tokens is None:                     # the default fills what is left of context and KV cache
-            capacity = min(x for x in (limit, await self.kv_cache_tokens(), n + 1024) if x)
+            capacity = min(x for x in (limit, stats.block_size * stats.num_blocks, n + 1024) if x)
             room = max(capacity - n, 1)
             max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
         elif limit and n + max_tokens > limit:
@@ -279,7 +277,7 @@ class _Gateway:
                                 f"{max_tokens} in the completion). Please reduce the length of "
                                 "the prompt or completion.", param="max_tokens",
                            code="context_length_exceeded")
-        await self.check_fits_kv_cache(n, max_tokens)
+        self.check_fits_kv_cache(stats, n, max_tokens)
         try:
             return req.to_sampling(max_tokens)
         except msgspec.ValidationError as e:
