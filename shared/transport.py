@@ -12,6 +12,7 @@ import os
 import tempfile
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from shared.messages import Message, ProtocolError, decode, encode
 
@@ -45,6 +46,32 @@ def dealer(ctx: zmq.Context, addr: str) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(check_address(addr))
     return sock
+
+
+def monitored_dealer(ctx: zmq.Context, addr: str,
+                     heartbeat_ms: tuple[int, int] | None = None) -> tuple[zmq.Socket, zmq.Socket]:
+    """A DEALER plus a monitor socket that reports its connection going up and down (see
+    ``connection_event``). The monitor is attached before connecting, so the first connection is
+    seen too. ``heartbeat_ms`` (interval, timeout): ZMTP heartbeats make a silent peer drop."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if heartbeat_ms is not None:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms[0])
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_ms[1])
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    sock.connect(check_address(addr))
+    return sock, monitor
+
+
+def connection_event(frames) -> int:
+    """The event (zmq.EVENT_CONNECTED or zmq.EVENT_DISCONNECTED) of one monitor message."""
+    return parse_monitor_message(frames)["event"]
+
+
+def close_monitored(sock: zmq.Socket, monitor: zmq.Socket) -> None:
+    sock.disable_monitor()
+    monitor.close(linger=0)
+    sock.close(linger=0)
 
 
 def send(sock: zmq.Socket, msg: Message, identity: bytes | None = None) -> None:

@@ -24,12 +24,12 @@ from typing import AsyncIterator, Optional, Sequence
 
 import zmq
 import zmq.asyncio
-from zmq.utils.monitor import parse_monitor_message
 
 from shared.messages import (
     AbortRequest, AddRequest, ProtocolError, RequestError, RequestOutput, RequestOutputs,
     SamplingParams, SchedulerStats, StatsRequest, decode, encode,
 )
+from shared import transport
 from shared.transport import check_address
 
 log = logging.getLogger("pagedserve.gateway")
@@ -52,10 +52,7 @@ class _Connection:
 
     def __init__(self, ctx: zmq.asyncio.Context, addr: str):
         self.addr = addr
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self.sock.connect(addr)
+        self.sock, self.monitor = transport.monitored_dealer(ctx, addr)
         self.up = asyncio.Event()     # connected to a live scheduler
         self.ever_up = False
         if addr.startswith("inproc://"):  # no monitor events in-process: assume up
@@ -109,9 +106,7 @@ class EngineClient:
                 if task:
                     task.cancel()
         for c in self._conns:
-            c.sock.disable_monitor()
-            c.monitor.close(linger=0)
-            c.sock.close(linger=0)
+            transport.close_monitored(c.sock, c.monitor)
         self._conns = []
         if self._ctx is not None:
             self._ctx.term()
@@ -250,7 +245,7 @@ class EngineClient:
 
     async def _monitor_loop(self, conn: _Connection) -> None:
         while True:
-            event = parse_monitor_message(await conn.monitor.recv_multipart())["event"]
+            event = transport.connection_event(await conn.monitor.recv_multipart())
             if event == zmq.EVENT_CONNECTED:
                 if not conn.up.is_set():
                     log.info("connected to scheduler at %s", conn.addr)

@@ -42,8 +42,6 @@ from typing import Optional, Protocol
 import msgspec
 import zmq
 
-from zmq.utils.monitor import parse_monitor_message
-
 from services.scheduler.scheduler import Scheduler
 from shared import transport
 from shared.config import CacheConfig, ConfigError, SchedulerConfig
@@ -90,13 +88,8 @@ class ZmqExecutorChannel:
         self._connect()
 
     def _connect(self) -> None:
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        sock.connect(transport.check_address(self.addr))
-        self.sock = sock
+        self.sock, self.monitor = transport.monitored_dealer(self.ctx, self.addr,
+                                                             (HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS))
         self._connected = False
         self._last_hello = -float("inf")
 
@@ -104,7 +97,7 @@ class ZmqExecutorChannel:
         """Consume monitor events; whether the connection dropped since it was last up."""
         dropped = False
         while self.monitor.poll(0):
-            event = parse_monitor_message(self.monitor.recv_multipart())["event"]
+            event = transport.connection_event(self.monitor.recv_multipart())
             if event == zmq.EVENT_CONNECTED:
                 self._connected = True
             elif event == zmq.EVENT_DISCONNECTED and self._connected:
@@ -174,9 +167,7 @@ class ZmqExecutorChannel:
         transport.send(self.sock, Shutdown())
 
     def close(self) -> None:
-        self.sock.disable_monitor()
-        self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        transport.close_monitored(self.sock, self.monitor)
 
 
 class LocalChannel:
