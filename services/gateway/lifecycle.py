@@ -14,6 +14,8 @@ import time
 import msgspec
 from starlette.middleware import Middleware
 
+from .protocol import ErrorInfo, ErrorResponse
+
 log = logging.getLogger("pagedserve.gateway")
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
@@ -46,8 +48,8 @@ class DrainGate:
             if path == "/health":
                 body = {"status": "draining"}
             else:
-                body = {"error": {"message": "the server is shutting down; retry on another instance",
-                                  "type": "service_unavailable_error", "param": None, "code": "draining"}}
+                body = ErrorResponse(ErrorInfo("the server is shutting down; retry on another instance",
+                                               "service_unavailable_error", code="draining"))
             return await _send_json(send, 503, body, retry_after=path != "/health")
         if path == "/health":
             return await self.app(scope, receive, send)
@@ -58,7 +60,7 @@ class DrainGate:
             lc.in_flight -= 1
 
 
-async def _send_json(send, status: int, body: dict, retry_after: bool) -> None:
+async def _send_json(send, status: int, body, retry_after: bool) -> None:
     headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
     if retry_after:
         headers.append((b"retry-after", b"1"))
