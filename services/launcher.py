@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from typing import Callable, Optional
 
+from services.gateway.lifecycle import DEFAULT_DRAIN_TIMEOUT
 from shared.transport import ipc_address, runtime_dir
 
 
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cuda"])
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the weights to load")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
+    p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
                    help="on SIGTERM, seconds in-flight requests get to finish")
     p.add_argument("--max-restarts", type=int, default=5,
                    help="restarts of a crashed executor or scheduler before giving up")
