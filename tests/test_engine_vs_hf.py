@@ -87,6 +87,14 @@ def test_prefix_cache_hits_match_hf(default_worker_factory, hf_tokenizer, hf_gre
     assert stats.prefix_cache_hits >= 2 * (len(hf_tokenizer.encode(SYSTEM)) // 16 - 1) * 16
 
 
+def test_prompts_sharing_blocks_within_one_step_match_hf(default_worker_factory, hf_tokenizer, hf_greedy):
+    ids = [hf_tokenizer.encode(SYSTEM + q) for q in ("What is paging?", "Who built Atlas?", "Why pages?")]
+    engine = make_engine(default_worker_factory)
+    assert_equal_hf(engine, ids, hf_greedy)           # one step: the last two read the first's blocks
+    shared = len(hf_tokenizer.encode(SYSTEM)) // 16 - 1
+    assert engine.scheduler.stats().prefix_cache_hits >= 2 * shared * 16
+
+
 def test_parallel_greedy_forks_match_hf(default_worker_factory, prompt_ids, hf_greedy):
     assert_equal_hf(make_engine(default_worker_factory), prompt_ids[:4], hf_greedy, n=2)
 

@@ -120,6 +120,58 @@ def test_generated_tokens_are_cached_too():
     s.update(plan, ex.execute(plan))
 
 
+def test_prompts_admitted_in_one_step_share_the_blocks_the_first_computes():
+    s, ex = make(block_size=4)
+    add(s, "a", prompt_of(10), max_tokens=3)
+    add(s, "b", prompt_of(8) + [90, 91], max_tokens=3)    # a's first 2 blocks
+    add(s, "c", prompt_of(4) + [92] * 5, max_tokens=3)    # a's first block
+    add(s, "d", [93] + prompt_of(9), max_tokens=3)        # nothing
+    plan = s.schedule()
+    assert [(n.num_computed, n.num_new_tokens) for n in plan.new] == [(0, 10), (8, 2), (4, 5), (0, 10)]
+    ta, tb, tc, td = (n.block_ids for n in plan.new)
+    assert tb[:2] == ta[:2] and tc[:1] == ta[:1] and not set(td) & set(ta)
+    outs = s.update(plan, ex.execute(plan))              # the strict fake checks every KV read
+    assert sorted((o.request_id, o.num_cached_tokens) for o in outs) == [("a", 0), ("b", 8), ("c", 4), ("d", 0)]
+    assert s.stats().prefix_cache_hits == 12
+    run_to_completion(s, ex)
+    assert_drained(s)
+
+
+def test_a_running_prompt_chunk_is_shared_with_a_prompt_admitted_in_the_same_step():
+    s, ex = make(block_size=4, max_num_batched_tokens=8)
+    add(s, "a", prompt_of(12), max_tokens=2)
+    step(s, ex)                                           # a computes its first chunk of 8
+    add(s, "b", prompt_of(12) + [90], max_tokens=2)
+    plan = s.schedule()                                   # a's last 4 tokens, then b
+    assert plan.run_num_tokens == [4] and plan.new[0].num_computed == 12
+    s.update(plan, ex.execute(plan))
+    run_to_completion(s, ex)
+    assert_drained(s)
+
+
+def test_a_step_that_never_ran_unpublishes_its_blocks():
+    s, ex = make(block_size=4)
+    add(s, "a", prompt_of(9), max_tokens=2)
+    s.schedule()                                          # publishes a's 2 full blocks...
+    assert len(s.block_manager.pool.cached) == 2
+    s.step_failed()                                       # ...which the failed plan never filled
+    s.abort_request("a")
+    assert not s.block_manager.pool.cached
+    add(s, "b", prompt_of(9), max_tokens=2)
+    plan = s.schedule()
+    assert plan.new[0].num_computed == 0
+
+
+def test_fake_executor_accepts_a_shared_write_of_the_same_tokens_and_rejects_other_content():
+    ex = FakeExecutor(block_size=4, num_blocks=4, strict=True)
+    same = [NewSeq(0, [1, 2, 3, 4, 5], [], [0, 1], 0, 5, SamplingParams()),
+            NewSeq(1, [1, 2, 3, 4, 6], [], [0, 2], 4, 1, SamplingParams())]      # reads block 0, written now
+    assert isinstance(ex.execute(StepPlan(step_id=0, new=same)), StepResult)
+    other = NewSeq(2, [7, 8, 9], [], [0], 0, 3, SamplingParams())                 # overwrites block 0
+    err = ex.execute(StepPlan(step_id=1, new=[other]))
+    assert isinstance(err, ExecutorError) and "shared by" in err.message
+
+
 def test_prefix_caching_disabled():
     s, ex = make(caching=False)
     add(s, "a", prompt_of(9), max_tokens=1)

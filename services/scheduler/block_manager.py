@@ -7,7 +7,11 @@ A sequence is known here only by its int id; the scheduler passes token lists in
 
 Prefix cache: the hash of full block ``i`` chains its parent's,
 ``hash((hash of block i-1, tuple(its block_size token ids), extra_keys))``, so equal hashes mean
-equal whole prefixes. A block is published as soon as its tokens are computed (prompt or generated).
+equal whole prefixes. A block is published when the step that fills it is *scheduled* (prompt
+or generated tokens), as vLLM does: a request admitted later in the same step can then share it,
+because every backend writes a layer's K/V for all tokens of the step before any token attends.
+``published`` lists the blocks the step being planned made visible; if that plan never runs,
+``unpublish_step`` takes them back so no later prompt hits a block whose content never arrived.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ class BlockManager:
         self.host_tables: dict[int, list[int]] = {}    # seq id -> host block ids (swapped out)
         self._hashes: dict[int, list[int]] = {}        # seq id -> chained hashes of its full blocks
         self._extra: dict[int, Hashable] = {}          # seq id -> extra hash keys (adapter, ...)
+        self.published: list[Block] = []               # blocks the step being planned publishes
 
     @property
     def num_free_blocks(self) -> int:
@@ -82,7 +87,8 @@ class BlockManager:
         return num_cached
 
     def cache_full_blocks(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
-        """Publish every block of the sequence that ``num_computed`` tokens now fill."""
+        """Publish every block of the sequence that ``num_computed`` tokens fill (once the step
+        scheduling them runs)."""
         hashes = self._hashes[seq_id]
         bs = self.block_size
         if not self.enable_prefix_caching or len(hashes) >= num_computed // bs:
@@ -94,8 +100,21 @@ class BlockManager:
             h = block.hash      # shared blocks (fork, prefix hit) are already published
             if h is None:
                 h = self.block_hash(hashes[-1] if hashes else None, token_ids[i * bs:(i + 1) * bs], extra)
-                self.pool.cache(block, h)
+                self._publish(block, h)
             hashes.append(h)
+
+    def _publish(self, block: Block, block_hash: int) -> None:
+        if self.pool.cache(block, block_hash):
+            self.published.append(block)
+
+    def begin_step(self) -> None:
+        self.published.clear()
+
+    def unpublish_step(self) -> None:
+        """The planned step did not run: the blocks it published hold no valid K/V."""
+        for block in self.published:
+            self.pool.uncache(block)
+        self.published.clear()
 
     # ---------------------------------------------------------------------------- growth, CoW
 
@@ -185,5 +204,5 @@ class BlockManager:
         self.tables[seq_id] = table
         self.host.free(host_table)
         for block_id, h in zip(table, self._hashes[seq_id]):    # full blocks are cacheable again
-            self.pool.cache(self.pool.blocks[block_id], h)
+            self._publish(self.pool.blocks[block_id], h)
         return list(zip(host_table, table))

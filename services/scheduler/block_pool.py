@@ -116,12 +116,21 @@ class BlockPool:
             self.free_list.remove(block)
         block.ref_cnt += 1
 
-    def cache(self, block: Block, block_hash: int) -> None:
-        """Publish a full block under its chained hash. If another block already holds the same
-        content (two sequences computed it at once), this one simply stays uncached."""
+    def cache(self, block: Block, block_hash: int) -> bool:
+        """Publish a full block under its chained hash; True if it was published. If another
+        block already holds the same content (two sequences computed it at once), this one
+        simply stays uncached."""
         if self.enable_caching and block.hash is None and block_hash not in self.cached:
             block.hash = block_hash
             self.cached[block_hash] = block
+            return True
+        return False
+
+    def uncache(self, block: Block) -> None:
+        """Forget a published block's content (it stays where it is: free or in use)."""
+        if block.hash is not None and self.cached.get(block.hash) is block:
+            del self.cached[block.hash]
+        block.hash = None
 
     def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
         self.queries += num_tokens

@@ -181,8 +181,10 @@ class FakeExecutor:
             if tu.start == 0:
                 s.swapped = False           # swap-in (or a whole new table): live again
         work.extend(zip(plan.run_seq_ids, plan.run_num_tokens))
-        for sid, n in work:
-            self._forward(sid, self.seqs[sid], n)
+        for sid, n in work:           # like a real forward pass: every write of the step first,
+            self._write(sid, self.seqs[sid], n)
+        for sid, n in work:           # then every read (a prompt may share blocks written now)
+            self._read(sid, self.seqs[sid], n)
         sampled = [sid for sid, _ in work if self.seqs[sid].computed == self.seqs[sid].num_tokens]
         for f in plan.forks:
             p = self.seqs[f.parent]
@@ -277,29 +279,46 @@ class FakeExecutor:
         """Live (not swapped-out) sequences whose table names the block."""
         return sum(not self.seqs[sid].swapped for sid in self.owners.get(block, ()))
 
-    def _forward(self, sid: int, s: _Seq, n: int) -> None:
+    def _write(self, sid: int, s: _Seq, n: int) -> None:
+        """Store tokens ``[computed, computed + n)`` into their slots."""
         bs, kv, table = self.block_size, self.kv, s.table
-        strict = self.strict
-        if strict:                # every cached position we attend over holds our token
+        last = -1
+        for pos in range(s.computed, s.computed + n):
+            block = table[pos // bs]
+            if self.strict and block != last:
+                last = block
+                self._overwritten(block, sid)
+            token = s.token(pos)
+            if self.strict and self._refs(block) > 1:
+                self._check_shared_write(sid, block, pos % bs, token)
+            kv[block][pos % bs] = token
+        self.tokens_computed += n
+
+    def _check_shared_write(self, sid: int, block: int, offset: int, token: int) -> None:
+        """A write into a block other live sequences name is only right when each of them holds
+        that very token there (a prompt block shared within the step); otherwise it is a missing
+        copy-on-write."""
+        for other in self.owners.get(block, ()):
+            o = self.seqs[other]
+            if other == sid or o.swapped:
+                continue
+            pos = o.table.index(block) * self.block_size + offset
+            if pos >= o.num_tokens or o.token(pos) != token:
+                raise PlanError(f"seq {sid}: write into block {block} shared by {self._refs(block)} "
+                                f"sequences (seq {other} holds other content there)")
+
+    def _read(self, sid: int, s: _Seq, n: int) -> None:
+        """Attend: every cached position before the new tokens must hold this sequence's token."""
+        if self.strict:
+            bs, kv, table = self.block_size, self.kv, s.table
             self.positions_checked += s.computed - min(s.verified, s.computed)
             for pos in range(min(s.verified, s.computed), s.computed):
                 got = kv[table[pos // bs]][pos % bs]
                 if got != s.token(pos):
                     raise PlanError(f"seq {sid}: KV at position {pos} (block {table[pos // bs]}) holds "
                                     f"token {got}, expected {s.token(pos)}")
-        last = -1
-        for pos in range(s.computed, s.computed + n):
-            block = table[pos // bs]
-            if strict and block != last:
-                last = block
-                refs = self._refs(block)
-                if refs > 1:
-                    raise PlanError(f"seq {sid}: write into block {block} shared by {refs} sequences")
-                self._overwritten(block, sid)
-            kv[block][pos % bs] = s.token(pos)
         s.computed += n
         s.verified = s.computed
-        self.tokens_computed += n
 
     def _sample(self, sid: int, s: _Seq) -> int:
         """The token after ``s``'s last one (``sid`` is for subclasses that sample by seq id)."""

@@ -273,7 +273,10 @@ class Scheduler:
         self._swap_out: list[tuple[int, int]] = []
         self._preempted: list[int] = []
         self._forks: list[Fork] = []
+        self.block_manager.begin_step()
         budget = self._schedule_running(self.config.max_num_batched_tokens)
+        for seq, num_tokens in scheduled:        # no more preemption this step: publish their blocks
+            self._publish(seq, num_tokens)
         new: list[NewSeq] = []
         swap_in: list[tuple[int, int]] = []
         if not self._preempted and not self._swap_out:
@@ -437,6 +440,7 @@ class Scheduler:
             self.swapped.popleft()
             swap_in.extend(bm.swap_in(seq.seq_id))
             bm.append_slots(seq.seq_id, seq.num_computed, num_new, self._copies)
+            self._publish(seq, num_new)
             self._changed[seq.seq_id] = 0
             seq.status = RUNNING
             self.running.append(seq)
@@ -483,6 +487,7 @@ class Scheduler:
                 request.num_cached_tokens = num_cached
                 self.num_prompt_tokens += len(request.prompt_token_ids)
             seq.num_computed = num_computed
+            self._publish(seq, num_new)            # the next waiting prompt may share these blocks
             seq.status = RUNNING
             self.running.append(seq)
             num_seqs += 1 + len(request.to_fork)
@@ -519,14 +524,12 @@ class Scheduler:
             raise ValueError(f"step {plan.step_id}: result lacks tokens for seqs {missing[:8]}")
         logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else None
         self._in_flight_step = -1
-        bm, caching, outputs = self.block_manager, self.cache_config.enable_prefix_caching, []
+        outputs = []
         for seq, num_tokens in self._in_flight:
             if seq.status != RUNNING:
                 continue                                   # aborted while the step ran
             seq.num_computed += num_tokens
             token_ids = seq.token_ids
-            if caching:
-                bm.cache_full_blocks(seq.seq_id, token_ids, seq.num_computed)
             if seq.num_computed < len(token_ids):
                 continue                                   # mid-prompt chunk: no sample
             token = sampled[seq.seq_id]
@@ -550,6 +553,16 @@ class Scheduler:
         return outputs
 
     # ------------------------------------------------------------------------------- helpers
+
+    def _publish(self, seq: Sequence, num_new: int) -> None:
+        """Publish the blocks this step fills for ``seq`` (see block_manager: at schedule time)."""
+        if self.cache_config.enable_prefix_caching:
+            self.block_manager.cache_full_blocks(seq.seq_id, seq.token_ids, seq.num_computed + num_new)
+
+    def step_failed(self) -> None:
+        """The last plan never ran: unpublish the blocks it was to fill. (The caller then fails
+        the requests that were in it, which frees their blocks.)"""
+        self.block_manager.unpublish_step()
 
     def _new_seq(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
         seq = Sequence(self._next_seq_id, request, index, token_ids)

@@ -406,6 +406,8 @@ class SchedulerService:
         """The plan did not run: fail every request with state on the executor or in the plan."""
         self.num_executor_errors += 1
         log.error("%s", message)
+        if self.scheduler is not None:
+            self.scheduler.step_failed()
         ids = set(self.executor_known) | {s.seq_id for s in plan.new} | {f.child for f in plan.forks}
         if self.scheduler is None:
             affected = set(self.owners)
