@@ -96,6 +96,17 @@ def test_fast_greedy_is_argmax_and_no_logprobs():
     assert out.logprobs is None
 
 
+@pytest.mark.parametrize("penalised", [False, True])
+def test_greedy_ties_take_the_first_index_like_argmax(penalised):
+    logits = torch.zeros(3, 49152)
+    logits[0, [7, 9000, 40000]] = 5.0
+    logits[1, [48000, 3]] = 2.0
+    logits[2] = 1.0                                     # all tied: token 0
+    params = SP(temperature=0.0, repetition_penalty=1.0 if not penalised else 1.2)
+    out = sampler(logits, SamplingMetadata.build([(params, [100], [], 0)] * 3, "cpu"))
+    assert out.token_ids.tolist() == [7, 3, 0] == logits.argmax(-1).tolist()
+
+
 def test_greedy_rows_in_mixed_batch_are_argmax():
     logits = distinct_logits(6, 40, 1)
     rows = [SP(temperature=0.0), SP(temperature=1.5, seed=3), SP(temperature=0.0, top_k=3),
