@@ -227,24 +227,47 @@ def test_bench_help_lists_tools(argv, expected, capsys):
 # ------------------------------------------------------------------------------------ compare
 
 
-def _fake_results():
-    return {"pagedserve": {"system": "pagedserve", "tok_per_s": 300.0, "seconds": 6.8, "runtime": "torch x",
-                           "model": "m", "dtype": "float32", "device": "cpu"},
-            "hf-padded": {"system": "hf-padded", "tok_per_s": 200.0, "seconds": 10.2},
-            "hf-generate-batch": {"system": "hf-generate-batch", "error": "exit code 1: boom"}}
+def _run(system, tok_per_s, **extra):
+    return {"system": system, "tok_per_s": tok_per_s, "seconds": 2048 / tok_per_s, **extra}
+
+
+def _fake_runs():
+    first = dict(runtime="torch x", model="m", dtype="float32", device="cpu")
+    return {"pagedserve": [_run("pagedserve", 300.0, **first)],
+            "hf-padded": [_run("hf-padded", 200.0)],
+            "hf-generate-batch": [{"system": "hf-generate-batch", "error": "exit code 1: boom"}]}
 
 
 def test_compare_report_table_and_plot(tmp_path):
     opts = compare.CompareOptions(num_prompts=32, max_tokens=64)
-    report = compare.make_report(_fake_results(), opts)
-    assert report["ratio_of_pagedserve_to"] == {"hf-padded": 1.5, "hf-generate-batch": None}
+    report = compare.make_report(_fake_runs(), opts)
+    assert report["ratio_of_pagedserve_to"] == {"hf-padded": {"median": 1.5, "min": 1.5, "max": 1.5},
+                                                "hf-generate-batch": None}
     table = compare.format_table(report)
-    assert "| pagedserve | 300.0 | 6.80 | — |" in table
-    assert "| HF generate (padded batch) | 200.0 | 10.20 | 1.50x |" in table
+    assert "| pagedserve | 300.0 | 6.83 | — |" in table
+    assert "| HF generate (padded batch) | 200.0 | 10.24 | 1.50x |" in table
     assert "failed: exit code 1: boom" in table and "32 prompts x 64 new tokens" in table
+    assert "rounds" not in table
     path = tmp_path / "c.png"
     compare.plot(report, str(path))
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_rounds_give_medians_and_the_range_of_round_ratios():
+    runs = {"pagedserve": [_run("pagedserve", t, runtime="r") for t in (300.0, 320.0, 250.0)],
+            "hf-padded": [_run("hf-padded", t) for t in (200.0, 160.0, 250.0)]}
+    report = compare.make_report(runs, compare.CompareOptions())
+    assert report["rounds"] == 3
+    assert report["systems"]["pagedserve"]["tok_per_s"] == 300.0
+    assert report["systems"]["hf-padded"]["runs_tok_per_s"] == [200.0, 160.0, 250.0]
+    assert report["ratio_of_pagedserve_to"]["hf-padded"] == {"median": 1.5, "min": 1.0, "max": 2.0}
+    table = compare.format_table(report)
+    assert "median of 3 rounds" in table
+    assert "| pagedserve | 300.0 (250–320) |" in table and "| 1.50x (1.00–2.00) |" in table
+    runs["hf-padded"][1] = {"system": "hf-padded", "error": "exit code 1: oom"}
+    report = compare.make_report(runs, compare.CompareOptions())
+    assert report["systems"]["hf-padded"]["error"] == "exit code 1: oom"
+    assert report["ratio_of_pagedserve_to"]["hf-padded"] is None
 
 
 def test_compare_records_a_failing_system_instead_of_crashing():
@@ -252,6 +275,12 @@ def test_compare_records_a_failing_system_instead_of_crashing():
     err = report["systems"]["pagedserve"]["error"]
     assert err.startswith("exit code 1") and "no-such-preset" in err
     assert report["ratio_of_pagedserve_to"] == {}
+
+
+@pytest.mark.parametrize("flag", ["--repeat", "--num-prompts", "--max-tokens"])
+def test_compare_cli_rejects_counts_below_one(flag, capsys):
+    assert main(["bench", "compare", flag, "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
 
 
 def test_hf_config_from_preset_round_trips():

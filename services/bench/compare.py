@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -227,56 +228,97 @@ def run_system(system: str, opts: CompareOptions) -> dict:
 # ------------------------------------------------------------------------ the parent: all systems
 
 
-def run_compare(systems: list[str] | tuple[str, ...], opts: CompareOptions, quiet: bool = False) -> dict:
-    """Each system in its own child process, in turn; returns the report (errors recorded, not raised)."""
-    results = {}
+def run_compare(systems: list[str] | tuple[str, ...], opts: CompareOptions, quiet: bool = False,
+                repeat: int = 1) -> dict:
+    """Each system in its own child process, in turn, ``repeat`` rounds (every other round in
+    reverse order, so a drift of the machine's speed hits every system alike); returns the
+    report (errors recorded, not raised)."""
+    runs: dict[str, list[dict]] = {name: [] for name in systems}
     with tempfile.TemporaryDirectory(prefix="pagedserve-compare-") as tmp:
-        for system in systems:
-            path = os.path.join(tmp, f"{system}.json")
-            cmd = [sys.executable, "-m", "services.cli", "bench", "compare", "--only", system,
-                   "--result-file", path, *opts.argv()]
-            if not quiet:
-                print(f"running {system} ...", file=sys.stderr, flush=True)
-            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else 2,   # 2: our stderr
-                                  stderr=subprocess.PIPE, text=True)
-            if proc.returncode == 0 and os.path.exists(path):
-                with open(path) as f:
-                    results[system] = json.load(f)
-            else:
-                tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]   # the exception line
-                results[system] = {"system": system, "error": f"exit code {proc.returncode}: {tail[0]}"}
-    return make_report(results, opts)
+        for round_no in range(repeat):
+            for system in (systems if round_no % 2 == 0 else list(reversed(systems))):
+                runs[system].append(_run_child(system, opts, tmp, quiet))
+    return make_report(runs, opts)
 
 
-def ratios(results: dict[str, dict]) -> dict[str, float | None]:
-    """pagedserve tok/s divided by each other system's tok/s (None where either one failed)."""
-    base = results.get("pagedserve", {}).get("tok_per_s")
-    return {name: (base / r["tok_per_s"] if base and r.get("tok_per_s") else None)
-            for name, r in results.items() if name != "pagedserve"}
+def _run_child(system: str, opts: CompareOptions, tmp: str, quiet: bool) -> dict:
+    path = os.path.join(tmp, f"{system}.json")
+    cmd = [sys.executable, "-m", "services.cli", "bench", "compare", "--only", system,
+           "--result-file", path, *opts.argv()]
+    if not quiet:
+        print(f"running {system} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else 2,   # 2: our stderr
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode == 0 and os.path.exists(path):
+        with open(path) as f:
+            result = json.load(f)
+        os.remove(path)
+        return result
+    tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]   # the exception line
+    return {"system": system, "error": f"exit code {proc.returncode}: {tail[0]}"}
 
 
-def make_report(results: dict[str, dict], opts: CompareOptions) -> dict:
+def summarize(runs: list[dict]) -> dict:
+    """One system's runs -> its median run, with every run's tok/s; the first error if any failed."""
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        return failed[0]
+    by_speed = sorted(runs, key=lambda r: r["tok_per_s"])
+    return {**by_speed[len(by_speed) // 2], "tok_per_s": statistics.median(r["tok_per_s"] for r in runs),
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            "runs_tok_per_s": [r["tok_per_s"] for r in runs]}
+
+
+def ratios(runs: dict[str, list[dict]]) -> dict[str, dict | None]:
+    """pagedserve tok/s over each other system's, round by round: the median and the range of
+    those ratios (None where either one failed)."""
+    base = runs.get("pagedserve", [])
+    out: dict[str, dict | None] = {}
+    for name, rs in runs.items():
+        if name == "pagedserve":
+            continue
+        pairs = [p["tok_per_s"] / r["tok_per_s"] for p, r in zip(base, rs)
+                 if p.get("tok_per_s") and r.get("tok_per_s")]
+        ok = pairs and len(pairs) == len(rs) == len(base)
+        out[name] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs)} if ok else None
+    return out
+
+
+def make_report(runs: dict[str, list[dict]], opts: CompareOptions) -> dict:
+    """``runs``: per system, one result record per round (from ``run_system``, or an error)."""
+    results = {name: summarize(rs) for name, rs in runs.items()}
     ok = next((r for r in results.values() if "runtime" in r), {})
     return {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {ok.get('runtime', '?')}",
         "model": ok.get("model", opts.model or "default"), "dtype": ok.get("dtype", opts.dtype),
         "device": ok.get("device", opts.device), "options": asdict(opts),
-        "systems": results, "ratio_of_pagedserve_to": ratios(results),
+        "rounds": max((len(rs) for rs in runs.values()), default=0),
+        "systems": results, "ratio_of_pagedserve_to": ratios(runs),
     }
 
 
 def format_table(report: dict) -> str:
+    """Medians over the rounds; with several rounds, the range of tok/s and of the round ratios too."""
+    many = report["rounds"] > 1
     rows = ["| system | output tok/s | seconds | pagedserve / system |", "|---|---|---|---|"]
     rat = report["ratio_of_pagedserve_to"]
     for name, r in report["systems"].items():
         if "error" in r:
             rows.append(f"| {LABELS.get(name, name)} | failed: {r['error']} | | |")
             continue
-        ratio = "—" if name == "pagedserve" else (f"{rat[name]:.2f}x" if rat.get(name) else "n/a")
-        rows.append(f"| {LABELS.get(name, name)} | {r['tok_per_s']:.1f} | {r['seconds']:.2f} | {ratio} |")
+        speed = f"{r['tok_per_s']:.1f}"
+        if many:
+            speed += f" ({min(r['runs_tok_per_s']):.0f}–{max(r['runs_tok_per_s']):.0f})"
+        ratio = "—" if name == "pagedserve" else "n/a"
+        if rat.get(name):
+            ratio = f"{rat[name]['median']:.2f}x" + (f" ({rat[name]['min']:.2f}–{rat[name]['max']:.2f})"
+                                                     if many else "")
+        rows.append(f"| {LABELS.get(name, name)} | {speed} | {r['seconds']:.2f} | {ratio} |")
     o = report["options"]
     head = (f"{report['model']} ({report['dtype']}, {report['device']}), {o['num_prompts']} prompts x "
             f"{o['max_tokens']} new tokens, greedy, EOS ignored; {report['machine']}")
+    if many:
+        head += f"; median of {report['rounds']} rounds (range in brackets)"
     return head + "\n" + "\n".join(rows)
 
 
@@ -293,7 +335,7 @@ def plot(report: dict, path: str) -> None:
     bars = ax.bar([LABELS.get(n, n) for n in names], values, color=colors)
     for bar, name in zip(bars, names):
         ratio = report["ratio_of_pagedserve_to"].get(name)
-        note = f"{bar.get_height():.0f} tok/s" + (f"\npagedserve {ratio:.2f}x" if ratio else "")
+        note = f"{bar.get_height():.0f} tok/s" + (f"\npagedserve {ratio['median']:.2f}x" if ratio else "")
         ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=9)
     o = report["options"]
@@ -320,14 +362,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of random:<preset> weights")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every system (alternating order); the report gives medians and ranges")
     p.add_argument("--out", default="", help="directory for compare.json and compare.png")
     p.add_argument("--only", choices=SYSTEMS, help=argparse.SUPPRESS)           # child process mode
     p.add_argument("--result-file", default="", help=argparse.SUPPRESS)
 
 
 def options_from(args: argparse.Namespace) -> CompareOptions:
-    if args.num_prompts < 1 or args.max_tokens < 1:
-        raise ValueError("--num-prompts and --max-tokens must be >= 1")
+    if args.num_prompts < 1 or args.max_tokens < 1 or args.repeat < 1:
+        raise ValueError("--num-prompts, --max-tokens and --repeat must be >= 1")
     return CompareOptions(args.model, args.dtype, args.device, args.attention_backend, args.num_prompts,
                           args.max_tokens, args.seed)
 
@@ -348,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
             json.dump(result, f)
         print(f"{args.only}: {result['tok_per_s']:.1f} tok/s", file=sys.stderr)
         return 0
-    report = run_compare(systems, opts)
+    report = run_compare(systems, opts, repeat=args.repeat)
     print(format_table(report))
     if args.out:
         os.makedirs(args.out, exist_ok=True)
