@@ -5,6 +5,9 @@ ENV PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX=""
 ARG EXTRAS=""
+# gcc: the executor builds its CPU decode-attention kernel (kernels/paged_attention_cpu.c) at first
+# start, for the CPU it runs on; without it the CPU path falls back to the torch reference.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services

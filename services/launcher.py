@@ -23,6 +23,7 @@ import urllib.request
 from typing import Callable, Optional
 
 from services.gateway.lifecycle import DEFAULT_DRAIN_TIMEOUT
+from shared.config import ATTENTION_BACKENDS
 from shared.transport import ipc_address, runtime_dir
 
 
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=1024)
     p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cuda"])
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the weights to load")
     p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
                    help="on SIGTERM, seconds in-flight requests get to finish")

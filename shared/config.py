@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "cuda")
+
+
 class ConfigError(ValueError):
     """A configuration value is out of range; the message names the field."""
 
@@ -57,7 +60,7 @@ class EngineConfig:
     model: str = ""                      # HF folder, .gguf file, "random:<preset>", or "" for the bundled default
     dtype: str = "auto"                  # auto = bfloat16 on CUDA, float32 on CPU
     device: str = "auto"                 # auto = cuda if available else cpu
-    attention_backend: str = "auto"      # auto = cupy kernels on CUDA when importable, else torch
+    attention_backend: str = "auto"      # one of ATTENTION_BACKENDS; auto = cuda on a GPU, else cpu
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int = 0             # bytes for KV cache; 0 = derive
     seed: int = 0
@@ -69,6 +72,9 @@ class EngineConfig:
             raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ConfigError(f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                              f"got {self.attention_backend!r}")
         self.cache.validate()
         self.scheduler.validate()
         return self

@@ -201,6 +201,16 @@ def test_cli_help():
                  "--kv-cache-memory", "--gpu-memory-utilization", "--max-model-len",
                  "--attention-backend", "--seed"):
         assert flag in out
+    assert "{auto,torch,cpu,cuda}" in out
+
+
+def test_engine_config_rejects_an_unknown_attention_backend():
+    from shared.config import ConfigError
+
+    for name in ("auto", "torch", "cpu", "cuda"):
+        EngineConfig(attention_backend=name).validate()
+    with pytest.raises(ConfigError, match="attention_backend must be one of auto, torch, cpu, cuda"):
+        EngineConfig(attention_backend="flash").validate()
 
 
 def test_resumed_sample_keeps_its_own_seeded_stream(tiny_config, worker):

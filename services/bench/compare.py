@@ -23,6 +23,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
+from shared.config import ATTENTION_BACKENDS
+
 SYSTEMS = ("pagedserve", "hf-padded", "hf-generate-batch")
 LABELS = {"pagedserve": "pagedserve", "hf-padded": "HF generate (padded batch)",
           "hf-generate-batch": "HF generate_batch (continuous)"}
@@ -356,8 +358,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "(e.g. random:llama-1b) for seeded random weights")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cuda"],
-                   help="pagedserve's attention (auto = CUDA kernels on a GPU)")
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                   help="pagedserve's attention (auto = CUDA kernels on a GPU, the C decode kernel on a CPU)")
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="seed of random:<preset> weights")

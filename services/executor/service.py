@@ -16,7 +16,7 @@ import sys
 import zmq
 
 from shared import transport
-from shared.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from shared.config import ATTENTION_BACKENDS, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
 from shared.messages import (
     ExecutorError, ExecutorHello, ProtocolError, Shutdown, StepPlan,
 )
@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cuda"])
+    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
 

@@ -8,12 +8,17 @@ per-step derived tensors (built on the first layer, reused by the others).
 from __future__ import annotations
 
 import abc
+import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
+
+# kernels/ at the repository root (the CUDA .cu files and the CPU .c file)
+KERNEL_DIR = Path(os.environ.get("PAGEDSERVE_KERNEL_DIR", Path(__file__).resolve().parents[3] / "kernels"))
 
 
 @dataclass
@@ -59,26 +64,34 @@ class AttentionBackend(abc.ABC):
 
 
 def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
-    """'torch' -> reference; 'cuda' -> CuPy kernels (falls back to torch with a warning);
-    'auto' -> 'cuda' on a CUDA device, else 'torch'."""
+    """'torch' -> reference; 'cpu' -> reference + C decode kernel; 'cuda' -> CuPy kernels;
+    'auto' -> 'cuda' on a CUDA device, else 'cpu'. A kernel backend that cannot load falls back
+    to the reference with a warning."""
     device = torch.device(device)
     if name == "auto":
-        name = "cuda" if device.type == "cuda" else "torch"
+        name = "cuda" if device.type == "cuda" else "cpu"
+    if name in ("cuda", "cpu") and device.type != name:
+        warnings.warn(f"attention backend {name!r} needs a {name.upper()} device; using the torch reference")
+        name = "torch"
     if name == "cuda":
-        if device.type != "cuda":
-            warnings.warn("attention backend 'cuda' needs a CUDA device; using the torch reference")
-        else:
-            try:
-                from services.executor.attention.cuda import CudaBackend
-                return CudaBackend(device)
-            except Exception as e:  # noqa: BLE001 - any import/init failure falls back
-                warnings.warn(f"CUDA attention backend unavailable ({type(e).__name__}: {e}); "
-                              "using the torch reference")
+        try:
+            from services.executor.attention.cuda import CudaBackend
+            return CudaBackend(device)
+        except Exception as e:  # noqa: BLE001 - any import/init failure falls back
+            warnings.warn(f"CUDA attention backend unavailable ({type(e).__name__}: {e}); "
+                          "using the torch reference")
+        name = "torch"
+    if name == "cpu":
+        from services.executor.attention.cpu import CpuBackend, CpuKernelUnavailable
+        try:
+            return CpuBackend()
+        except CpuKernelUnavailable as e:
+            warnings.warn(f"CPU attention kernel unavailable ({e}); using the torch reference")
         name = "torch"
     if name == "torch":
         from services.executor.attention.torch_ref import TorchBackend
         return TorchBackend()
-    raise ValueError(f"unknown attention backend {name!r} (choose auto, torch or cuda)")
+    raise ValueError(f"unknown attention backend {name!r} (choose auto, torch, cpu or cuda)")
 
 
-__all__ = ["AttentionMetadata", "AttentionBackend", "get_backend"]
+__all__ = ["AttentionMetadata", "AttentionBackend", "KERNEL_DIR", "get_backend"]

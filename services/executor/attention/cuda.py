@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from services.executor.attention import AttentionBackend, AttentionMetadata
+from services.executor.attention import KERNEL_DIR, AttentionBackend, AttentionMetadata
 
 # ---- constants mirrored from kernels/paged_attention.cu (tests check they agree) -------------
 NUM_THREADS = 128          # PA_NUM_THREADS
@@ -65,8 +65,6 @@ HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (16, 32)
 DTYPE_TAGS = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 
-KERNEL_DIR = Path(os.environ.get("PAGEDSERVE_KERNEL_DIR",
-                                 Path(__file__).resolve().parents[3] / "kernels"))
 
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 

@@ -79,6 +79,7 @@ def group_prefills(seqs: list[int], q_lens: list[int], ctx_lens: list[int], bloc
 @dataclass
 class _DecodePlan:
     rows: Optional[Tensor]          # [S] token rows of the decode seqs (None: every row, in order)
+    seqs: Optional[Tensor]          # [S] their sequence indices in the step (None: all, in order)
     kv_rows: Tensor                 # [2 * S*Hkv*nb] from _kv_rows
     shape: tuple[int, int, int]     # (S, Hkv, nb)
     mask: Tensor                    # [S, 1, 1, nb*bs] additive
@@ -145,7 +146,7 @@ class TorchBackend(AttentionBackend):
         if dec:
             nb = -(-max(ctx_lens[b] for b in dec) // bs)
             if len(dec) == meta.num_seqs:
-                rows = None                                 # all rows, in order
+                idx = rows = None                           # all rows, in order
                 tables = meta.block_tables[:, :nb]
                 ctx = meta.context_lens
             else:
@@ -155,7 +156,7 @@ class TorchBackend(AttentionBackend):
                 ctx = meta.context_lens[idx]
             key_pos = torch.arange(nb * bs, device=device)
             mask = _additive((key_pos[None, :] < ctx[:, None].long())[:, None, None, :], kv.dtype)  # [S,1,1,L]
-            plan["decode"] = _DecodePlan(rows, _kv_rows(tables, num_blocks, hkv), (len(dec), hkv, nb), mask)
+            plan["decode"] = _DecodePlan(rows, idx, _kv_rows(tables, num_blocks, hkv), (len(dec), hkv, nb), mask)
         multi = [b for b in range(meta.num_seqs) if q_lens[b] > 1]
         for group in group_prefills(multi, q_lens, ctx_lens, bs):
             plan["prefill"].append(self._prefill_plan(meta, group, q_lens, ctx_lens, cu, num_blocks, kv))
@@ -199,13 +200,7 @@ class TorchBackend(AttentionBackend):
         dec: Optional[_DecodePlan] = plan["decode"]
         if dec is not None:
             q = query if dec.rows is None else query[dec.rows]                  # [S, Hq, D]
-            s = q.shape[0]
-            q = q.view(s, hkv, group, d).to(kv.dtype)                           # [S, Hkv, G, D]: G as query length
-            if dec.buf is None:
-                dec.buf = kv.new_empty(dec.kv_rows.numel(), kv.shape[3] * d)
-            k, v = _gather_kv(kv, dec.kv_rows, dec.shape, dec.buf)               # [S, Hkv, L, D] each
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=dec.mask, scale=scale)
-            o = o.reshape(s, hq, d).to(query.dtype)                             # [S, Hq, D]
+            o = self._attend_decode(q, kv, meta, dec, scale)                    # [S, Hq, D]
             if dec.rows is None:
                 out = o
             else:
@@ -221,3 +216,15 @@ class TorchBackend(AttentionBackend):
             o = o.transpose(1, 2).reshape(P * pre.n_max, hq, d)
             out.index_copy_(0, pre.dst, o.index_select(0, pre.src).to(query.dtype))
         return out
+
+    def _attend_decode(self, q: Tensor, kv: Tensor, meta: AttentionMetadata, dec: _DecodePlan,
+                       scale: float) -> Tensor:
+        """The decode rows: q [S, Hq, D] -> [S, Hq, D], gathered K/V and one masked SDPA."""
+        s, hq, d = q.shape
+        hkv, dtype = kv.shape[2], q.dtype
+        q = q.view(s, hkv, hq // hkv, d).to(kv.dtype)                          # [S, Hkv, G, D]: G as query length
+        if dec.buf is None:
+            dec.buf = kv.new_empty(dec.kv_rows.numel(), kv.shape[3] * d)
+        k, v = _gather_kv(kv, dec.kv_rows, dec.shape, dec.buf)                   # [S, Hkv, L, D] each
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=dec.mask, scale=scale)
+        return o.reshape(s, hq, d).to(dtype)

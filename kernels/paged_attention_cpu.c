@@ -1,0 +1,109 @@
+/* Paged decode attention on the CPU: one new query token per sequence, K and V read in place from
+ * the paged cache, with no gathered copy. The torch reference gathers every sequence's K/V into a
+ * padded batch and then runs SDPA over it: it moves the bytes three times, and this reads them once.
+ *
+ * Built once per machine with the system C compiler (see CFLAGS in cpu.py) and loaded with
+ * ctypes by services/executor/attention/cpu.py; OpenMP binds to the libgomp torch already loaded
+ * (same soname), so the kernel shares torch's thread pool.
+ *
+ * Layouts (float32, contiguous):
+ *   q       [S, Hq, D]          the decode rows' queries
+ *   k, v    [N, Hkv, bs, D]     the cache's K and V planes (kv[0], kv[1] of [2, N, Hkv, bs, D])
+ *   tables  [S, max_blocks]     int32 block ids, row s for sequence s
+ *   ctx     [S]                 int32 keys per sequence (positions 0 .. ctx-1, the new token included)
+ *   out     [S, Hq, D]
+ * One task per (sequence, KV head): its G = Hq / Hkv query heads (GQA) share every K/V row it reads.
+ * The softmax runs block by block with a running max and sum: one rescale of the accumulator per
+ * block, as a flash-decoding split would do, all in float32. Built with -ffast-math so the exp of a
+ * block's scores is one vector call (glibc's libmvec) and dot products may be reassociated; hence
+ * no infinities here: the running max starts at -FLT_MAX.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+
+#define PS_MAX_G 16
+#define PS_MAX_BS 64
+#define PS_MAX_D 256
+
+/* Limits of the stack buffers below; the loader checks a model against them. */
+int pagedserve_cpu_limits(int64_t *max_g, int64_t *max_bs, int64_t *max_d)
+{
+    *max_g = PS_MAX_G;
+    *max_bs = PS_MAX_BS;
+    *max_d = PS_MAX_D;
+    return 0;
+}
+
+/* Returns 0, or -1 when a shape is outside the limits (nothing written then). */
+int pagedserve_decode_f32(const float *q, const float *k, const float *v, const int32_t *tables,
+                          const int32_t *ctx, float *out, int64_t S, int64_t Hq, int64_t Hkv,
+                          int64_t D, int64_t bs, int64_t max_blocks, float scale, int num_threads)
+{
+    if (Hkv <= 0 || Hq % Hkv != 0 || Hq / Hkv > PS_MAX_G || bs > PS_MAX_BS || D > PS_MAX_D)
+        return -1;
+    const int64_t G = Hq / Hkv;
+
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t task = 0; task < S * Hkv; ++task) {
+        const int64_t s = task / Hkv, h = task % Hkv;
+        const int64_t L = ctx[s];
+        const float *qs = q + (s * Hq + h * G) * D;           /* [G, D] */
+        float acc[PS_MAX_G][PS_MAX_D];
+        float m[PS_MAX_G], l[PS_MAX_G], sc[PS_MAX_BS];
+
+        for (int64_t g = 0; g < G; ++g) {
+            m[g] = -FLT_MAX;
+            l[g] = 0.0f;
+            for (int64_t i = 0; i < D; ++i)
+                acc[g][i] = 0.0f;
+        }
+        for (int64_t b = 0; b * bs < L; ++b) {
+            const int64_t blk = tables[s * max_blocks + b];
+            const int64_t n = (L - b * bs < bs) ? L - b * bs : bs;
+            const float *kb = k + (blk * Hkv + h) * bs * D;    /* [bs, D] */
+            const float *vb = v + (blk * Hkv + h) * bs * D;
+            for (int64_t g = 0; g < G; ++g) {
+                const float *qg = qs + g * D;
+                float bmax = -FLT_MAX;
+                for (int64_t t = 0; t < n; ++t) {
+                    const float *kt = kb + t * D;
+                    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t i = 0; i < D; ++i)
+                        dot += qg[i] * kt[i];
+                    sc[t] = dot * scale;
+                    bmax = sc[t] > bmax ? sc[t] : bmax;
+                }
+                const float mnew = bmax > m[g] ? bmax : m[g];
+                const float corr = expf(m[g] - mnew);          /* 0 on the first block (m = -FLT_MAX) */
+                float *a = acc[g];
+                float bsum = 0.0f;
+#pragma omp simd reduction(+ : bsum)
+                for (int64_t t = 0; t < n; ++t) {
+                    sc[t] = expf(sc[t] - mnew);
+                    bsum += sc[t];
+                }
+                l[g] = l[g] * corr + bsum;
+#pragma omp simd
+                for (int64_t i = 0; i < D; ++i)
+                    a[i] *= corr;
+                for (int64_t t = 0; t < n; ++t) {
+                    const float p = sc[t];
+                    const float *vt = vb + t * D;
+#pragma omp simd
+                    for (int64_t i = 0; i < D; ++i)
+                        a[i] += p * vt[i];
+                }
+                m[g] = mnew;
+            }
+        }
+        float *os = out + (s * Hq + h * G) * D;
+        for (int64_t g = 0; g < G; ++g) {
+            const float inv = L > 0 ? 1.0f / l[g] : 0.0f;
+            for (int64_t i = 0; i < D; ++i)
+                os[g * D + i] = acc[g][i] * inv;
+        }
+    }
+    return 0;
+}

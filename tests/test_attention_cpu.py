@@ -1,0 +1,92 @@
+"""The CPU backend (C decode kernel, kernels/paged_attention_cpu.c) against the torch reference and
+the naive per-token attention, on random paged caches; its build, cache and fallbacks."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from services.executor.attention import get_backend
+from services.executor.attention.cpu import CpuBackend, CpuKernelUnavailable, build_kernel, load_kernel
+from services.executor.attention.torch_ref import TorchBackend
+from tests.test_attention_ref import CASES, make_meta, naive_attention, random_case
+
+needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                              reason="needs a C compiler")
+
+
+@needs_cc
+@pytest.mark.parametrize("hq, hkv, d", [(4, 4, 16), (6, 2, 16), (9, 3, 64), (8, 2, 128)])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("bs", [4, 16])
+def test_cpu_backend_matches_the_reference_and_naive(hq, hkv, d, case, bs):
+    kv, query, key, value, q_lens, ctx_lens, tables, slots = random_case(7, hq, hkv, CASES[case], bs=bs, d=d,
+                                                                         num_blocks=96)
+    meta = make_meta(q_lens, ctx_lens, tables)
+    meta.slot_mapping = slots
+    cpu, ref = CpuBackend(), TorchBackend()
+    cpu.write_kv(kv, key, value, meta)
+    scale = 1 / math.sqrt(d)
+    got = cpu.attend(query, kv, meta, scale)
+    torch.testing.assert_close(got, ref.attend(query, kv, make_meta(q_lens, ctx_lens, tables), scale),
+                               atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got, naive_attention(query, kv, q_lens, ctx_lens, tables, scale),
+                               atol=1e-5, rtol=1e-5)
+    if any(n == 1 for n in q_lens):
+        assert "cpu_decode" in meta.scratch                 # the decode rows went through the kernel
+
+
+@needs_cc
+def test_decode_of_a_long_context_with_a_strided_query():
+    """32 sequences, up to 700 keys; the query a column slice of a fused qkv, as the model passes it."""
+    hq, hkv, d, bs = 9, 3, 64, 16
+    specs = [(1, c) for c in range(50, 700, 20)]
+    kv, _, key, value, q_lens, ctx_lens, tables, slots = random_case(11, hq, hkv, specs, bs=bs, d=d, num_blocks=1500)
+    qkv = torch.randn(len(specs), hq + 2 * hkv, d)
+    query = qkv[:, :hq]                                    # [S, Hq, D], not contiguous
+    meta = make_meta(q_lens, ctx_lens, tables)
+    meta.slot_mapping = slots
+    got = CpuBackend().attend(query, kv, meta, 0.125)
+    want = TorchBackend().attend(query, kv, make_meta(q_lens, ctx_lens, tables), 0.125)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+@needs_cc
+def test_other_dtypes_and_oversized_groups_take_the_reference_path():
+    kv, query, key, value, q_lens, ctx_lens, tables, slots = random_case(3, 4, 2, CASES["decode"])
+    kv16, q16 = kv.to(torch.bfloat16), query.to(torch.bfloat16)
+    meta = make_meta(q_lens, ctx_lens, tables)
+    got = CpuBackend().attend(q16, kv16, meta, 0.25)
+    assert "cpu_decode" not in meta.scratch
+    assert torch.equal(got, TorchBackend().attend(q16, kv16, make_meta(q_lens, ctx_lens, tables), 0.25))
+    kernel = load_kernel()
+    wide = torch.zeros(2, 4, 1, 4, 16)                       # 1 KV head for 32 query heads: G = 32
+    assert kernel.supports(kv, 4) and not kernel.supports(wide, kernel.max_group * 2)
+
+
+@needs_cc
+def test_kernel_is_built_once_per_source_and_reused(tmp_path):
+    first = build_kernel(cache_dir=tmp_path)
+    mtime = first.stat().st_mtime_ns
+    assert build_kernel(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]          # no temporary left behind
+
+
+def test_no_compiler_or_a_bad_source_falls_back_to_the_reference(tmp_path, monkeypatch):
+    import services.executor.attention.cpu as cpu_mod
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / cpu_mod.SOURCE).write_text("this is not C\n")
+    if shutil.which("cc") or shutil.which("gcc"):
+        with pytest.raises(CpuKernelUnavailable, match="failed to build"):
+            build_kernel(kernel_dir=tmp_path / "src", cache_dir=tmp_path / "cache")
+        assert not list((tmp_path / "cache").iterdir())
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(cpu_mod, "_kernel", None)
+    with pytest.raises(CpuKernelUnavailable, match="could not run"):
+        build_kernel(cache_dir=tmp_path / "cache2")
+    with pytest.warns(UserWarning, match="CPU attention kernel unavailable"):
+        backend = get_backend("auto", "cpu")
+    assert type(backend) is TorchBackend
