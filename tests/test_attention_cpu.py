@@ -1,5 +1,6 @@
-"""The CPU backend (C decode kernel, kernels/paged_attention_cpu.c) against the torch reference and
-the naive per-token attention, on random paged caches; its build, cache and fallbacks."""
+"""The CPU kernels (kernels/cpu_kernels.c): the CPU backend's decode attention against the torch
+reference and the naive per-token attention on random paged caches, the fused add + RMSNorm, and
+their build, cache and fallbacks."""
 from __future__ import annotations
 
 import math
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from services.executor.attention import get_backend
-from services.executor.attention.cpu import CpuBackend, CpuKernelUnavailable, build_kernel, load_kernel
+from services.executor.attention.cpu import CpuBackend
 from services.executor.attention.torch_ref import TorchBackend
+from services.executor.cpu_kernels import CpuKernelUnavailable, build_kernel, load_kernels
 from tests.test_attention_ref import CASES, make_meta, naive_attention, random_case
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -61,7 +63,7 @@ def test_other_dtypes_and_oversized_groups_take_the_reference_path():
     got = CpuBackend().attend(q16, kv16, meta, 0.25)
     assert "cpu_decode" not in meta.scratch
     assert torch.equal(got, TorchBackend().attend(q16, kv16, make_meta(q_lens, ctx_lens, tables), 0.25))
-    kernel = load_kernel()
+    kernel = load_kernels()
     wide = torch.zeros(2, 4, 1, 4, 16)                       # 1 KV head for 32 query heads: G = 32
     assert kernel.supports(kv, 4) and not kernel.supports(wide, kernel.max_group * 2)
 
@@ -75,7 +77,7 @@ def test_kernel_is_built_once_per_source_and_reused(tmp_path):
 
 
 def test_no_compiler_or_a_bad_source_falls_back_to_the_reference(tmp_path, monkeypatch):
-    import services.executor.attention.cpu as cpu_mod
+    import services.executor.cpu_kernels as cpu_mod
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / cpu_mod.SOURCE).write_text("this is not C\n")
@@ -84,9 +86,21 @@ def test_no_compiler_or_a_bad_source_falls_back_to_the_reference(tmp_path, monke
             build_kernel(kernel_dir=tmp_path / "src", cache_dir=tmp_path / "cache")
         assert not list((tmp_path / "cache").iterdir())
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setattr(cpu_mod, "_kernel", None)
+    monkeypatch.setattr(cpu_mod, "_kernels", None)
     with pytest.raises(CpuKernelUnavailable, match="could not run"):
         build_kernel(cache_dir=tmp_path / "cache2")
     with pytest.warns(UserWarning, match="CPU attention kernel unavailable"):
         backend = get_backend("auto", "cpu")
     assert type(backend) is TorchBackend
+
+
+@needs_cc
+@pytest.mark.parametrize("T, D", [(1, 576), (32, 576), (300, 2048), (5, 64)])
+def test_add_rms_norm_matches_torch(T, D):
+    g = torch.Generator().manual_seed(T)
+    x, residual, weight = torch.randn(T, D, generator=g), torch.randn(T, D, generator=g), torch.rand(D, generator=g)
+    want_sum = residual + x
+    want = torch.nn.functional.rms_norm(want_sum, (D,), weight, eps=1e-5)
+    out, new_residual = load_kernels().add_rms_norm(x, residual.clone(), weight, 1e-5)
+    torch.testing.assert_close(new_residual, want_sum, atol=0, rtol=0)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)

@@ -157,7 +157,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None,
+                backend: Optional[AttentionBackend] = None) -> Tensor | tuple[Tensor, Tensor]:
+        """norm(x); with ``residual``, the running sum of the layers' outputs, the pair
+        ``(norm(residual + x), residual + x)``, fused by the backend when it has a kernel for it."""
+        if residual is None:
+            return self._norm(x)
+        fused = backend.add_rms_norm(x, residual, self.weight, self.eps) if backend is not None else None
+        if fused is not None:
+            return fused
+        residual = residual + x
+        return self._norm(residual), residual
+
+    def _norm(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, x.shape[-1:], self.weight, eps=self.eps)     # same bits, one op
         # normalise in float32, scale in the input dtype: HF Llama's order
@@ -205,9 +217,15 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, kv, meta, backend):
-        h = x + self.attention(self.attention_norm(x), cos, sin, kv, meta, backend)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, residual, cos, sin, kv, meta, backend):
+        # x [T, D]: the previous block's MLP output (the embeddings for the first block);
+        # residual [T, D]: the stream before it (None for the first block). Returns the same pair.
+        if residual is None:
+            h, residual = self.attention_norm(x), x
+        else:
+            h, residual = self.attention_norm(x, residual, backend)
+        h, residual = self.ffn_norm(self.attention(h, cos, sin, kv, meta, backend), residual, backend)
+        return self.feed_forward(h), residual
 
 
 class Transformer(nn.Module):
@@ -227,9 +245,10 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(input_ids)                         # [T, D]
         cs = self.rope[positions].to(x.dtype)                      # [T, 2, Dh]
         cos, sin = cs[:, 0:1], cs[:, 1:2]                          # [T, 1, Dh]; sin with its sign folded in
+        residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv, meta, backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv, meta, backend)
+        return self.norm(x, residual, backend)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         # hidden [N, D] -> logits [N, V] float32

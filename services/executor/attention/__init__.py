@@ -62,6 +62,14 @@ class AttentionBackend(abc.ABC):
     def copy_blocks(self, caches: list[Tensor], pairs: Tensor) -> None:
         """pairs [P, 2] int64 (src, dst): every cache[:, dst] = cache[:, src]."""
 
+    def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float
+                     ) -> Optional[tuple[Tensor, Tensor]]:
+        """Optional fused residual add + RMSNorm on this device (x, residual [T, D]): returns
+        ``(rms_norm(residual + x) * weight, residual + x)`` and may update ``residual`` in place,
+        or None for the model's torch ops. The backend is what the model reaches in every layer,
+        so the device's other fused kernels ride on it."""
+        return None
+
 
 def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
     """'torch' -> reference; 'cpu' -> reference + C decode kernel; 'cuda' -> CuPy kernels;
@@ -82,7 +90,8 @@ def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
                           "using the torch reference")
         name = "torch"
     if name == "cpu":
-        from services.executor.attention.cpu import CpuBackend, CpuKernelUnavailable
+        from services.executor.attention.cpu import CpuBackend
+        from services.executor.cpu_kernels import CpuKernelUnavailable
         try:
             return CpuBackend()
         except CpuKernelUnavailable as e:

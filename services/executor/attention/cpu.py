@@ -1,133 +1,30 @@
-"""CPU attention backend: the torch reference, with decode rows attended by a C kernel.
+"""CPU attention backend: the torch reference, with decode rows attended by a C kernel (and the
+model's residual add + RMSNorm fused by another).
 
-``kernels/paged_attention_cpu.c`` reads each sequence's K/V rows in place from the paged cache;
-the reference gathers them into a padded copy first and runs SDPA over the copy (the gather and the
-SDPA were 15% of a 32-row decode step, see docs/BENCHMARKS.md). Prefills, cache writes and block
-copies stay the reference's. The kernel covers float32 caches (the CPU default); other dtypes, and
-shapes past the kernel's stack buffers, take the reference path.
-
-The kernel is compiled once per machine with the system C compiler into ``$PAGEDSERVE_CACHE_DIR``
-(default ``~/.cache/pagedserve``), under a name hashed from the source, the flags and the CPU, and
-loaded with ctypes (the call releases the GIL). ``get_backend("auto")`` on a CPU falls back to the
-plain reference, with a warning, when there is no compiler.
+``kernels/cpu_kernels.c`` (``pagedserve_decode_f32``) reads each sequence's K/V rows in place from
+the paged cache; the reference gathers them into a padded copy first and runs SDPA over the copy
+(the gather and the SDPA were 15% of a 32-row decode step, see docs/BENCHMARKS.md). Prefills, cache
+writes and block copies stay the reference's. The kernel covers float32 caches (the CPU default);
+other dtypes, and shapes past the kernel's stack buffers, take the reference path. How the kernel
+is built and loaded: services/executor/cpu_kernels.py.
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from services.executor.attention import KERNEL_DIR, AttentionMetadata
+from services.executor.attention import AttentionMetadata
 from services.executor.attention.torch_ref import TorchBackend, _DecodePlan
-
-SOURCE = "paged_attention_cpu.c"
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-
-
-class CpuKernelUnavailable(RuntimeError):
-    """No C compiler, or the kernel did not build or load."""
-
-
-def _cpu_id() -> str:
-    """What -march=native depends on: the CPU model and flags (a cache dir may be shared)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = []
-    return platform.machine() + "".join(lines)
-
-
-def build_kernel(kernel_dir: Path = KERNEL_DIR, cache_dir: Optional[Path] = None) -> Path:
-    """Compile the kernel once per (source, flags, compiler, CPU); returns the shared library."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise CpuKernelUnavailable("no C compiler found (set CC, or install gcc)")
-    source = (Path(kernel_dir) / SOURCE).read_text()
-    key = hashlib.sha256("\0".join([source, cc, *CFLAGS, _cpu_id()]).encode()).hexdigest()[:16]
-    cache = Path(cache_dir or os.environ.get("PAGEDSERVE_CACHE_DIR") or Path.home() / ".cache" / "pagedserve")
-    lib = cache / f"paged_attention_cpu-{key}.so"
-    if lib.exists():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)     # build beside, then rename: concurrent
-    os.close(fd)                                              # builders never see half a library
-    try:
-        proc = subprocess.run([cc, *CFLAGS, "-x", "c", "-", "-o", tmp, "-lm"], input=source,
-                              capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise CpuKernelUnavailable(f"{cc} failed to build {SOURCE}: {proc.stderr.strip()[-500:]}")
-        os.replace(tmp, lib)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise CpuKernelUnavailable(f"could not run {cc}: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return lib
-
-
-class CpuKernel:
-    """The loaded library: ``decode(q, kv, tables, ctx, scale) -> out`` for float32 tensors."""
-
-    def __init__(self, path: Path):
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as e:
-            raise CpuKernelUnavailable(f"could not load {path}: {e}") from e
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.pagedserve_decode_f32.argtypes = [ptr] * 6 + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
-        lib.pagedserve_decode_f32.restype = ctypes.c_int
-        lib.pagedserve_cpu_limits.argtypes = [ctypes.POINTER(i64)] * 3
-        limits = [i64(), i64(), i64()]
-        lib.pagedserve_cpu_limits(*(ctypes.byref(x) for x in limits))
-        self.max_group, self.max_block_size, self.max_head_dim = (x.value for x in limits)
-        self._decode = lib.pagedserve_decode_f32
-
-    def supports(self, kv: Tensor, num_q_heads: int) -> bool:
-        _, _, hkv, bs, d = kv.shape
-        return (kv.dtype == torch.float32 and kv.device.type == "cpu" and kv.is_contiguous()
-                and num_q_heads % hkv == 0 and num_q_heads // hkv <= self.max_group
-                and bs <= self.max_block_size and d <= self.max_head_dim)
-
-    def decode(self, q: Tensor, kv: Tensor, tables: Tensor, ctx: Tensor, scale: float) -> Tensor:
-        # q [S, Hq, D] float32; kv [2, N, Hkv, bs, D]; tables [S, nb] int32; ctx [S] int32 -> [S, Hq, D]
-        q, tables, ctx = q.contiguous(), tables.contiguous(), ctx.contiguous()
-        S, hq, d = q.shape
-        _, _, hkv, bs, _ = kv.shape
-        out = torch.empty_like(q)
-        rc = self._decode(q.data_ptr(), kv[0].data_ptr(), kv[1].data_ptr(), tables.data_ptr(),
-                          ctx.data_ptr(), out.data_ptr(), S, hq, hkv, d, bs, tables.shape[1],
-                          scale, torch.get_num_threads())
-        if rc != 0:
-            raise ValueError(f"shape outside the CPU kernel's limits: Hq {hq}, Hkv {hkv}, bs {bs}, D {d}")
-        return out
-
-
-_kernel: Optional[CpuKernel] = None
-
-
-def load_kernel() -> CpuKernel:
-    """Build (first time on this machine) and load the kernel, once per process."""
-    global _kernel
-    if _kernel is None:
-        _kernel = CpuKernel(build_kernel())
-    return _kernel
+from services.executor.cpu_kernels import CpuKernels, load_kernels
 
 
 class CpuBackend(TorchBackend):
     name = "cpu"
 
-    def __init__(self, kernel: Optional[CpuKernel] = None):
-        self.kernel = kernel or load_kernel()
+    def __init__(self, kernels: Optional[CpuKernels] = None):
+        self.kernel = kernels or load_kernels()
 
     def _attend_decode(self, q: Tensor, kv: Tensor, meta: AttentionMetadata, dec: _DecodePlan,
                        scale: float) -> Tensor:
@@ -141,3 +38,9 @@ class CpuBackend(TorchBackend):
             step = meta.scratch["cpu_decode"] = (tables.to(torch.int32).contiguous(),
                                                  ctx.to(torch.int32).contiguous())
         return self.kernel.decode(q, kv, *step, scale)
+
+    def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float
+                     ) -> Optional[tuple[Tensor, Tensor]]:
+        if not (x.dtype == residual.dtype == weight.dtype == torch.float32) or x.device.type != "cpu":
+            return None
+        return self.kernel.add_rms_norm(x, residual, weight, eps)

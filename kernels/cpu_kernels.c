@@ -1,10 +1,12 @@
-/* Paged decode attention on the CPU: one new query token per sequence, K and V read in place from
+/* CPU kernels of the executor (float32), loaded by services/executor/cpu_kernels.py.
+ *
+ * Paged decode attention: one new query token per sequence, K and V read in place from
  * the paged cache, with no gathered copy. The torch reference gathers every sequence's K/V into a
  * padded batch and then runs SDPA over it: it moves the bytes three times, and this reads them once.
  *
- * Built once per machine with the system C compiler (see CFLAGS in cpu.py) and loaded with
- * ctypes by services/executor/attention/cpu.py; OpenMP binds to the libgomp torch already loaded
- * (same soname), so the kernel shares torch's thread pool.
+ * Built once per machine with the system C compiler (CFLAGS in services/executor/cpu_kernels.py)
+ * and loaded with ctypes; OpenMP binds to the libgomp torch already loaded (same soname), so the
+ * kernels share torch's thread pool.
  *
  * Layouts (float32, contiguous):
  *   q       [S, Hq, D]          the decode rows' queries
@@ -106,4 +108,29 @@ int pagedserve_decode_f32(const float *q, const float *k, const float *v, const 
         }
     }
     return 0;
+}
+
+/* Residual add fused with RMSNorm, the op between every two sublayers of the decoder:
+ *   residual[t] += x[t];  out[t] = residual[t] * rsqrt(mean(residual[t]^2) + eps) * weight
+ * x, residual, out [T, D] float32 contiguous (out may not alias the others); weight [D].
+ * Eight small torch ops (add, pow, mean, add, rsqrt, mul, mul) become one pass over the rows. */
+void pagedserve_add_rms_norm_f32(const float *x, float *residual, const float *weight, float *out,
+                                 int64_t T, int64_t D, float eps, int num_threads)
+{
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (T * D > 65536)
+    for (int64_t t = 0; t < T; ++t) {
+        float *r = residual + t * D;
+        const float *xt = x + t * D;
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < D; ++i) {
+            r[i] += xt[i];
+            ss += r[i] * r[i];
+        }
+        const float inv = 1.0f / sqrtf(ss / (float)D + eps);
+        float *o = out + t * D;
+#pragma omp simd
+        for (int64_t i = 0; i < D; ++i)
+            o[i] = r[i] * inv * weight[i];
+    }
 }
