@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -74,6 +75,8 @@ def test_kernel_is_built_once_per_source_and_reused(tmp_path):
     mtime = first.stat().st_mtime_ns
     assert build_kernel(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]          # no temporary left behind
+    symbols = subprocess.run(["nm", str(first)], capture_output=True, text=True).stdout
+    assert "set_fast_math" not in symbols       # -ffast-math at link time would flush denormals process-wide
 
 
 def test_no_compiler_or_a_bad_source_falls_back_to_the_reference(tmp_path, monkeypatch):

@@ -25,7 +25,10 @@ from torch import Tensor
 from services.executor.attention import KERNEL_DIR
 
 SOURCE = "cpu_kernels.c"
-CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+# Compile and link are two commands: linking a shared library with -ffast-math (gcc < 13) adds
+# crtfastmath.o, whose constructor turns on flush-to-zero for the whole process, torch included.
+CFLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11")
+LDFLAGS = ("-shared", "-fopenmp", "-lmvec", "-lm")
 
 
 class CpuKernelUnavailable(RuntimeError):
@@ -48,25 +51,23 @@ def build_kernel(kernel_dir: Path = KERNEL_DIR, cache_dir: Optional[Path] = None
     if not cc:
         raise CpuKernelUnavailable("no C compiler found (set CC, or install gcc)")
     source = (Path(kernel_dir) / SOURCE).read_text()
-    key = hashlib.sha256("\0".join([source, cc, *CFLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source, cc, *CFLAGS, *LDFLAGS, _cpu_id()]).encode()).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("PAGEDSERVE_CACHE_DIR") or Path.home() / ".cache" / "pagedserve")
     lib = cache / f"cpu_kernels-{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)     # build beside, then rename: concurrent
-    os.close(fd)                                              # builders never see half a library
-    try:
-        proc = subprocess.run([cc, *CFLAGS, "-x", "c", "-", "-o", tmp, "-lm"], input=source,
-                              capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise CpuKernelUnavailable(f"{cc} failed to build {SOURCE}: {proc.stderr.strip()[-500:]}")
-        os.replace(tmp, lib)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise CpuKernelUnavailable(f"could not run {cc}: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:      # build beside, then rename: concurrent
+        obj, so = os.path.join(tmp, "k.o"), os.path.join(tmp, "k.so")     # builders never load half a file
+        steps = [([cc, *CFLAGS, "-c", "-x", "c", "-", "-o", obj], source), ([cc, obj, "-o", so, *LDFLAGS], None)]
+        for cmd, stdin in steps:
+            try:
+                proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise CpuKernelUnavailable(f"could not run {cc}: {e}") from e
+            if proc.returncode != 0:
+                raise CpuKernelUnavailable(f"{cc} failed to build {SOURCE}: {proc.stderr.strip()[-500:]}")
+        os.replace(so, lib)
     return lib
 
 
