@@ -106,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"pagedserve executor: {e}", file=sys.stderr)
         return 1
     ready = worker.ready()
-    log.info("model %s on %s: %d blocks of %d tokens (+%d host), max_model_len %d",
+    log.info("model %s on %s: %d blocks of %d tokens (+%d host), max_model_len %d, attention backend %s",
              ready.model, ready.device, ready.num_blocks, ready.block_size, ready.num_host_blocks,
-             ready.max_model_len)
+             ready.max_model_len, worker.backend.name)
     ctx = zmq.Context()
     sock = transport.router(ctx, addr)
     log.info("executor listening on %s", addr)
