@@ -13,7 +13,7 @@ import torch
 from services.executor.attention import get_backend
 from services.executor.attention.cpu import CpuBackend
 from services.executor.attention.torch_ref import TorchBackend
-from services.executor.cpu_kernels import CpuKernelUnavailable, build_kernel, load_kernels
+from services.executor.cpu_kernels import CpuKernelUnavailable, build_library, load_kernels
 from tests.test_attention_ref import CASES, make_meta, naive_attention, random_case
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -71,9 +71,9 @@ def test_other_dtypes_and_oversized_groups_take_the_reference_path():
 
 @needs_cc
 def test_kernel_is_built_once_per_source_and_reused(tmp_path):
-    first = build_kernel(cache_dir=tmp_path)
+    first = build_library(cache_dir=tmp_path)
     mtime = first.stat().st_mtime_ns
-    assert build_kernel(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == mtime
+    assert build_library(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [first.name]          # no temporary left behind
     symbols = subprocess.run(["nm", str(first)], capture_output=True, text=True).stdout
     assert "set_fast_math" not in symbols       # -ffast-math at link time would flush denormals process-wide
@@ -86,12 +86,12 @@ def test_no_compiler_or_a_bad_source_falls_back_to_the_reference(tmp_path, monke
     (tmp_path / "src" / cpu_mod.SOURCE).write_text("this is not C\n")
     if shutil.which("cc") or shutil.which("gcc"):
         with pytest.raises(CpuKernelUnavailable, match="failed to build"):
-            build_kernel(kernel_dir=tmp_path / "src", cache_dir=tmp_path / "cache")
+            build_library(kernel_dir=tmp_path / "src", cache_dir=tmp_path / "cache")
         assert not list((tmp_path / "cache").iterdir())
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(cpu_mod, "_kernels", None)
     with pytest.raises(CpuKernelUnavailable, match="could not run"):
-        build_kernel(cache_dir=tmp_path / "cache2")
+        build_library(cache_dir=tmp_path / "cache2")
     with pytest.warns(UserWarning, match="CPU attention kernel unavailable"):
         backend = get_backend("auto", "cpu")
     assert type(backend) is TorchBackend

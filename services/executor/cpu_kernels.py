@@ -32,7 +32,7 @@ LDFLAGS = ("-shared", "-fopenmp", "-lmvec", "-lm")
 
 
 class CpuKernelUnavailable(RuntimeError):
-    """No C compiler, or the kernel did not build or load."""
+    """No C compiler, or the library did not build or load."""
 
 
 def _cpu_id() -> str:
@@ -45,8 +45,8 @@ def _cpu_id() -> str:
     return platform.machine() + "".join(lines)
 
 
-def build_kernel(kernel_dir: Path = KERNEL_DIR, cache_dir: Optional[Path] = None) -> Path:
-    """Compile the kernel once per (source, flags, compiler, CPU); returns the shared library."""
+def build_library(kernel_dir: Path = KERNEL_DIR, cache_dir: Optional[Path] = None) -> Path:
+    """Compile the kernels once per (source, flags, compiler, CPU); returns the shared library."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise CpuKernelUnavailable("no C compiler found (set CC, or install gcc)")
@@ -110,7 +110,6 @@ class CpuKernels:
             raise ValueError(f"shape outside the CPU kernel's limits: Hq {hq}, Hkv {hkv}, bs {bs}, D {d}")
         return out
 
-
     def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         """x, residual [T, D] float32 -> (rms_norm(residual + x) * weight, residual + x); the sum is
         written into ``residual`` (the caller's running residual stream, owned by the forward)."""
@@ -131,5 +130,5 @@ def load_kernels() -> CpuKernels:
     """Build (first time on this machine) and load the kernels, once per process."""
     global _kernels
     if _kernels is None:
-        _kernels = CpuKernels(build_kernel())
+        _kernels = CpuKernels(build_library())
     return _kernels
