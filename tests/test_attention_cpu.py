@@ -107,3 +107,16 @@ def test_add_rms_norm_matches_torch(T, D):
     out, new_residual = load_kernels().add_rms_norm(x, residual.clone(), weight, 1e-5)
     torch.testing.assert_close(new_residual, want_sum, atol=0, rtol=0)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_dir_is_the_env_then_the_repository_then_the_wheel_copy(tmp_path, monkeypatch):
+    from services.executor.attention import KERNEL_DIR, find_kernel_dir
+
+    assert (KERNEL_DIR / "cpu_kernels.c").is_file() and (KERNEL_DIR / "paged_attention.cu").is_file()
+    installed = tmp_path / "prefix" / "share" / "pagedserve" / "kernels"
+    installed.mkdir(parents=True)
+    monkeypatch.delenv("PAGEDSERVE_KERNEL_DIR", raising=False)
+    assert find_kernel_dir(KERNEL_DIR.parent, str(tmp_path / "prefix")) == KERNEL_DIR
+    assert find_kernel_dir(tmp_path / "no-repo", str(tmp_path / "prefix")) == installed
+    monkeypatch.setenv("PAGEDSERVE_KERNEL_DIR", str(tmp_path / "mine"))
+    assert find_kernel_dir(KERNEL_DIR.parent, str(tmp_path / "prefix")) == tmp_path / "mine"

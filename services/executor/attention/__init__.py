@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,16 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-# kernels/ at the repository root (the CUDA .cu files and the CPU .c file)
-KERNEL_DIR = Path(os.environ.get("PAGEDSERVE_KERNEL_DIR", Path(__file__).resolve().parents[3] / "kernels"))
+def find_kernel_dir(repo: Path = Path(__file__).resolve().parents[3], prefix: str = sys.prefix) -> Path:
+    """kernels/ (the CUDA .cu files and the CPU .c file): $PAGEDSERVE_KERNEL_DIR, else the
+    repository's (source checkout, editable install, Docker), else the copy a wheel installs."""
+    if os.environ.get("PAGEDSERVE_KERNEL_DIR"):
+        return Path(os.environ["PAGEDSERVE_KERNEL_DIR"])
+    installed = Path(prefix) / "share" / "pagedserve" / "kernels"
+    return repo / "kernels" if (repo / "kernels").is_dir() or not installed.is_dir() else installed
+
+
+KERNEL_DIR = find_kernel_dir()
 
 
 @dataclass
