@@ -305,6 +305,22 @@ def test_memory_sweep_paged_serves_more_than_contiguous(tmp_path, capsys):
     assert "| 128 | 2048 |" in capsys.readouterr().out
 
 
+def test_only_the_http_tools_need_the_http_client(monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_httpx(name, *a, **k):
+        if name == "httpx":
+            raise ImportError("no httpx here")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_httpx)
+    assert main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1"]) == 2
+    assert "HTTP client is missing" in capsys.readouterr().err
+    assert main(["bench", "sweep", "memory", "--num-blocks", "64", "--num-requests", "4",
+                 "--max-model-len", "256"]) == 0
+
+
 def test_prefix_ratios():
     def run(mean, p50, ok=1):
         return {"ttft_ms": {"mean": mean, "p50": p50}, "completed": ok}

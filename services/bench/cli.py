@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     module, _ = TOOLS[args.bench_command]
-    if module is not compare:
+    offline = module is compare or getattr(args, "sweep_mode", None) == "memory"   # no HTTP client
+    if not offline:
         try:
             import httpx  # noqa: F401
         except ImportError:

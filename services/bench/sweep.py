@@ -296,8 +296,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import httpx
-
+    if args.sweep_mode == "memory":                   # the simulator: no server, no HTTP client
+        http_errors: tuple[type[BaseException], ...] = ()
+    else:
+        import httpx
+        http_errors = (httpx.HTTPError,)
     sweep, table, plot = MODES[args.sweep_mode]
     try:
         if args.sweep_mode == "prefix":
@@ -308,7 +311,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"pagedserve bench sweep {args.sweep_mode}: {e}", file=sys.stderr)
         return 1
-    except httpx.HTTPError as e:
+    except http_errors as e:
         print(f"pagedserve bench sweep {args.sweep_mode}: cannot reach the server: {e}", file=sys.stderr)
         return 1
     print(table(report))
