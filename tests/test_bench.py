@@ -283,11 +283,11 @@ def test_compare_cli_rejects_counts_below_one(flag, capsys):
     assert "must be >= 1" in capsys.readouterr().err
 
 
-def test_hf_config_from_preset_round_trips():
+def test_model_config_to_hf_round_trips():
     from services.executor.model import PRESETS, ModelConfig
 
-    for name in ("tiny", "smollm2-135m"):
-        assert ModelConfig.from_hf(compare.hf_config_from_preset(name)) == PRESETS[name]
+    for name in ("tiny", "smollm2-135m", "llama-1b"):
+        assert ModelConfig.from_hf(PRESETS[name].to_hf()) == PRESETS[name]
 
 
 # ------------------------------------------------------------------------------------ sweeps

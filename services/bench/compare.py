@@ -59,23 +59,6 @@ class CompareOptions:
 # ------------------------------------------------------------------------ one system, in a child
 
 
-def hf_config_from_preset(preset: str):
-    """A transformers LlamaConfig with the shape of one of our random presets."""
-    from transformers import LlamaConfig
-
-    from services.executor.model import ModelConfig
-
-    cfg = ModelConfig.from_preset(preset)
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta} | (cfg.rope_scaling or {})
-    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-                       head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps, rope_parameters=rope,
-                       max_position_embeddings=cfg.max_position_embeddings,
-                       tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.attention_bias,
-                       bos_token_id=cfg.bos_token_id, eos_token_id=list(cfg.eos_token_ids))
-
-
 def random_hf_state(hf_config, seed: int, dtype) -> dict:
     """Seeded HF-named random weights (normal, std 0.02; norms at 1) for ``hf_config``."""
     import torch
@@ -95,12 +78,13 @@ def random_hf_state(hf_config, seed: int, dtype) -> dict:
 
 def load_checkpoint(model: str, dtype, seed: int = 0):
     """(transformers config, HF-named state dict): from the model's files, or random for random:<preset>."""
+    from services.executor.model import ModelConfig
     from services.executor.weights import load_hf_checkpoint
     from shared.model_path import resolve_model
 
     src = resolve_model(model)
     if src.random_preset is not None:
-        hf_config = hf_config_from_preset(src.random_preset)
+        hf_config = ModelConfig.from_preset(src.random_preset).to_hf()
         return src.name, hf_config, random_hf_state(hf_config, seed, dtype)
     hf_config, state = load_hf_checkpoint(src, dtype=dtype)
     return src.name, hf_config, state

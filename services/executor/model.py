@@ -48,7 +48,7 @@ class ModelConfig:
         rope = dict(get("rope_parameters") or {})
         legacy = get("rope_scaling") or {}
         rope_theta = rope.pop("rope_theta", None) or get("rope_theta") or 10000.0
-        rope.update({k: v for k, v in dict(legacy).items() if k not in rope})
+        rope.update({k: v for k, v in dict(legacy).items() if k not in rope and k != "rope_theta"})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3", "linear"):
             raise ValueError(f"unsupported rope scaling {rope_type!r} (supported: default, llama3, linear)")
@@ -68,6 +68,20 @@ class ModelConfig:
             attention_bias=bool(get("attention_bias", False)),
             bos_token_id=get("bos_token_id"), eos_token_ids=eos,
         )
+
+    def to_hf(self):
+        """The transformers LlamaConfig of this shape (``from_hf`` inverts it): HF runs the same
+        random-weight presets in the side-by-side benchmark."""
+        from transformers import LlamaConfig
+
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta} | (self.rope_scaling or {})
+        return LlamaConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                           intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                           num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+                           head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_parameters=rope,
+                           max_position_embeddings=self.max_position_embeddings,
+                           tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
+                           bos_token_id=self.bos_token_id, eos_token_id=list(self.eos_token_ids))
 
     @classmethod
     def from_preset(cls, name: str) -> "ModelConfig":
