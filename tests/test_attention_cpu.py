@@ -88,6 +88,9 @@ def test_no_compiler_or_a_bad_source_falls_back_to_the_reference(tmp_path, monke
         with pytest.raises(CpuKernelUnavailable, match="failed to build"):
             build_library(kernel_dir=tmp_path / "src", cache_dir=tmp_path / "cache")
         assert not list((tmp_path / "cache").iterdir())
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CpuKernelUnavailable, match="cannot build in"):
+        build_library(cache_dir=tmp_path / "file" / "cache")                # not a directory
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(cpu_mod, "_kernels", None)
     with pytest.raises(CpuKernelUnavailable, match="could not run"):

@@ -56,19 +56,26 @@ def build_library(kernel_dir: Path = KERNEL_DIR, cache_dir: Optional[Path] = Non
     lib = cache / f"cpu_kernels-{key}.so"
     if lib.exists():
         return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:      # build beside, then rename: concurrent
-        obj, so = os.path.join(tmp, "k.o"), os.path.join(tmp, "k.so")     # builders never load half a file
-        steps = [([cc, *CFLAGS, "-c", "-x", "c", "-", "-o", obj], source), ([cc, obj, "-o", so, *LDFLAGS], None)]
-        for cmd, stdin in steps:
-            try:
-                proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise CpuKernelUnavailable(f"could not run {cc}: {e}") from e
-            if proc.returncode != 0:
-                raise CpuKernelUnavailable(f"{cc} failed to build {SOURCE}: {proc.stderr.strip()[-500:]}")
-        os.replace(so, lib)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:      # build beside, then rename: concurrent
+            _compile(cc, source, tmp, lib)                       # builders never load half a file
+    except OSError as e:
+        raise CpuKernelUnavailable(f"cannot build in {cache}: {e}") from e
     return lib
+
+
+def _compile(cc: str, source: str, tmp: str, lib: Path) -> None:
+    obj, so = os.path.join(tmp, "k.o"), os.path.join(tmp, "k.so")
+    compile_, link = [cc, *CFLAGS, "-c", "-x", "c", "-", "-o", obj], [cc, obj, "-o", so, *LDFLAGS]
+    for cmd, stdin in ((compile_, source), (link, None)):
+        try:
+            proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise CpuKernelUnavailable(f"could not run {cc}: {e}") from e
+        if proc.returncode != 0:
+            raise CpuKernelUnavailable(f"{cc} failed to build {SOURCE}: {proc.stderr.strip()[-500:]}")
+    os.replace(so, lib)
 
 
 class CpuKernels:
