@@ -37,8 +37,8 @@ def test_cpu_backend_matches_the_reference_and_naive(hq, hkv, d, case, bs):
                                atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(got, naive_attention(query, kv, q_lens, ctx_lens, tables, scale),
                                atol=1e-5, rtol=1e-5)
-    if any(n == 1 for n in q_lens):
-        assert "cpu_decode" in meta.scratch                 # the decode rows went through the kernel
+    if any(n == 1 for n in q_lens):                          # the decode rows went through the kernel:
+        assert meta.scratch["torch_ref"]["decode"].kv_rows is None          # nothing was gathered
 
 
 @needs_cc
@@ -62,7 +62,7 @@ def test_other_dtypes_and_oversized_groups_take_the_reference_path():
     kv16, q16 = kv.to(torch.bfloat16), query.to(torch.bfloat16)
     meta = make_meta(q_lens, ctx_lens, tables)
     got = CpuBackend().attend(q16, kv16, meta, 0.25)
-    assert "cpu_decode" not in meta.scratch
+    assert meta.scratch["torch_ref"]["decode"].kv_rows is not None       # the reference gathered
     assert torch.equal(got, TorchBackend().attend(q16, kv16, make_meta(q_lens, ctx_lens, tables), 0.25))
     kernel = load_kernels()
     wide = torch.zeros(2, 4, 1, 4, 16)                       # 1 KV head for 32 query heads: G = 32

@@ -30,14 +30,7 @@ class CpuBackend(TorchBackend):
                        scale: float) -> Tensor:
         if q.dtype != torch.float32 or not self.kernel.supports(kv, q.shape[1]):
             return super()._attend_decode(q, kv, meta, dec, scale)
-        step = meta.scratch.get("cpu_decode")
-        if step is None:                                  # per step, shared by every layer
-            tables, ctx = meta.block_tables, meta.context_lens
-            if dec.seqs is not None:
-                tables, ctx = tables[dec.seqs], ctx[dec.seqs]
-            step = meta.scratch["cpu_decode"] = (tables.to(torch.int32).contiguous(),
-                                                 ctx.to(torch.int32).contiguous())
-        return self.kernel.decode(q, kv, *step, scale)
+        return self.kernel.decode(q, kv, dec.tables, dec.ctx, scale)
 
     def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float
                      ) -> Optional[tuple[Tensor, Tensor]]:

@@ -79,11 +79,12 @@ def group_prefills(seqs: list[int], q_lens: list[int], ctx_lens: list[int], bloc
 @dataclass
 class _DecodePlan:
     rows: Optional[Tensor]          # [S] token rows of the decode seqs (None: every row, in order)
-    seqs: Optional[Tensor]          # [S] their sequence indices in the step (None: all, in order)
-    kv_rows: Tensor                 # [2 * S*Hkv*nb] from _kv_rows
-    shape: tuple[int, int, int]     # (S, Hkv, nb)
-    mask: Tensor                    # [S, 1, 1, nb*bs] additive
-    buf: Optional[Tensor] = None    # gather output, shared by every layer
+    tables: Tensor                  # [S, nb] int32 contiguous, their block tables
+    ctx: Tensor                     # [S] int32 contiguous, their context lengths
+    # the gather path's, built on the first layer that takes it (a kernel backend never does)
+    kv_rows: Optional[Tensor] = None    # [2 * S*Hkv*nb] from _kv_rows
+    mask: Optional[Tensor] = None       # [S, 1, 1, nb*bs] additive
+    buf: Optional[Tensor] = None        # gather output, shared by every layer
 
 
 @dataclass
@@ -146,7 +147,7 @@ class TorchBackend(AttentionBackend):
         if dec:
             nb = -(-max(ctx_lens[b] for b in dec) // bs)
             if len(dec) == meta.num_seqs:
-                idx = rows = None                           # all rows, in order
+                rows = None                                 # all rows, in order
                 tables = meta.block_tables[:, :nb]
                 ctx = meta.context_lens
             else:
@@ -154,9 +155,7 @@ class TorchBackend(AttentionBackend):
                 rows = meta.cu_seqlens_q.long()[idx]
                 tables = meta.block_tables[idx, :nb]
                 ctx = meta.context_lens[idx]
-            key_pos = torch.arange(nb * bs, device=device)
-            mask = _additive((key_pos[None, :] < ctx[:, None].long())[:, None, None, :], kv.dtype)  # [S,1,1,L]
-            plan["decode"] = _DecodePlan(rows, idx, _kv_rows(tables, num_blocks, hkv), (len(dec), hkv, nb), mask)
+            plan["decode"] = _DecodePlan(rows, tables.to(torch.int32).contiguous(), ctx.to(torch.int32).contiguous())
         multi = [b for b in range(meta.num_seqs) if q_lens[b] > 1]
         for group in group_prefills(multi, q_lens, ctx_lens, bs):
             plan["prefill"].append(self._prefill_plan(meta, group, q_lens, ctx_lens, cu, num_blocks, kv))
@@ -221,10 +220,14 @@ class TorchBackend(AttentionBackend):
                        scale: float) -> Tensor:
         """The decode rows: q [S, Hq, D] -> [S, Hq, D], gathered K/V and one masked SDPA."""
         s, hq, d = q.shape
-        hkv, dtype = kv.shape[2], q.dtype
+        _, num_blocks, hkv, bs, _ = kv.shape
+        nb, dtype = dec.tables.shape[1], q.dtype
+        if dec.kv_rows is None:
+            dec.kv_rows = _kv_rows(dec.tables, num_blocks, hkv)
+            key_pos = torch.arange(nb * bs, device=kv.device)
+            dec.mask = _additive((key_pos[None, :] < dec.ctx[:, None].long())[:, None, None, :], kv.dtype)
+            dec.buf = kv.new_empty(dec.kv_rows.numel(), bs * d)
         q = q.view(s, hkv, hq // hkv, d).to(kv.dtype)                          # [S, Hkv, G, D]: G as query length
-        if dec.buf is None:
-            dec.buf = kv.new_empty(dec.kv_rows.numel(), kv.shape[3] * d)
-        k, v = _gather_kv(kv, dec.kv_rows, dec.shape, dec.buf)                   # [S, Hkv, L, D] each
+        k, v = _gather_kv(kv, dec.kv_rows, (s, hkv, nb), dec.buf)               # [S, Hkv, L, D] each
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=dec.mask, scale=scale)
         return o.reshape(s, hq, d).to(dtype)
