@@ -18,6 +18,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from shared.config import ATTENTION_BACKENDS
+
+
 def find_kernel_dir(repo: Path = Path(__file__).resolve().parents[3], prefix: str = sys.prefix) -> Path:
     """kernels/ (the CUDA .cu files and the CPU .c file): $PAGEDSERVE_KERNEL_DIR, else the
     repository's (source checkout, editable install, Docker), else the copy a wheel installs."""
@@ -109,7 +112,7 @@ def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
     if name == "torch":
         from services.executor.attention.torch_ref import TorchBackend
         return TorchBackend()
-    raise ValueError(f"unknown attention backend {name!r} (choose auto, torch, cpu or cuda)")
+    raise ValueError(f"unknown attention backend {name!r} (choose one of {', '.join(ATTENTION_BACKENDS)})")
 
 
 __all__ = ["AttentionMetadata", "AttentionBackend", "KERNEL_DIR", "get_backend"]

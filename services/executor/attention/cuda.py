@@ -37,7 +37,6 @@ to per-layer gathered torch copies (``h[:, idx] = d[:, idx].cpu()``).
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,6 @@ CACHE_THREADS = 128
 HEAD_DIMS = (64, 128)
 BLOCK_SIZES = (16, 32)
 DTYPE_TAGS = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
-
 
 _INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
