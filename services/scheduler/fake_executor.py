@@ -282,14 +282,14 @@ class FakeExecutor:
     def _write(self, sid: int, s: _Seq, n: int) -> None:
         """Store tokens ``[computed, computed + n)`` into their slots."""
         bs, kv, table = self.block_size, self.kv, s.table
-        last = -1
+        last, shared = -1, False
         for pos in range(s.computed, s.computed + n):
             block = table[pos // bs]
             if self.strict and block != last:
-                last = block
+                last, shared = block, self._refs(block) > 1
                 self._overwritten(block, sid)
             token = s.token(pos)
-            if self.strict and self._refs(block) > 1:
+            if shared:
                 self._check_shared_write(sid, block, pos % bs, token)
             kv[block][pos % bs] = token
         self.tokens_computed += n
