@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL_STAMP := $(VENV)/.model-installed
 
-.PHONY: test serve setup bench clean
+.PHONY: test test-fast serve setup bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,10 @@ setup: $(MODEL_STAMP)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The unit tier (no sockets, subprocesses or model load; tests/conftest.py): the edit-test loop.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m unit $(PYTEST_ARGS)
 
 serve: setup
 	$(BIN)/pagedserve serve $(SERVE_ARGS)

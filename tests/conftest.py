@@ -76,10 +76,60 @@ def pytest_addoption(parser):
                      help="also run the tests marked slow (soak variants); PAGEDSERVE_RUN_SLOW=1 does the same")
 
 
+# ---------------------------------------------------------------------------------- test tiers
+# `unit`: no sockets, no subprocesses, no model load (`make test-fast`); `integration`: the rest.
+# A test is integration when it asks for a model fixture below, is marked so itself, or lives in
+# one of these modules; every other test is unit, and a unit test that opens a socket or starts a
+# process fails (``_unit_tier_guard``), so a wrong tier shows up in `make test`, not in a slow loop.
+MODEL_FIXTURES = frozenset({"default_model_source", "hf_checkpoint", "hf_model", "hf_tokenizer",
+                            "default_loaded_model", "default_worker_factory"})
+INTEGRATION_MODULES = frozenset({
+    "test_attention_cpu",        # builds the C kernels with cc
+    "test_bench", "test_cli_and_compose", "test_fuzz_openapi", "test_gateway", "test_kernels_compile",
+    "test_launcher", "test_limits", "test_no_torch_import", "test_scheduler_service", "test_security",
+    "test_serve_e2e", "test_soak", "test_worker_errors", "test_fuzz_wire",
+})
+
+
+def _tier(item) -> str:
+    if item.get_closest_marker("integration") or item.get_closest_marker("slow"):
+        return "integration"
+    if item.module.__name__.rpartition(".")[2] in INTEGRATION_MODULES:
+        return "integration"
+    return "integration" if MODEL_FIXTURES & set(item.fixturenames) else "unit"
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(_tier(item))
     if config.getoption("--run-slow") or os.environ.get("PAGEDSERVE_RUN_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with --run-slow or PAGEDSERVE_RUN_SLOW=1")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tier_guard(request, monkeypatch):
+    """In a unit test, opening a socket (ZeroMQ too) or starting a process is an error."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    import socket
+    import subprocess
+
+    def refuse(what):
+        def fail(*_args, **_kwargs):
+            raise RuntimeError(f"{what} in a unit-tier test: mark it integration (tests/conftest.py)")
+        return fail
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("a subprocess"))
+    for name in ("bind", "connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse("a socket"))
+    try:
+        import zmq
+        monkeypatch.setattr(zmq.Context, "socket", refuse("a ZeroMQ socket"))
+    except ImportError:
+        pass
+    yield

@@ -126,6 +126,7 @@ def test_copy_blocks_copies_k_and_v_in_every_layer():
         assert torch.equal(c[:, untouched], b[:, untouched])
 
 
+@pytest.mark.integration   # auto builds the C kernels with cc
 def test_get_backend_falls_back_to_torch_on_cpu():
     assert type(get_backend("torch", "cpu")) is TorchBackend
     assert isinstance(get_backend("auto", "cpu"), TorchBackend)      # the CPU backend extends it

@@ -764,6 +764,7 @@ def test_logprobs_travel_to_outputs():
     assert out[0].logprobs == [lp]
 
 
+@pytest.mark.integration   # a fresh interpreter
 def test_scheduler_imports_no_torch_or_numpy():
     code = ("import sys, services.scheduler.scheduler, services.scheduler.block_manager; "
             "print([m for m in ('torch', 'cupy', 'numpy') if m in sys.modules])")

@@ -88,6 +88,7 @@ def test_workloads_follow_their_definitions():
     assert possible_prefix_hits(shared, 16) == 16 * 32 * (50 - len({tuple(r.prompt[:512]) for r in shared}))
 
 
+@pytest.mark.integration   # runs the CLI in a subprocess
 def test_cli_prints_json_and_rejects_bad_flags(tmp_path):
     cmd = [sys.executable, "-m", "services.cli", "simulate", "--workload", "mixed", "--num-requests", "6",
            "--num-blocks", "256", "--seed", "0", "--out", str(tmp_path)]
