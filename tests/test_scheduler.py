@@ -6,7 +6,7 @@ import pytest
 
 from services.scheduler.scheduler import Scheduler
 from shared.config import CacheConfig, SchedulerConfig
-from services.scheduler.fake_executor import FakeExecutor
+from services.scheduler.sim.fake_executor import FakeExecutor
 from shared.messages import AddRequest, ExecutorError, NewSeq, SamplingParams, StepPlan, StepResult, encode
 from tests.scheduler_harness import CheckedFakeExecutor, run_to_completion, step
 
