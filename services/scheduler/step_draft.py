@@ -15,7 +15,7 @@ from shared.messages import Fork, NewSeq, StepPlan, TableUpdate
 
 if TYPE_CHECKING:
     from services.scheduler.block_manager import BlockManager
-    from services.scheduler.scheduler import Sequence
+    from services.scheduler.sequence import Sequence
 
 
 @dataclass(slots=True)
