@@ -141,10 +141,10 @@ def test_fork_shares_and_copy_on_write_before_writing_shared_block():
     assert bm.block_ids(1) == bm.block_ids(0)
     assert all(bm.ref_count(b) == 2 for b in bm.block_ids(0))
     bm.check_invariants()
-    assert bm.blocks_needed(0, 6, 1) == 1
-    copies = []
+    copies, free = [], bm.num_free_blocks
     shared_last = bm.block_ids(0)[1]
     assert bm.append_slots(0, 6, 1, copies) == 1                  # parent copies first
+    assert bm.num_free_blocks == free - 1                         # one block: the copy
     assert copies == [(shared_last, bm.block_ids(0)[1])] and bm.block_ids(0)[1] != shared_last
     assert bm.ref_count(shared_last) == 1
     assert bm.append_slots(1, 6, 1, copies) == -1                 # the last holder writes in place

@@ -171,15 +171,6 @@ class BlockManager:
         blocks can hold (copy-on-write not counted)."""
         return (len(self.tables[seq_id]) + self.pool.num_free) * self.block_size - num_computed
 
-    def blocks_needed(self, seq_id: int, num_computed: int, num_new: int) -> int:
-        """Free blocks ``append_slots`` would take: new table entries plus one copy-on-write."""
-        table = self.tables[seq_id]
-        need = max(cdiv(num_computed + num_new, self.block_size) - len(table), 0)
-        first = num_computed // self.block_size
-        if first < len(table) and self.pool.blocks[table[first]].ref_cnt > 1:
-            need += 1
-        return need
-
     def append_slots(self, seq_id: int, num_computed: int, num_new: int,
                      copies: list[tuple[int, int]]) -> Optional[int]:
         """Make room for tokens ``[num_computed, num_computed + num_new)``.

@@ -6,8 +6,10 @@ Each step packs, under the token budget (``max_num_batched_tokens``) and ``max_n
   2. running sequences in the middle of a chunked prefill (next chunk);
   3. swapped sequences, back in FIFO order when their blocks fit (no step that preempted);
   4. waiting sequences, FCFS, when their first chunk fits above the watermark (same).
-In 3 and 4 the reserve kept free is the watermark plus, for every admitted n > 1 request not forked
-yet (and the candidate itself), the ``n - 1`` blocks its children take right after the fork.
+3 and 4 are one admission path; its reserve kept free is the watermark plus, for every admitted
+n > 1 request not forked yet (and the candidate itself), the ``n - 1`` blocks its children take
+right after the fork. The step under construction is a ``StepDraft`` passed through the phases;
+it becomes the plan and, until ``update``, the step in flight.
 
 A request with ``n`` samples is one sequence until its prompt is computed; the step that computes
 the last prompt chunk forks ``n - 1`` children that share the parent's blocks. Afterwards every
