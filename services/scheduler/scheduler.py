@@ -454,7 +454,7 @@ class Scheduler:
         logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else None
         self._in_flight_step = -1
         outputs = []
-        for seq, num_tokens in self._in_flight.in_flight():
+        for seq, num_tokens in self._in_flight.sequences():
             if seq.status != RUNNING:
                 continue                                   # aborted while the step ran
             seq.num_computed += num_tokens

@@ -41,7 +41,7 @@ class StepDraft:
         """A sequence was preempted (either way): no one is admitted in this step."""
         return bool(self.preempted or self.swap_out)
 
-    def in_flight(self) -> Iterator[tuple[Sequence, int]]:
+    def sequences(self) -> Iterator[tuple[Sequence, int]]:
         """Every sequence the step computes for, the forked children last."""
         return chain(self.scheduled, self.children)
 
