@@ -187,3 +187,13 @@ def test_swap_out_and_in_round_trip():
     assert len(bm.match_prefix(prompt).blocks) == 2                # full blocks published again
     bm.free(0)
     bm.check_invariants()
+
+
+def test_check_invariants_catches_a_reference_no_table_holds():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    bm.allocate(0, 3)
+    bm.append_slots(0, 0, 3, [])
+    bm.check_invariants()
+    bm.pool.touch(bm.pool.blocks[bm.block_ids(0)[0]])             # a leaked reference
+    with pytest.raises(AssertionError, match="ref count 2, 1 table entries"):
+        bm.check_invariants()

@@ -365,6 +365,24 @@ def test_preemption_by_swap_resumes_and_completes():
     assert_drained(s)
 
 
+def test_swapped_sequences_come_back_before_any_waiting_one_is_admitted():
+    s, ex = crowded(num_host_blocks=16, preemption_mode="swap")
+    swapped_while_waiting = admitted = 0
+    for i in range(200):
+        if i < 12:
+            add(s, f"late{i}", prompt_of(5, 1000 + 10 * i), max_tokens=3)
+        if not s.has_unfinished():
+            break
+        swapped_while_waiting += bool(s.num_swapped and s.num_waiting)
+        plan = s.schedule()
+        if plan.new:
+            admitted += 1
+            assert s.num_swapped == 0 and not plan.swap_out and not plan.preempted
+        s.update(plan, ex.execute(plan))
+    assert swapped_while_waiting and admitted and not s.has_unfinished()
+    assert_drained(s)
+
+
 def test_swap_falls_back_to_recompute_when_host_pool_is_full():
     s, ex = crowded(num_host_blocks=1, preemption_mode="swap")
     plans = []

@@ -368,8 +368,6 @@ class Scheduler:
                 queue.popleft()
                 num_seqs += 1 + fork_blocks
                 pending += fork_blocks
-            if queue:
-                return                                     # swapped ones go before any waiting one
 
     def _swap_in(self, seq: Sequence, draft: StepDraft, free_blocks: int) -> bool:
         """Bring a swapped sequence back if all its blocks and its next chunk fit in ``free_blocks``."""
