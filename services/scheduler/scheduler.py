@@ -303,8 +303,9 @@ class Scheduler:
                     running.remove(victim)
                     self._preempt(victim, draft)
                     start = bm.append_slots(seq.seq_id, seq.num_computed, num_new, draft.copies)
-            if start is None:
-                num_new = self._chunk_size(remaining, draft.budget, bm.free_slots(seq.seq_id, seq.num_computed))
+            if start is None:                              # shrink the chunk to the free blocks
+                room = bm.free_slots(seq.seq_id, seq.num_computed)
+                num_new = self._chunk_size(remaining, draft.budget, room)
                 if num_new > 0:
                     start = bm.append_slots(seq.seq_id, seq.num_computed, num_new, draft.copies)
             if start is None:

@@ -20,16 +20,18 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class StepDraft:
-    budget: int                                         # tokens left under max_num_batched_tokens
-    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)   # (seq, tokens to compute)
-    children: list[tuple[Sequence, int]] = field(default_factory=list)    # forked now: in the plan as forks
-    samplers: list[int] = field(default_factory=list)   # seq ids that sample a token this step
-    new: list[NewSeq] = field(default_factory=list)     # admitted from the waiting queue
-    changed: dict[int, int] = field(default_factory=dict)                 # seq id -> first table index changed
-    copies: list[tuple[int, int]] = field(default_factory=list)           # copy-on-write (src, dst)
-    swap_out: list[tuple[int, int]] = field(default_factory=list)         # (device, host)
-    swap_in: list[tuple[int, int]] = field(default_factory=list)          # (host, device)
-    preempted: list[int] = field(default_factory=list)  # recompute victims: the executor drops them
+    budget: int                           # tokens left under max_num_batched_tokens
+    # (seq, tokens to compute): running, swapped-in and admitted sequences, in that order
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+    # forked this step (in the plan as ``forks``); they sample from their parent's logits row
+    children: list[tuple[Sequence, int]] = field(default_factory=list)
+    samplers: list[int] = field(default_factory=list)          # seq ids that sample this step
+    new: list[NewSeq] = field(default_factory=list)            # admitted from the waiting queue
+    changed: dict[int, int] = field(default_factory=dict)      # seq id -> first table index changed
+    copies: list[tuple[int, int]] = field(default_factory=list)     # copy-on-write (src, dst)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)   # (device, host)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)    # (host, device)
+    preempted: list[int] = field(default_factory=list)         # recompute victims
     forks: list[Fork] = field(default_factory=list)
 
     def add(self, seq: Sequence, num_tokens: int) -> None:
