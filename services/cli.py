@@ -15,7 +15,7 @@ SUBCOMMANDS = {
     "executor": ("services.executor.service", "run the model executor worker"),
     "gateway": ("services.gateway.server", "run the HTTP gateway (OpenAI-compatible API)"),
     "generate": ("services.offline", "offline batch generation for a list of prompts"),
-    "simulate": ("services.scheduler.simulate", "replay a synthetic workload: paged vs contiguous KV memory"),
+    "simulate": ("services.scheduler.sim.simulate", "replay a synthetic workload: paged vs contiguous KV memory"),
     "bench": ("services.bench.cli", "benchmark tools: bench serve | bench compare | bench sweep"),
 }
 

@@ -1,5 +1,5 @@
 """The scheduler driven in-process, step by step, against the shared fake executor
-(services/scheduler/fake_executor.py) with every check on.
+(services/scheduler/sim/fake_executor.py) with every check on.
 
 ``CheckedFakeExecutor`` is the strict fake built from a scheduler's config that, on top of the
 protocol and KV-content checks the fake makes itself, fails the test on any plan the fake rejects,
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from services.scheduler.fake_executor import FakeExecutor
+from services.scheduler.sim.fake_executor import FakeExecutor
 from shared.messages import StepPlan, StepResult, decode, encode
 
 

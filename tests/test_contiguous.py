@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from services.scheduler.contiguous import ContiguousAllocator, ContiguousSeq, ContiguousSimulator
+from services.scheduler.sim.contiguous import ContiguousAllocator, ContiguousSeq, ContiguousSimulator
 
 
 def test_first_fit_takes_the_lowest_run_and_free_coalesces():

@@ -4,9 +4,9 @@ import sys
 
 import pytest
 
-from services.scheduler.scheduler import Scheduler
+from services.scheduler.scheduler import Scheduler, victim_index
 from shared.config import CacheConfig, SchedulerConfig
-from services.scheduler.fake_executor import FakeExecutor
+from services.scheduler.sim.fake_executor import FakeExecutor
 from shared.messages import AddRequest, ExecutorError, NewSeq, SamplingParams, StepPlan, StepResult, encode
 from tests.scheduler_harness import CheckedFakeExecutor, run_to_completion, step
 
@@ -33,7 +33,8 @@ def assert_drained(s):
     assert not s.has_unfinished()
     assert s.num_free_blocks == s.block_manager.num_blocks
     assert s.block_manager.host.num_free == s.block_manager.host.num_blocks
-    assert not s.block_manager.tables and not s.seqs and not s.requests
+    assert s.block_manager.num_seqs == 0 and not s.seqs and not s.requests
+    s.block_manager.check_invariants()
 
 
 # ------------------------------------------------------------------------------------ basics
@@ -43,7 +44,7 @@ def test_single_request_runs_to_max_tokens():
     assert add(s, "a", prompt_of(10), max_tokens=5) is None
     plan = s.schedule()
     assert [n.seq_id for n in plan.new] == [0] and plan.new[0].num_new_tokens == 10
-    assert plan.new[0].block_ids == s.block_manager.tables[0] and len(plan.new[0].block_ids) == 3
+    assert plan.new[0].block_ids == s.block_manager.block_ids(0) and len(plan.new[0].block_ids) == 3
     outs = s.update(plan, ex.execute(plan))
     assert len(outs) == 1 and outs[0].num_prompt_tokens == 10 and outs[0].finish_reason is None
     res = run_to_completion(s, ex)
@@ -153,10 +154,10 @@ def test_a_step_that_never_ran_unpublishes_its_blocks():
     s, ex = make(block_size=4)
     add(s, "a", prompt_of(9), max_tokens=2)
     s.schedule()                                          # publishes a's 2 full blocks...
-    assert len(s.block_manager.pool.cached) == 2
+    assert len(s.block_manager.cached_block_ids()) == 2
     s.step_failed()                                       # ...which the failed plan never filled
     s.abort_request("a")
-    assert not s.block_manager.pool.cached
+    assert not s.block_manager.cached_block_ids()
     add(s, "b", prompt_of(9), max_tokens=2)
     plan = s.schedule()
     assert plan.new[0].num_computed == 0
@@ -194,14 +195,15 @@ def test_n_samples_fork_then_copy_on_write():
     children = [f.child for f in plan.forks]
     outs = s.update(plan, ex.execute(plan))
     assert sorted(o.index for o in outs) == [0, 1, 2]
-    assert all(s.block_manager.tables[c] == s.block_manager.tables[0] for c in children)
-    shared_last = s.block_manager.tables[0][1]
-    assert s.block_manager.pool.blocks[shared_last].ref_cnt == 3
+    bm = s.block_manager
+    assert all(bm.block_ids(c) == bm.block_ids(0) for c in children)
+    shared_last = bm.block_ids(0)[1]
+    assert bm.ref_count(shared_last) == 3
     plan = s.schedule()                                # each writes token 7 into the shared block 1
     assert len(plan.copies) == 2 and all(src == shared_last for src, _ in plan.copies)
     assert sorted((u.start, len(u.block_ids)) for u in plan.table_updates) == [(1, 1), (1, 1)]
     s.update(plan, ex.execute(plan))
-    assert s.block_manager.pool.blocks[s.block_manager.tables[0][0]].ref_cnt == 3   # full block shared
+    assert bm.ref_count(bm.block_ids(0)[0]) == 3                                    # full block shared
     res = run_to_completion(s, ex)
     assert len({tuple(res[("a", i)][0]) for i in range(3)}) == 3
     assert_drained(s)
@@ -363,6 +365,24 @@ def test_preemption_by_swap_resumes_and_completes():
     assert_drained(s)
 
 
+def test_swapped_sequences_come_back_before_any_waiting_one_is_admitted():
+    s, ex = crowded(num_host_blocks=16, preemption_mode="swap")
+    swapped_while_waiting = admitted = 0
+    for i in range(200):
+        if i < 12:
+            add(s, f"late{i}", prompt_of(5, 1000 + 10 * i), max_tokens=3)
+        if not s.has_unfinished():
+            break
+        swapped_while_waiting += bool(s.num_swapped and s.num_waiting)
+        plan = s.schedule()
+        if plan.new:
+            admitted += 1
+            assert s.num_swapped == 0 and not plan.swap_out and not plan.preempted
+        s.update(plan, ex.execute(plan))
+    assert swapped_while_waiting and admitted and not s.has_unfinished()
+    assert_drained(s)
+
+
 def test_swap_falls_back_to_recompute_when_host_pool_is_full():
     s, ex = crowded(num_host_blocks=1, preemption_mode="swap")
     plans = []
@@ -377,13 +397,13 @@ def test_preemption_victim_is_most_recent_and_spares_protected():
         add(s, f"r{i}", prompt_of(4, 10 * i + 1), max_tokens=20)
     step(s, ex)
     running = s.running
-    assert s._victim_index(0) == 3                     # most recently admitted
+    assert victim_index(running, 0) == 3               # most recently admitted
     running[3].protected = True                        # preempted, no token since
-    assert s._victim_index(0) == 2
+    assert victim_index(running, 0) == 2
     running[1].protected = running[2].protected = True
-    assert s._victim_index(0) == 0                     # only protected ones behind: the grower itself
+    assert victim_index(running, 0) == 0               # only protected ones behind: the grower itself
     running[0].protected = True
-    assert s._victim_index(0) == 3                     # everyone protected: the most recent
+    assert victim_index(running, 0) == 3               # everyone protected: the most recent
 
 
 def test_protected_sequence_becomes_preemptible_after_a_token():
@@ -480,17 +500,18 @@ def test_finish_sample_running_frees_its_own_blocks_and_siblings_go_on():
     for _ in range(4):
         step(s, ex)                                    # forked; each sample wrote into its own blocks
     (victim,) = [q for q in s.requests["a"].seqs if q.index == 1]
-    table = list(s.block_manager.tables[victim.seq_id])
-    own = [b for b in table if s.block_manager.pool.blocks[b].ref_cnt == 1]
-    shared = [b for b in table if s.block_manager.pool.blocks[b].ref_cnt > 1]
+    bm = s.block_manager
+    table = bm.block_ids(victim.seq_id)
+    own = [b for b in table if bm.ref_count(b) == 1]
+    shared = [b for b in table if bm.ref_count(b) > 1]
     assert own and shared                              # the first prompt block is shared by all three
-    refs = {b: s.block_manager.pool.blocks[b].ref_cnt for b in shared}
+    refs = {b: bm.ref_count(b) for b in shared}
     before = used_blocks(s)
     out = s.finish_sample("a", 1)
     assert (out.request_id, out.index, out.token_ids, out.finish_reason) == ("a", 1, [], "abort")
     assert out.num_prompt_tokens == 6
     assert used_blocks(s) == before - len(own)
-    assert all(s.block_manager.pool.blocks[b].ref_cnt == refs[b] - 1 for b in shared)
+    assert all(bm.ref_count(b) == refs[b] - 1 for b in shared)
     assert s.finish_sample("a", 1) is None             # already finished
     assert s.has_request("a")
     plan = s.schedule()
@@ -560,9 +581,9 @@ def test_struck_samples_free_their_admission_slots_and_fork_blocks():
     s, ex = make(max_num_seqs=3)
     add(s, "a", prompt_of(6), n=3, max_tokens=3)
     add(s, "b", prompt_of(6, 100), max_tokens=3)
-    assert s._fork_blocks(s.requests["a"]) == 2
+    assert s.requests["a"].fork_blocks == 2
     s.finish_sample("a", 1)
-    assert s._fork_blocks(s.requests["a"]) == 1
+    assert s.requests["a"].fork_blocks == 1
     plan = s.schedule()                                # a takes two slots now, so b fits too
     assert [n.seq_id for n in plan.new] == [0, 1]
     s.update(plan, ex.execute(plan))
@@ -865,7 +886,7 @@ def test_real_engine_siblings_of_a_finished_sample_keep_their_exact_tokens(defau
             got[(out.request_id, out.index)] += out.token_ids
     bm = e.scheduler.block_manager
     (a1,) = [q.seq_id for q in e.scheduler.requests["a"].seqs if q.index == 1]
-    own = {b for b in bm.tables[a1] if bm.pool.blocks[b].ref_cnt == 1}
+    own = {b for b in bm.block_ids(a1) if bm.ref_count(b) == 1}
     free = e.scheduler.num_free_blocks
     assert e.scheduler.finish_sample("a", 1) is not None
     assert e.scheduler.num_free_blocks == free + len(own) > free             # its own blocks came back
@@ -874,7 +895,8 @@ def test_real_engine_siblings_of_a_finished_sample_keep_their_exact_tokens(defau
     while e.scheduler.has_unfinished():
         for out in e.step():
             got[(out.request_id, out.index)] += out.token_ids
-        reused |= own & {b for table in bm.tables.values() for b in table}
+        bm.check_invariants()                          # a block's ref count is its table entries
+        reused |= {b for b in own if bm.ref_count(b) > 0}
     assert reused and e.scheduler.num_preemptions == 0
     assert got[("a", 1)] == reference["a"][1].token_ids[:7] and got[("b", 0)] == []
     for key in (("a", 0), ("a", 2), ("b", 1), ("b", 2), ("late", 0)):

@@ -1,8 +1,6 @@
 """Property test: random add / abort / abort-one-sample / step sequences on tiny pools keep the
 block accounting, the prefix cache and the step protocol consistent, and always drain to an empty
 pool."""
-from collections import Counter
-
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -168,18 +166,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def blocks_are_free_or_used_by_tables(self):
         if not hasattr(self, "s"):
             return
-        bm = self.s.block_manager
-        pool = bm.pool
-        free = [b.block_id for b in pool.free_list]
-        assert len(free) == len(set(free)) == pool.num_free
-        refs = Counter(b for table in bm.tables.values() for b in table)
-        for block in pool.blocks:
-            assert block.ref_cnt == refs.get(block.block_id, 0), (block, refs.get(block.block_id))
-            assert (block.ref_cnt == 0) == (block.block_id in set(free))
-        assert pool.num_free + sum(b.ref_cnt > 0 for b in pool.blocks) == pool.num_blocks
-        host = [h for t in bm.host_tables.values() for h in t]
-        assert len(host) == len(set(host)) and len(host) + bm.host.num_free == bm.host.num_blocks
-        assert set(bm.tables).isdisjoint(bm.host_tables)
+        self.s.block_manager.check_invariants()
 
     @invariant()
     def cached_blocks_hold_their_prefix(self):
@@ -194,11 +181,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             for i in range(len(tokens) // bs):
                 parent = bm.block_hash(parent, tokens[i * bs:(i + 1) * bs])
                 expected[parent] = tokens[:(i + 1) * bs]
-        for h, block in bm.pool.cached.items():
-            assert block.hash == h
+        for h, block_id in bm.cached_block_ids().items():  # (each block's own hash: check_invariants)
             prefix = expected[h]                           # every cached block came from these
             i = len(prefix) // bs - 1
-            assert self.ex.kv[block.block_id] == prefix[i * bs:(i + 1) * bs]
+            assert self.ex.kv[block_id] == prefix[i * bs:(i + 1) * bs]
 
     @invariant()
     def executor_mirrors_scheduler(self):
@@ -216,7 +202,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert not s.has_unfinished()
         assert s.num_free_blocks == s.block_manager.num_blocks
         assert s.block_manager.host.num_free == s.block_manager.host.num_blocks
-        assert not s.block_manager.tables and not s.block_manager.host_tables and not s.seqs
+        assert s.block_manager.num_seqs == 0 and not s.seqs
 
     def teardown(self):
         if not hasattr(self, "s"):

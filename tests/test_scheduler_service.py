@@ -10,7 +10,7 @@ import msgspec
 import pytest
 import zmq
 
-from services.scheduler.fake_executor import FakeExecutor, FakeExecutorServer
+from services.scheduler.sim.fake_executor import FakeExecutor, FakeExecutorServer
 from services.scheduler.service import (ExecutorLost, ExecutorTimeout, LocalChannel, SchedulerService, ZmqExecutorChannel,
                                         add_arguments)
 from shared import transport

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from services.scheduler.simulate import make_workload, possible_prefix_hits, simulate
+from services.scheduler.sim.simulate import make_workload, possible_prefix_hits, simulate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("kv_waste_pct", "peak_concurrency", "admission_failures_with_free_memory", "preemptions",
@@ -109,7 +109,7 @@ def test_swap_preemption_keeps_kv_content_intact():
 
 # ------------------------------------------------------------------ the strict fake executor
 
-from services.scheduler.fake_executor import FakeExecutor  # noqa: E402
+from services.scheduler.sim.fake_executor import FakeExecutor  # noqa: E402
 from shared.messages import Fork, NewSeq, SamplingParams, StepPlan, StepResult, TableUpdate  # noqa: E402
 
 PROMPT = [10, 11, 12, 13, 14]       # 5 tokens: two blocks of 4, the second partly filled

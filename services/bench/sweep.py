@@ -105,7 +105,7 @@ def concurrency_plot(report: dict, path: str) -> None:
 
 
 def memory_sweep(args: argparse.Namespace) -> dict:
-    from services.scheduler.simulate import simulate
+    from services.scheduler.sim.simulate import simulate
 
     rows = []
     for num_blocks in args.num_blocks:

@@ -15,6 +15,8 @@ because every backend writes a layer's K/V for all tokens of the step before any
 """
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
 from typing import Hashable, Optional
 
 from services.scheduler.block_pool import Block, BlockPool, HostPool
@@ -22,6 +24,19 @@ from services.scheduler.block_pool import Block, BlockPool, HostPool
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixMatch:
+    """The cached blocks a prompt's prefix hits (after vLLM's ``KVCacheBlocks``): what admitting
+    it would reuse, and how many of those blocks admission would take off the free list."""
+
+    blocks: list[Block]         # in prefix order
+    num_tokens: int             # tokens they hold (whole blocks)
+    num_free: int               # of the blocks, those with no holder (ref 0, on the free list)
+
+
+NO_PREFIX = PrefixMatch([], 0, 0)
 
 
 class BlockManager:
@@ -36,6 +51,8 @@ class BlockManager:
         self._hashes: dict[int, list[int]] = {}        # seq id -> chained hashes of its full blocks
         self._extra: dict[int, Hashable] = {}          # seq id -> extra hash keys (adapter, ...)
         self.published: list[Block] = []               # blocks the step being planned publishes
+        self.prefix_queries = 0                        # prefix-cache lookups, in prompt tokens
+        self.prefix_hits = 0                           # of which served from the cache, in tokens
 
     @property
     def num_free_blocks(self) -> int:
@@ -45,16 +62,47 @@ class BlockManager:
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 
+    @property
+    def num_seqs(self) -> int:
+        """Sequences holding device or host blocks."""
+        return len(self.tables) + len(self.host_tables)
+
+    def block_ids(self, seq_id: int, start: int = 0) -> list[int]:
+        """A copy of the sequence's device block table from index ``start``."""
+        return self.tables[seq_id][start:]
+
+    def host_block_ids(self, seq_id: int) -> list[int]:
+        return list(self.host_tables[seq_id])
+
+    def ref_count(self, block_id: int) -> int:
+        return self.pool.ref_count(block_id)
+
+    def cached_block_ids(self) -> dict[int, int]:
+        return self.pool.cached_block_ids()
+
+    def check_invariants(self) -> None:
+        """AssertionError unless the pool is consistent, every device block's ref count is the
+        number of table entries naming it, and host blocks are each held once."""
+        self.pool.check_invariants()
+        refs = Counter(b for table in self.tables.values() for b in table)
+        for block_id in range(self.num_blocks):
+            assert self.ref_count(block_id) == refs[block_id], \
+                f"block {block_id}: ref count {self.ref_count(block_id)}, {refs[block_id]} table entries"
+        host = [h for table in self.host_tables.values() for h in table]
+        assert len(host) == len(set(host)), "a host block is held twice"
+        assert len(host) + self.host.num_free == self.host.num_blocks, "a host block is lost"
+        assert set(self.tables).isdisjoint(self.host_tables), "a sequence is on device and host"
+
     def block_hash(self, parent: Optional[int], token_ids, extra_keys: Hashable = None) -> int:
         return hash((parent, tuple(token_ids), extra_keys))
 
     # ---------------------------------------------------------------------------- prefix cache
 
-    def match_prefix(self, token_ids: list[int], extra_keys: Hashable = None) -> list[Block]:
+    def match_prefix(self, token_ids: list[int], extra_keys: Hashable = None) -> PrefixMatch:
         """Cached blocks covering the longest prefix of ``token_ids``; whole blocks only, at most
         ``len(token_ids) - 1`` tokens so at least one token is left to compute. No side effects."""
         if not self.enable_prefix_caching:
-            return []
+            return NO_PREFIX
         bs, hits, parent = self.block_size, [], None
         for i in range((len(token_ids) - 1) // bs):
             block = self.pool.lookup(self.block_hash(parent, token_ids[i * bs:(i + 1) * bs], extra_keys))
@@ -62,29 +110,29 @@ class BlockManager:
                 break
             hits.append(block)
             parent = block.hash
-        return hits
+        return PrefixMatch(hits, len(hits) * bs, sum(b.ref_cnt == 0 for b in hits))
 
-    def blocks_to_admit(self, hits: list[Block], num_tokens: int) -> int:
-        """Free blocks that admitting a sequence with these hits, holding ``num_tokens`` tokens,
-        would take off the free list (new blocks plus cached blocks that are currently free)."""
-        return max(cdiv(num_tokens, self.block_size) - len(hits), 0) + sum(b.ref_cnt == 0 for b in hits)
+    def blocks_to_admit(self, prefix: PrefixMatch, num_tokens: int) -> int:
+        """Free blocks that admitting a sequence with this prefix hit, holding ``num_tokens``
+        tokens, would take off the free list (new blocks plus hit blocks that are free now)."""
+        return max(cdiv(num_tokens, self.block_size) - len(prefix.blocks), 0) + prefix.num_free
 
-    def allocate(self, seq_id: int, num_prompt_tokens: int, hits: list[Block],
+    def allocate(self, seq_id: int, num_prompt_tokens: int, prefix: PrefixMatch = NO_PREFIX,
                  extra_keys: Hashable = None) -> int:
         """Register a sequence whose table starts with the prefix-hit blocks; returns the number
         of cached tokens. Growth for the tokens to compute comes from ``append_slots``."""
         if seq_id in self.tables:
             raise RuntimeError(f"seq {seq_id} already has a block table")
-        for block in hits:
+        for block in prefix.blocks:
             self.pool.touch(block)
-        self.tables[seq_id] = [b.block_id for b in hits]
-        self._hashes[seq_id] = [b.hash for b in hits]
+        self.tables[seq_id] = [b.block_id for b in prefix.blocks]
+        self._hashes[seq_id] = [b.hash for b in prefix.blocks]
         if extra_keys is not None:
             self._extra[seq_id] = extra_keys
-        num_cached = len(hits) * self.block_size
         if self.enable_prefix_caching:
-            self.pool.record_prefix_query(num_prompt_tokens, num_cached)
-        return num_cached
+            self.prefix_queries += num_prompt_tokens
+            self.prefix_hits += prefix.num_tokens
+        return prefix.num_tokens
 
     def cache_full_blocks(self, seq_id: int, token_ids: list[int], num_computed: int) -> None:
         """Publish every block of the sequence that ``num_computed`` tokens fill (once the step
@@ -118,14 +166,10 @@ class BlockManager:
 
     # ---------------------------------------------------------------------------- growth, CoW
 
-    def blocks_needed(self, seq_id: int, num_computed: int, num_new: int) -> int:
-        """Free blocks ``append_slots`` would take: new table entries plus one copy-on-write."""
-        table = self.tables[seq_id]
-        need = max(cdiv(num_computed + num_new, self.block_size) - len(table), 0)
-        first = num_computed // self.block_size
-        if first < len(table) and self.pool.blocks[table[first]].ref_cnt > 1:
-            need += 1
-        return need
+    def free_slots(self, seq_id: int, num_computed: int) -> int:
+        """Token slots from position ``num_computed`` on that the sequence's blocks and the free
+        blocks can hold (copy-on-write not counted)."""
+        return (len(self.tables[seq_id]) + self.pool.num_free) * self.block_size - num_computed
 
     def append_slots(self, seq_id: int, num_computed: int, num_new: int,
                      copies: list[tuple[int, int]]) -> Optional[int]:

@@ -82,12 +82,31 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_list = FreeBlockList(self.blocks)
         self.cached: dict[int, Block] = {}      # block hash -> block holding that full block
-        self.queries = 0                        # prefix-cache lookups, in prompt tokens
-        self.hits = 0                           # of which served from the cache, in tokens
 
     @property
     def num_free(self) -> int:
         return len(self.free_list)
+
+    def ref_count(self, block_id: int) -> int:
+        return self.blocks[block_id].ref_cnt
+
+    def free_block_ids(self) -> list[int]:
+        """The free list, front (next to be allocated) first."""
+        return [b.block_id for b in self.free_list]
+
+    def cached_block_ids(self) -> dict[int, int]:
+        """Block hash -> id of the block holding that content."""
+        return {h: b.block_id for h, b in self.cached.items()}
+
+    def check_invariants(self) -> None:
+        """AssertionError unless every block is either free (ref 0, on the free list once) or in
+        use, and the hash map names each cached block by its own hash."""
+        free = self.free_block_ids()
+        assert len(free) == len(set(free)) == self.num_free, "free list and its count disagree"
+        assert all(self.blocks[i].ref_cnt == 0 for i in free), "a block on the free list is in use"
+        in_use = sum(b.ref_cnt > 0 for b in self.blocks)
+        assert self.num_free + in_use == self.num_blocks, "a block is neither free nor in use"
+        assert all(b.hash == h for h, b in self.cached.items()), "a cached block lost its hash"
 
     def allocate(self) -> int:
         """Take the least recently freed block for new data (its cached content is forgotten)."""
@@ -131,10 +150,6 @@ class BlockPool:
         if block.hash is not None and self.cached.get(block.hash) is block:
             del self.cached[block.hash]
         block.hash = None
-
-    def record_prefix_query(self, num_tokens: int, num_hit_tokens: int) -> None:
-        self.queries += num_tokens
-        self.hits += num_hit_tokens
 
 
 class HostPool:

@@ -6,8 +6,10 @@ Each step packs, under the token budget (``max_num_batched_tokens``) and ``max_n
   2. running sequences in the middle of a chunked prefill (next chunk);
   3. swapped sequences, back in FIFO order when their blocks fit (no step that preempted);
   4. waiting sequences, FCFS, when their first chunk fits above the watermark (same).
-In 3 and 4 the reserve kept free is the watermark plus, for every admitted n > 1 request not forked
-yet (and the candidate itself), the ``n - 1`` blocks its children take right after the fork.
+3 and 4 are one admission path; its reserve kept free is the watermark plus, for every admitted
+n > 1 request not forked yet (and the candidate itself), the ``n - 1`` blocks its children take
+right after the fork. The step under construction is a ``StepDraft`` passed through the phases;
+it becomes the plan and, until ``update``, the step in flight.
 
 A request with ``n`` samples is one sequence until its prompt is computed; the step that computes
 the last prompt chunk forks ``n - 1`` children that share the parent's blocks. Afterwards every
@@ -29,59 +31,24 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterable, Optional
 
-from services.scheduler.block_manager import BlockManager
+from services.scheduler.block_manager import BlockManager, cdiv
+from services.scheduler.sequence import FINISHED, RUNNING, SWAPPED, WAITING, Request, Sequence
+from services.scheduler.step_draft import StepDraft
 from shared.config import CacheConfig, SchedulerConfig
 from shared.messages import (AddRequest, FinishReason, Fork, NewSeq, RequestError, RequestOutput,
-                             SchedulerStats, StepPlan, StepResult, TableUpdate)
-
-WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished"
+                             SchedulerStats, StepPlan, StepResult)
 
 
-class Request:
-    """What all samples of one request share."""
-
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "stop_ids", "seqs", "to_fork",
-                 "drop_parent", "num_cached_tokens", "admitted")
-
-    def __init__(self, add: AddRequest, eos_token_ids: frozenset[int]):
-        self.request_id = add.request_id
-        self.prompt_token_ids = add.prompt_token_ids
-        self.sampling = add.sampling
-        stop = set(add.sampling.stop_token_ids)
-        if not add.sampling.ignore_eos:
-            stop |= eos_token_ids
-        self.stop_ids = frozenset(stop)
-        self.seqs: list[Sequence] = []
-        self.to_fork = list(range(1, add.sampling.n))   # sample indices the fork will create
-        self.drop_parent = False                # sample 0 finished before the fork: drop it after
-        self.num_cached_tokens = 0              # prompt tokens served from the prefix cache
-        self.admitted = False
-
-    @property
-    def forked(self) -> bool:
-        """Nothing left to fork: every remaining sample has its own sequence."""
-        return not self.to_fork
-
-
-class Sequence:
-    """One sample. ``token_ids`` is prompt + outputs; ``num_computed`` of them are in the cache."""
-
-    __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt", "num_computed", "status",
-                 "protected")
-
-    def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int]):
-        self.seq_id = seq_id
-        self.request = request
-        self.index = index
-        self.token_ids = token_ids
-        self.num_prompt = len(request.prompt_token_ids)
-        self.num_computed = 0
-        self.status = WAITING
-        self.protected = False                  # preempted and no token since: avoid as victim
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt:]
+def victim_index(running: list[Sequence], i: int) -> int:
+    """Index in ``running`` of the sequence to preempt so ``running[i]`` can grow: the most
+    recently admitted unprotected one behind it, else ``i`` itself if unprotected, else the most
+    recent one behind it, else ``i``."""
+    for j in range(len(running) - 1, i, -1):
+        if not running[j].protected:
+            return j
+    if not running[i].protected or len(running) == i + 1:
+        return i
+    return len(running) - 1
 
 
 class Scheduler:
@@ -100,9 +67,8 @@ class Scheduler:
         self._next_seq_id = 0
         self._step_id = 0
         self._finished_ids: list[int] = []           # for the next plan
-        self._in_flight: list[tuple[Sequence, int]] = []
+        self._in_flight = StepDraft(0)               # the draft of the plan sent, until its update
         self._in_flight_step = -1
-        self._samplers: list[int] = []
         self._running_dirty = False
         self.num_preemptions = 0
         self.num_prompt_tokens = 0
@@ -230,7 +196,7 @@ class Scheduler:
         self._set_pool(scheduler_config or self.config, cache_config)
         live = [s for s in self.running if s.status == RUNNING] + list(self.swapped) + list(self.waiting)
         self.running, self.swapped, self.waiting = [], deque(), deque()
-        self._finished_ids, self._in_flight, self._samplers = [], [], []
+        self._finished_ids, self._in_flight = [], StepDraft(0)
         self._in_flight_step, self._running_dirty = -1, False
         too_long: dict[str, int] = {}
         for seq in live:
@@ -256,7 +222,7 @@ class Scheduler:
             num_running=self.num_running, num_waiting=len(self.waiting), num_swapped=len(self.swapped),
             num_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
             kv_cache_usage=1.0 - bm.num_free_blocks / bm.num_blocks,
-            prefix_cache_queries=bm.pool.queries, prefix_cache_hits=bm.pool.hits,
+            prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
             num_preemptions=self.num_preemptions, prompt_tokens=self.num_prompt_tokens,
             generation_tokens=self.num_generation_tokens)
 
@@ -266,47 +232,18 @@ class Scheduler:
         if self._running_dirty:
             self.running = [s for s in self.running if s.status == RUNNING]
             self._running_dirty = False
-        self._in_flight = scheduled = []
-        self._samplers = []
-        self._copies: list[tuple[int, int]] = []
-        self._changed: dict[int, int] = {}          # seq id -> first table index that changed
-        self._swap_out: list[tuple[int, int]] = []
-        self._preempted: list[int] = []
-        self._forks: list[Fork] = []
+        draft = self._in_flight = StepDraft(self.config.max_num_batched_tokens)
         self.block_manager.begin_step()
-        budget = self._schedule_running(self.config.max_num_batched_tokens)
-        for seq, num_tokens in scheduled:        # no more preemption this step: publish their blocks
+        prefilling = self._schedule_decodes(draft)
+        self._schedule_prefills(draft, prefilling)
+        for seq, num_tokens in draft.scheduled:  # no more preemption this step: publish their blocks
             self._publish(seq, num_tokens)
-        new: list[NewSeq] = []
-        swap_in: list[tuple[int, int]] = []
-        if not self._preempted and not self._swap_out:
-            budget = self._schedule_swapped(budget, swap_in)
-            if not self.swapped:
-                self._schedule_waiting(budget, new)
-        if not scheduled and not self._swap_out and not self._preempted:
+        if not draft.preempted_any:
+            self._admit_queued(draft)
+        if not draft.scheduled and not draft.preempted_any:
             return None
-        num_scheduled = len(scheduled)                     # forks append their children after
-        dropped_parents: list[Sequence] = []
-        for idx in range(num_scheduled):
-            seq, num_tokens = scheduled[idx]
-            if seq.num_computed + num_tokens == len(seq.token_ids):
-                self._samplers.append(seq.seq_id)
-                if seq.request.to_fork:
-                    self._fork(seq, num_tokens)
-                    if seq.request.drop_parent:
-                        dropped_parents.append(seq)
-        new_ids = {s.seq_id for s in new}
-        tables = self.block_manager.tables
-        run = scheduled[:num_scheduled]
-        if new:
-            run = [(s, k) for s, k in run if s.seq_id not in new_ids]
-        plan = StepPlan(
-            step_id=self._step_id, new=new,
-            run_seq_ids=[s.seq_id for s, _ in run], run_num_tokens=[k for _, k in run],
-            table_updates=[TableUpdate(sid, start, tables[sid][start:])
-                           for sid, start in self._changed.items() if sid not in new_ids],
-            forks=self._forks, copies=self._copies, swap_out=self._swap_out, swap_in=swap_in,
-            finished=self._finished_ids, preempted=self._preempted)
+        dropped_parents = self._sample_and_fork(draft)
+        plan = draft.to_plan(self._step_id, self.block_manager, self._finished_ids)
         self._finished_ids = []
         for parent in dropped_parents:     # its siblings sample from its logits in this plan
             self._drop(parent)             # after which the executor drops it (next plan)
@@ -314,10 +251,12 @@ class Scheduler:
         self._step_id += 1
         return plan
 
-    def _schedule_running(self, budget: int) -> int:
-        """Decodes first (preempting from the tail when blocks run out), then prefill chunks."""
-        bm, running, scheduled = self.block_manager, self.running, self._in_flight
-        copies, changed = self._copies, self._changed
+    def _schedule_decodes(self, draft: StepDraft) -> list[Sequence]:
+        """One token for every running sequence that decodes, preempting from the tail when blocks
+        run out; returns the running sequences that are in the middle of their prompt instead."""
+        bm, running, scheduled, copies, changed = (self.block_manager, self.running, draft.scheduled,
+                                                   draft.copies, draft.changed)
+        budget = draft.budget
         prefilling: list[Sequence] = []
         i = 0
         while i < len(running):
@@ -330,8 +269,8 @@ class Scheduler:
                 break
             start = bm.append_slots(seq.seq_id, seq.num_computed, 1, copies)
             while start is None:                           # out of blocks: preempt someone
-                victim = running.pop(self._victim_index(i))
-                self._preempt(victim)
+                victim = running.pop(victim_index(running, i))
+                self._preempt(victim, draft)
                 if victim is seq:
                     break
                 start = bm.append_slots(seq.seq_id, seq.num_computed, 1, copies)
@@ -342,54 +281,55 @@ class Scheduler:
             scheduled.append((seq, 1))
             budget -= 1
             i += 1
-        chunked = self.config.enable_chunked_prefill
+        draft.budget = budget
+        return prefilling
+
+    def _schedule_prefills(self, draft: StepDraft, prefilling: list[Sequence]) -> None:
+        """The next prompt chunk of each running sequence in ``prefilling``; later ones are
+        preempted to make room for earlier ones, then the chunk shrinks to the free blocks."""
+        bm, running = self.block_manager, self.running
         for j, seq in enumerate(prefilling):
             if seq.status != RUNNING:
                 continue                                   # preempted by an earlier prefill
             remaining = len(seq.token_ids) - seq.num_computed
-            num_new = min(remaining, budget)
-            if num_new == 0 or (not chunked and num_new < remaining):
+            num_new = self._chunk_size(remaining, draft.budget)
+            if num_new == 0:
                 continue
-            start = bm.append_slots(seq.seq_id, seq.num_computed, num_new, copies)
-            for victim in reversed(prefilling[j + 1:]):   # later prefills make room for earlier ones
+            start = bm.append_slots(seq.seq_id, seq.num_computed, num_new, draft.copies)
+            for victim in reversed(prefilling[j + 1:]):
                 if start is not None:
                     break
                 if victim.status == RUNNING and not victim.protected:
                     running.remove(victim)
-                    self._preempt(victim)
-                    start = bm.append_slots(seq.seq_id, seq.num_computed, num_new, copies)
-            if start is None and chunked:                  # shrink the chunk to the free blocks
-                num_new = min(num_new, (len(bm.tables[seq.seq_id]) + bm.num_free_blocks) * self.block_size
-                              - seq.num_computed)
+                    self._preempt(victim, draft)
+                    start = bm.append_slots(seq.seq_id, seq.num_computed, num_new, draft.copies)
+            if start is None:                              # shrink the chunk to the free blocks
+                room = bm.free_slots(seq.seq_id, seq.num_computed)
+                num_new = self._chunk_size(remaining, draft.budget, room)
                 if num_new > 0:
-                    start = bm.append_slots(seq.seq_id, seq.num_computed, num_new, copies)
+                    start = bm.append_slots(seq.seq_id, seq.num_computed, num_new, draft.copies)
             if start is None:
                 continue
             if start >= 0:
-                changed.setdefault(seq.seq_id, start)
-            scheduled.append((seq, num_new))
-            budget -= num_new
-        return budget
+                draft.changed.setdefault(seq.seq_id, start)
+            draft.add(seq, num_new)
 
-    def _victim_index(self, i: int) -> int:
-        """Index in ``running`` of the sequence to preempt so ``running[i]`` can grow: the most
-        recently admitted unprotected one behind it, else ``i`` itself if unprotected, else the
-        most recent one behind it, else ``i``."""
-        running = self.running
-        for j in range(len(running) - 1, i, -1):
-            if not running[j].protected:
-                return j
-        if not running[i].protected or len(running) == i + 1:
-            return i
-        return len(running) - 1
+    def _chunk_size(self, remaining: int, budget: int, room: Optional[int] = None) -> int:
+        """The one chunk rule: how many of a sequence's ``remaining`` tokens to compute this step.
+        All of them when they fit the token budget (and ``room``, the token slots its KV memory
+        may take, when given); else, with chunked prefill, as many as fit; else 0: it waits."""
+        num_new = min(remaining, budget) if room is None else min(remaining, budget, room)
+        if num_new < remaining and not self.config.enable_chunked_prefill:
+            return 0
+        return max(num_new, 0)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Sequence, draft: StepDraft) -> None:
         """Swap the sequence out when the host pool has room (swap mode), else recompute later."""
         bm = self.block_manager
         self.num_preemptions += 1
         seq.protected = True
         if self.config.preemption_mode == "swap" and bm.can_swap_out(seq.seq_id):
-            self._swap_out.extend(bm.swap_out(seq.seq_id))
+            draft.swap_out.extend(bm.swap_out(seq.seq_id))
             seq.status = SWAPPED
             self.swapped.appendleft(seq)
         else:
@@ -397,106 +337,94 @@ class Scheduler:
             seq.num_computed = 0
             seq.status = WAITING
             self.waiting.appendleft(seq)
-            self._preempted.append(seq.seq_id)
-        self._changed.pop(seq.seq_id, None)
-
-    def _num_seq_slots(self) -> int:
-        """Running sequences, counting the future children of n > 1 requests not forked yet."""
-        return len(self.running) + self._pending_fork_blocks()
-
-    @staticmethod
-    def _fork_blocks(request: Request) -> int:
-        """Free blocks an n > 1 request not forked yet will take right after its fork: each of
-        its (up to ``n - 1``) children needs its own copy of the partly filled last prompt block
-        (or, on a block boundary, a fresh block), before any further growth. One per child, so
-        it is also the number of sequence slots the fork will take."""
-        return len(request.to_fork)
+            draft.preempted.append(seq.seq_id)
+        draft.changed.pop(seq.seq_id, None)
 
     def _pending_fork_blocks(self) -> int:
         """Fork blocks of running sequences whose request has not forked yet (admitted, prompt
         still computing): admission keeps them free on top of the watermark."""
-        return sum(len(s.request.to_fork) for s in self.running if s.request.to_fork)
+        return sum(s.request.fork_blocks for s in self.running if s.request.to_fork)
 
-    def _schedule_swapped(self, budget: int, swap_in: list[tuple[int, int]]) -> int:
-        bm = self.block_manager
-        num_seqs = self._num_seq_slots() if self.swapped else 0
-        pending = self._pending_fork_blocks() if self.swapped else 0
-        while self.swapped and budget > 0:
-            seq = self.swapped[0]
-            slots = 1 + len(seq.request.to_fork)
-            if num_seqs + slots > self.config.max_num_seqs:
-                break
-            remaining = len(seq.token_ids) - seq.num_computed
-            num_new = min(remaining, budget)
-            if num_new < remaining and not self.config.enable_chunked_prefill:
-                break
-            num_blocks = bm.blocks_to_swap_in(seq.seq_id)
-            need = max(num_blocks, -(-(seq.num_computed + num_new) // self.block_size))
-            extra = self._fork_blocks(seq.request)
-            reserve = self.watermark_blocks + pending + extra if self.running else 0
-            if need > bm.num_free_blocks - reserve:
-                break
-            pending += extra
-            self.swapped.popleft()
-            swap_in.extend(bm.swap_in(seq.seq_id))
-            bm.append_slots(seq.seq_id, seq.num_computed, num_new, self._copies)
-            self._publish(seq, num_new)
-            self._changed[seq.seq_id] = 0
-            seq.status = RUNNING
-            self.running.append(seq)
-            self._in_flight.append((seq, num_new))
-            num_seqs += slots
-            budget -= num_new
-        return budget
+    def _admit_queued(self, draft: StepDraft) -> None:
+        """Admission, one path for both queues: swapped sequences come back first (FIFO), waiting
+        ones (FCFS) only once none is left swapped, and it stops at the first that does not fit.
 
-    def _schedule_waiting(self, budget: int, new: list[NewSeq]) -> None:
-        """FCFS admission: stop at the first sequence that does not fit."""
-        bm, waiting, bs = self.block_manager, self.waiting, self.block_size
-        if not waiting:
+        A sequence takes ``1 + fork_blocks`` of the ``max_num_seqs`` slots (its future fork
+        children count) and must fit in the free blocks less a reserve: the watermark, kept for
+        running sequences to grow, plus the fork blocks of the admitted n > 1 requests not forked
+        yet and of this one. Alone (nothing running), it is admitted without a reserve."""
+        if not (self.swapped or self.waiting):
             return
-        num_seqs = self._num_seq_slots()
         pending = self._pending_fork_blocks()
-        while waiting and budget > 0:
-            seq = waiting[0]
-            request = seq.request
-            if num_seqs + 1 + len(request.to_fork) > self.config.max_num_seqs:
-                break
-            hits = bm.match_prefix(seq.token_ids)
-            num_computed = len(hits) * bs
-            remaining = len(seq.token_ids) - num_computed
-            if self.config.enable_chunked_prefill:
-                num_new = min(remaining, budget)
-                if not self.running:                       # alone: shrink the chunk to the pool
-                    num_new = min(num_new, (bm.num_free_blocks - sum(b.ref_cnt == 0 for b in hits)) * bs)
-            else:
-                num_new = remaining
-                if num_new > budget:
-                    break
-            # Keep the watermark free for running sequences to grow, plus the blocks that the
-            # forks of admitted n > 1 requests (and of this one) will take; alone, admit anyway.
-            extra = self._fork_blocks(request)
-            reserve = self.watermark_blocks + pending + extra if self.running else 0
-            if num_new <= 0 or bm.blocks_to_admit(hits, num_computed + num_new) > bm.num_free_blocks - reserve:
-                break
-            pending += extra
-            waiting.popleft()
-            num_cached = bm.allocate(seq.seq_id, len(seq.token_ids), hits)
-            bm.append_slots(seq.seq_id, num_computed, num_new, self._copies)
-            if not request.admitted:
-                request.admitted = True
-                request.num_cached_tokens = num_cached
-                self.num_prompt_tokens += len(request.prompt_token_ids)
-            seq.num_computed = num_computed
-            self._publish(seq, num_new)            # the next waiting prompt may share these blocks
-            seq.status = RUNNING
-            self.running.append(seq)
-            num_seqs += 1 + len(request.to_fork)
-            new.append(NewSeq(seq.seq_id, request.prompt_token_ids, seq.output_token_ids,
-                              list(bm.tables[seq.seq_id]), num_computed, num_new, request.sampling, seq.index))
-            self._in_flight.append((seq, num_new))
-            budget -= num_new
+        num_seqs = len(self.running) + pending
+        for queue, admit in ((self.swapped, self._swap_in), (self.waiting, self._admit_waiting)):
+            while queue and draft.budget > 0:
+                seq = queue[0]
+                fork_blocks = seq.request.fork_blocks
+                if num_seqs + 1 + fork_blocks > self.config.max_num_seqs:
+                    return
+                reserve = self.watermark_blocks + pending + fork_blocks if self.running else 0
+                if not admit(seq, draft, self.block_manager.num_free_blocks - reserve):
+                    return
+                queue.popleft()
+                num_seqs += 1 + fork_blocks
+                pending += fork_blocks
 
-    def _fork(self, parent: Sequence, num_tokens: int) -> None:
+    def _swap_in(self, seq: Sequence, draft: StepDraft, free_blocks: int) -> bool:
+        """Bring a swapped sequence back if all its blocks and its next chunk fit in ``free_blocks``."""
+        bm = self.block_manager
+        num_new = self._chunk_size(len(seq.token_ids) - seq.num_computed, draft.budget)
+        need = max(bm.blocks_to_swap_in(seq.seq_id), cdiv(seq.num_computed + num_new, self.block_size))
+        if num_new == 0 or need > free_blocks:
+            return False
+        draft.swap_in.extend(bm.swap_in(seq.seq_id))
+        self._start_running(seq, num_new, draft)
+        draft.changed[seq.seq_id] = 0                      # a whole new table
+        return True
+
+    def _admit_waiting(self, seq: Sequence, draft: StepDraft, free_blocks: int) -> bool:
+        """Admit a waiting sequence, after its prefix-cache hit, if its first chunk fits in
+        ``free_blocks``; alone, the chunk shrinks to the pool."""
+        bm, request = self.block_manager, seq.request
+        prefix = bm.match_prefix(seq.token_ids)
+        room = None if self.running else (bm.num_free_blocks - prefix.num_free) * self.block_size
+        num_new = self._chunk_size(len(seq.token_ids) - prefix.num_tokens, draft.budget, room)
+        if num_new == 0 or bm.blocks_to_admit(prefix, prefix.num_tokens + num_new) > free_blocks:
+            return False
+        seq.num_computed = bm.allocate(seq.seq_id, len(seq.token_ids), prefix)
+        if not request.admitted:
+            request.admitted = True
+            request.num_cached_tokens = seq.num_computed
+            self.num_prompt_tokens += len(request.prompt_token_ids)
+        self._start_running(seq, num_new, draft)
+        draft.new.append(NewSeq(seq.seq_id, request.prompt_token_ids, seq.output_token_ids,
+                                bm.block_ids(seq.seq_id), seq.num_computed, num_new, request.sampling,
+                                seq.index))
+        return True
+
+    def _start_running(self, seq: Sequence, num_new: int, draft: StepDraft) -> None:
+        """An admitted sequence joins the running list with ``num_new`` tokens in this step."""
+        self.block_manager.append_slots(seq.seq_id, seq.num_computed, num_new, draft.copies)
+        self._publish(seq, num_new)            # the next waiting prompt may share these blocks
+        seq.status = RUNNING
+        self.running.append(seq)
+        draft.add(seq, num_new)
+
+    def _sample_and_fork(self, draft: StepDraft) -> list[Sequence]:
+        """Every sequence whose last token is computed this step samples; a parent finishing its
+        prompt forks its siblings. Returns the parents to drop once the plan is built (sample 0
+        finished before the fork)."""
+        dropped_parents = []
+        for seq, num_tokens in draft.scheduled:
+            if seq.num_computed + num_tokens == len(seq.token_ids):
+                draft.samplers.append(seq.seq_id)
+                if seq.request.to_fork:
+                    self._fork(seq, num_tokens, draft)
+                    if seq.request.drop_parent:
+                        dropped_parents.append(seq)
+        return dropped_parents
+
+    def _fork(self, parent: Sequence, num_tokens: int, draft: StepDraft) -> None:
         """The step computing the parent's last prompt chunk forks the other n - 1 samples: they
         share the parent's blocks and sample from its logits row after the forward pass."""
         request = parent.request
@@ -506,9 +434,9 @@ class Scheduler:
             child.status = RUNNING
             self.block_manager.fork(parent.seq_id, child.seq_id)
             self.running.append(child)
-            self._forks.append(Fork(parent.seq_id, child.seq_id, index))
-            self._in_flight.append((child, num_tokens))
-            self._samplers.append(child.seq_id)
+            draft.forks.append(Fork(parent.seq_id, child.seq_id, index))
+            draft.children.append((child, num_tokens))
+            draft.samplers.append(child.seq_id)
         request.to_fork = []
 
     # ------------------------------------------------------------------------------- update
@@ -519,13 +447,13 @@ class Scheduler:
             raise ValueError(f"update for step {plan.step_id} (result {result.step_id}), "
                              f"but step {self._in_flight_step} is in flight")
         sampled = dict(zip(result.seq_ids, result.token_ids))
-        missing = [sid for sid in self._samplers if sid not in sampled]
+        missing = [sid for sid in self._in_flight.samplers if sid not in sampled]
         if missing or len(result.seq_ids) != len(result.token_ids):
             raise ValueError(f"step {plan.step_id}: result lacks tokens for seqs {missing[:8]}")
         logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else None
         self._in_flight_step = -1
         outputs = []
-        for seq, num_tokens in self._in_flight:
+        for seq, num_tokens in self._in_flight.sequences():
             if seq.status != RUNNING:
                 continue                                   # aborted while the step ran
             seq.num_computed += num_tokens

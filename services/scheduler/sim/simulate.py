@@ -48,8 +48,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from services.scheduler.contiguous import ContiguousSeq, ContiguousSimulator
-from services.scheduler.fake_executor import FakeExecutor
+from services.scheduler.sim.contiguous import ContiguousSeq, ContiguousSimulator
+from services.scheduler.sim.fake_executor import FakeExecutor
 from shared.config import CacheConfig, ConfigError, SchedulerConfig
 from shared.messages import AddRequest, SamplingParams, StepResult
 
@@ -336,6 +336,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _p = argparse.ArgumentParser(prog="python -m services.scheduler.simulate")
+    _p = argparse.ArgumentParser(prog="python -m services.scheduler.sim.simulate")
     add_arguments(_p)
     sys.exit(run(_p.parse_args()))

@@ -1,0 +1,61 @@
+"""A request and its sequences (one per sample), as the scheduler tracks them."""
+from __future__ import annotations
+
+from shared.messages import AddRequest
+
+WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished"
+
+
+class Request:
+    """What all samples of one request share."""
+
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "stop_ids", "seqs", "to_fork",
+                 "drop_parent", "num_cached_tokens", "admitted")
+
+    def __init__(self, add: AddRequest, eos_token_ids: frozenset[int]):
+        self.request_id = add.request_id
+        self.prompt_token_ids = add.prompt_token_ids
+        self.sampling = add.sampling
+        stop = set(add.sampling.stop_token_ids)
+        if not add.sampling.ignore_eos:
+            stop |= eos_token_ids
+        self.stop_ids = frozenset(stop)
+        self.seqs: list[Sequence] = []
+        self.to_fork = list(range(1, add.sampling.n))   # sample indices the fork will create
+        self.drop_parent = False                # sample 0 finished before the fork: drop it after
+        self.num_cached_tokens = 0              # prompt tokens served from the prefix cache
+        self.admitted = False
+
+    @property
+    def forked(self) -> bool:
+        """Nothing left to fork: every remaining sample has its own sequence."""
+        return not self.to_fork
+
+    @property
+    def fork_blocks(self) -> int:
+        """Free blocks the request takes right after its fork: each of its (up to ``n - 1``)
+        children needs its own copy of the partly filled last prompt block (or, on a block
+        boundary, a fresh block), before any further growth. One per child, so it is also the
+        number of sequence slots the fork will take."""
+        return len(self.to_fork)
+
+
+class Sequence:
+    """One sample. ``token_ids`` is prompt + outputs; ``num_computed`` of them are in the cache."""
+
+    __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt", "num_computed", "status",
+                 "protected")
+
+    def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int]):
+        self.seq_id = seq_id
+        self.request = request
+        self.index = index
+        self.token_ids = token_ids
+        self.num_prompt = len(request.prompt_token_ids)
+        self.num_computed = 0
+        self.status = WAITING
+        self.protected = False                  # preempted and no token since: avoid as victim
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
