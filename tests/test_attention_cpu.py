@@ -13,7 +13,7 @@ import torch
 from services.executor.attention import get_backend
 from services.executor.attention.cpu import CpuBackend
 from services.executor.attention.torch_ref import TorchBackend
-from services.executor.cpu_kernels import CpuKernelUnavailable, build_library, load_kernels
+from services.executor.attention.cpu_kernels import CpuKernelUnavailable, build_library, load_kernels
 from tests.test_attention_ref import CASES, make_meta, naive_attention, random_case
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -80,7 +80,7 @@ def test_kernel_is_built_once_per_source_and_reused(tmp_path):
 
 
 def test_no_compiler_or_a_bad_source_falls_back_to_the_reference(tmp_path, monkeypatch):
-    import services.executor.cpu_kernels as cpu_mod
+    import services.executor.attention.cpu_kernels as cpu_mod
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / cpu_mod.SOURCE).write_text("this is not C\n")

@@ -39,7 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from services.executor.attention import KERNEL_DIR, AttentionBackend, AttentionMetadata
+from services.executor.attention.base import AttentionBackend, AttentionMetadata
+from services.executor.attention.kernel_dir import KERNEL_DIR
 
 # ---- constants mirrored from kernels/paged_attention.cu (tests check they agree) -------------
 NUM_THREADS = 128          # PA_NUM_THREADS
