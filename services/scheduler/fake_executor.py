@@ -133,6 +133,7 @@ class FakeExecutor:
             self._write(sid, self.seqs[sid], n)
         for sid, n in checked.work:   # then every read (a prompt may share blocks written now)
             self._read(sid, self.seqs[sid], n)
+        self.tokens_computed += checked.num_tokens
         sampled = list(checked.samplers)
         for f in plan.forks:
             p = self.seqs[f.parent]
@@ -240,7 +241,6 @@ class FakeExecutor:
             if shared:
                 self._check_shared_write(sid, block, pos % bs, token)
             kv[block][pos % bs] = token
-        self.tokens_computed += n
 
     def _check_shared_write(self, sid: int, block: int, offset: int, token: int) -> None:
         """A write into a block other live sequences name is only right when each of them holds
