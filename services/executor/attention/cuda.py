@@ -303,11 +303,6 @@ class CudaBackend(AttentionBackend):
         return out if out.dtype == query.dtype else out.to(query.dtype)
 
     # ---- block copies
-    def _pairs(self, pairs: Tensor | Sequence[tuple[int, int]]) -> Tensor:
-        if not isinstance(pairs, Tensor):
-            pairs = torch.tensor(list(pairs), dtype=torch.int64).reshape(-1, 2).pin_memory()
-        return self._dev(pairs.reshape(-1, 2), torch.int64)
-
     def _ptr_table(self, tensors: Sequence[Tensor]) -> Tensor:
         """Device int64 array of the tensors' base addresses, cached per tensor set."""
         key = tuple(t.data_ptr() for t in tensors)
@@ -325,11 +320,10 @@ class CudaBackend(AttentionBackend):
         for t in caches:
             if t.dim() != 5 or t.shape != shape or t.dtype != caches[0].dtype or not t.is_contiguous():
                 raise ValueError("all layers must be contiguous [2, N, Hkv, bs, D] caches of one shape and dtype")
-        table = self._ptr_table(caches)
+        table, pairs = self._ptr_table(caches), self._dev(pairs.reshape(-1, 2), torch.int64)   # alive until the launch
         block_bytes = math.prod(shape[2:]) * caches[0].element_size()
-        self._launch("cache_ops.cu", "copy_blocks_kernel", (len(pairs), 2 * len(caches)), COPY_THREADS, (
-            _ptr(table), _ptr(table), _ptr(self._pairs(pairs)),
-            np.int64(shape[1]), np.int64(shape[1]), np.int64(block_bytes)))
+        self._launch("cache_ops.cu", "copy_blocks_kernel", (pairs.shape[0], 2 * len(caches)), COPY_THREADS, (
+            _ptr(table), _ptr(table), _ptr(pairs), np.int64(shape[1]), np.int64(shape[1]), np.int64(block_bytes)))
 
 
 __all__ = ["CudaBackend", "AttnPlan", "plan_attention", "kernel_source", "get_function",
