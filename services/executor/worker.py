@@ -29,7 +29,6 @@ from shared.messages import ExecutorError, ExecutorReady, SamplingParams, StepPl
 from shared.model_path import resolve_model
 from shared.step_check import CheckedPlan, PlanError, SeqShape, StepLimits, validate_plan
 
-
 log = logging.getLogger("pagedserve.executor")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
