@@ -15,6 +15,8 @@ from shared.messages import ExecutorError, Fork, NewSeq, SamplingParams, StepPla
 GREEDY = SamplingParams(temperature=0.0)
 BS, NUM_BLOCKS, NUM_HOST, MAX_LEN, VOCAB = 4, 16, 4, 64, 512      # random:tiny has 512 tokens
 PROMPT = [5, 6, 7, 8, 9, 10]
+FAKE = dict(block_size=BS, num_blocks=NUM_BLOCKS, num_host_blocks=NUM_HOST, max_model_len=MAX_LEN,
+            max_num_batched_tokens=MAX_LEN, vocab_size=VOCAB, eos_token_ids=[0], strict=True)
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +25,8 @@ def tiny_worker():
                        cache=CacheConfig(block_size=BS, num_blocks=NUM_BLOCKS, num_host_blocks=NUM_HOST),
                        scheduler=SchedulerConfig(max_model_len=MAX_LEN, max_num_batched_tokens=MAX_LEN)).validate()
     w = Worker(cfg)
-    assert w.limits() == FakeExecutor(**fake_kw()).limits()
+    assert w.limits() == FakeExecutor(**FAKE).limits()
     return w
-
-
-def fake_kw():
-    return dict(block_size=BS, num_blocks=NUM_BLOCKS, num_host_blocks=NUM_HOST, max_model_len=MAX_LEN,
-                max_num_batched_tokens=MAX_LEN, vocab_size=VOCAB, eos_token_ids=[0], strict=True)
 
 
 @pytest.fixture(params=["worker", "fake"])
@@ -38,7 +35,7 @@ def executor(request, tiny_worker):
     if request.param == "worker":
         ex = Worker.from_loaded(tiny_worker.loaded, tiny_worker.config)
     else:
-        ex = FakeExecutor(**fake_kw())
+        ex = FakeExecutor(**FAKE)
     r = ex.execute(StepPlan(step_id=0, new=[NewSeq(1, PROMPT, [], [0, 1], 0, 6, GREEDY)]))
     assert isinstance(r, StepResult) and r.seq_ids == [1]
     return ex
