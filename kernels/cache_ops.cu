@@ -63,8 +63,6 @@ RC_ENTRY(b32, float)
 //   dest   bytes: dst_layers[layer] + (plane * dst_num_blocks + dst_block) * block_bytes
 // block_bytes = num_kv_heads * block_size * head_dim * sizeof(element), a multiple of 16.
 // copy-on-write: src_layers == dst_layers (the device caches).
-// swap out / in: one side is the pinned host pool, addressed through its device-visible
-// (UVA) pointer, so a swap is one kernel whose loads or stores cross PCIe / C2C.
 extern "C" __global__ void copy_blocks_kernel(
     const unsigned long long* __restrict__ src_layers,
     const unsigned long long* __restrict__ dst_layers,

@@ -1,10 +1,10 @@
-/* CPU kernels of the executor (float32), loaded by services/executor/cpu_kernels.py.
+/* CPU kernels of the executor (float32), loaded by services/executor/attention/cpu_kernels.py.
  *
  * Paged decode attention: one new query token per sequence, K and V read in place from
  * the paged cache, with no gathered copy. The torch reference gathers every sequence's K/V into a
  * padded batch and then runs SDPA over it: it moves the bytes three times, and this reads them once.
  *
- * Built once per machine with the system C compiler (CFLAGS in services/executor/cpu_kernels.py)
+ * Built once per machine with the system C compiler (CFLAGS in services/executor/attention/cpu_kernels.py)
  * and loaded with ctypes; OpenMP binds to the libgomp torch already loaded (same soname), so the
  * kernels share torch's thread pool.
  *

@@ -24,6 +24,8 @@ class CheckedFakeExecutor(FakeExecutor):
         bm = scheduler.block_manager
         super().__init__(block_size=scheduler.block_size, num_blocks=bm.num_blocks,
                          num_host_blocks=bm.host.num_blocks, max_model_len=scheduler.config.max_model_len,
+                         max_num_batched_tokens=scheduler.config.max_num_batched_tokens,
+                         vocab_size=1 << 20,        # the tests' prompts take distinct ids up to ~256k
                          eos_token_ids=sorted(scheduler.eos_token_ids), strict=True)
         self.scheduler, self.token_fn, self.roundtrip = scheduler, token_fn, roundtrip
 

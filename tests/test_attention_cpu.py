@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from services.executor.attention import get_backend
+from services.executor.attention.base import NormKernel
 from services.executor.attention.cpu import CpuBackend
+from services.executor.attention.cpu_kernels import CpuKernelUnavailable, build_library, load_kernels
 from services.executor.attention.torch_ref import TorchBackend
-from services.executor.cpu_kernels import CpuKernelUnavailable, build_library, load_kernels
 from tests.test_attention_ref import CASES, make_meta, naive_attention, random_case
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -80,7 +81,7 @@ def test_kernel_is_built_once_per_source_and_reused(tmp_path):
 
 
 def test_no_compiler_or_a_bad_source_falls_back_to_the_reference(tmp_path, monkeypatch):
-    import services.executor.cpu_kernels as cpu_mod
+    import services.executor.attention.cpu_kernels as cpu_mod
 
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / cpu_mod.SOURCE).write_text("this is not C\n")
@@ -110,6 +111,33 @@ def test_add_rms_norm_matches_torch(T, D):
     out, new_residual = load_kernels().add_rms_norm(x, residual.clone(), weight, 1e-5)
     torch.testing.assert_close(new_residual, want_sum, atol=0, rtol=0)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_cc
+def test_the_model_fuses_every_residual_norm_where_the_backend_provides_the_kernel():
+    from services.executor.worker import Worker
+    from shared.config import CacheConfig, EngineConfig
+    from shared.messages import NewSeq, SamplingParams, StepPlan
+
+    class Counting(CpuBackend):
+        calls = 0
+
+        def add_rms_norm(self, *args):
+            self.calls += 1
+            return super().add_rms_norm(*args)
+
+    assert isinstance(CpuBackend(), NormKernel) and not isinstance(TorchBackend(), NormKernel)
+    tokens = {}
+    for backend in (TorchBackend(), Counting()):
+        cfg = EngineConfig(model="random:tiny", device="cpu", dtype="float32", attention_backend="torch",
+                           cache=CacheConfig(block_size=4, num_blocks=8, num_host_blocks=0)).validate()
+        w = Worker(cfg)
+        w.backend = backend
+        r = w.execute(StepPlan(step_id=0, new=[NewSeq(1, [5, 6, 7, 8, 9], [], [0, 1], 0, 5,
+                                                      SamplingParams(temperature=0.0))]))
+        tokens[backend.name] = r.token_ids
+    assert backend.calls == 2 * w.model_config.num_layers     # every norm but the first layer's input norm
+    assert tokens["cpu"] == tokens["torch"]
 
 
 def test_kernel_dir_is_the_env_then_the_repository_then_the_wheel_copy(tmp_path, monkeypatch):

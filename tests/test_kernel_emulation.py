@@ -440,3 +440,26 @@ def test_copy_blocks_and_swap():
     emulate_copy_blocks(memory, host_ptrs, dev_ptrs, in_pairs, NH, NB, block_bytes)
     for c, s in zip(caches, saved):
         assert torch.equal(c[:, [8, 6]], s)
+
+
+def test_backend_copy_blocks_is_one_launch_over_one_pool():
+    """CudaBackend.copy_blocks' launch (grid, layer pointer table, pairs, sizes), emulated on the host."""
+    rng = np.random.default_rng(3)
+    L, NB = 3, 10
+    caches = [torch.from_numpy(rng.standard_normal((2, NB, 2, 16, 64)).astype(np.float16)) for _ in range(L)]
+    pairs = torch.tensor([[3, 7], [0, 9], [5, 1]])
+    expect = [c.clone() for c in caches]
+    TorchBackend().copy_blocks(expect, pairs)
+    backend = object.__new__(cb.CudaBackend)           # no GPU: only the launch itself is replaced
+    backend.device, backend._layer_ptrs = torch.device("cpu"), {}
+    launches = []
+    backend._launch = lambda file, name, grid, block, args: launches.append((file, name, grid, args))
+    backend.copy_blocks(caches, pairs)
+    [(file, name, grid, (src, dst, pairs_ptr, src_nb, dst_nb, block_bytes))] = launches
+    [table] = backend._layer_ptrs.values()
+    assert (file, name, grid) == ("cache_ops.cu", "copy_blocks_kernel", (3, 2 * L))
+    assert src == dst == table.data_ptr() and pairs_ptr == pairs.data_ptr() and src_nb == dst_nb == NB
+    memory = {c.data_ptr(): c.numpy().view(np.uint8).reshape(-1) for c in caches}
+    emulate_copy_blocks(memory, table.tolist(), table.tolist(), pairs.tolist(), NB, NB, int(block_bytes))
+    for c, e in zip(caches, expect):
+        assert torch.equal(c, e)

@@ -762,9 +762,9 @@ def test_update_rejects_mismatched_results():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"run_seq_ids": [0, 0], "run_num_tokens": [1, 1]}, "runs twice"),
-    ({"run_seq_ids": [0], "run_num_tokens": [0]}, "without computing a token"),
-    ({"new": [NewSeq(1, [4, 5], [], [2], 0, 0, SamplingParams())]}, "without computing a token"),
+    ({"run_seq_ids": [0, 0], "run_num_tokens": [1, 1]}, "scheduled twice"),
+    ({"run_seq_ids": [0], "run_num_tokens": [0]}, "with 0 tokens"),
+    ({"new": [NewSeq(1, [4, 5], [], [2], 0, 0, SamplingParams())]}, "computes no token"),
 ])
 def test_fake_executor_rejects_plans_that_run_a_sequence_twice_or_for_nothing(bad, message):
     ex = FakeExecutor(block_size=4, num_blocks=4, strict=True)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from services.executor.attention import AttentionBackend, AttentionMetadata
+from services.executor.attention.base import AttentionBackend, AttentionMetadata, NormKernel
 
 
 @dataclass
@@ -172,12 +172,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None,
-                backend: Optional[AttentionBackend] = None) -> Tensor | tuple[Tensor, Tensor]:
+                kernel: Optional[NormKernel] = None) -> Tensor | tuple[Tensor, Tensor]:
         """norm(x); with ``residual``, the running sum of the layers' outputs, the pair
-        ``(norm(residual + x), residual + x)``, fused by the backend when it has a kernel for it."""
+        ``(norm(residual + x), residual + x)``, fused by ``kernel`` where it covers the tensors."""
         if residual is None:
             return self._norm(x)
-        fused = backend.add_rms_norm(x, residual, self.weight, self.eps) if backend is not None else None
+        fused = kernel.add_rms_norm(x, residual, self.weight, self.eps) if kernel is not None else None
         if fused is not None:
             return fused
         residual = residual + x
@@ -231,14 +231,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, residual, cos, sin, kv, meta, backend):
+    def forward(self, x, residual, cos, sin, kv, meta, backend, norm_kernel):
         # x [T, D]: the previous block's MLP output (the embeddings for the first block);
         # residual [T, D]: the stream before it (None for the first block). Returns the same pair.
         if residual is None:
             h, residual = self.attention_norm(x), x
         else:
-            h, residual = self.attention_norm(x, residual, backend)
-        h, residual = self.ffn_norm(self.attention(h, cos, sin, kv, meta, backend), residual, backend)
+            h, residual = self.attention_norm(x, residual, norm_kernel)
+        h, residual = self.ffn_norm(self.attention(h, cos, sin, kv, meta, backend), residual, norm_kernel)
         return self.feed_forward(h), residual
 
 
@@ -259,10 +259,11 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(input_ids)                         # [T, D]
         cs = self.rope[positions].to(x.dtype)                      # [T, 2, Dh]
         cos, sin = cs[:, 0:1], cs[:, 1:2]                          # [T, 1, Dh]; sin with its sign folded in
+        norm_kernel = backend if isinstance(backend, NormKernel) else None   # the backend may provide one
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, kv, meta, backend)
-        return self.norm(x, residual, backend)[0]
+            x, residual = layer(x, residual, cos, sin, kv, meta, backend, norm_kernel)
+        return self.norm(x, residual, norm_kernel)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         # hidden [N, D] -> logits [N, V] float32

@@ -7,13 +7,14 @@ or behind ZMQ (``services/executor/service.py``):
     worker.ready()   -> ExecutorReady
     worker.execute(plan) -> StepResult | ExecutorError
 
-A plan is validated completely before anything is mutated, so a bad plan changes nothing.
+A plan is validated completely (shared/step_check.py) before anything is mutated, so a bad plan
+changes nothing.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -21,31 +22,16 @@ from torch import Tensor
 
 from services.executor.attention import AttentionMetadata, get_backend
 from services.executor.kv_cache import KVCache, activation_bytes, plan_num_blocks, plan_num_host_blocks
+from services.executor.sampler import Sampler, SamplingMetadata
 from services.executor.weights import LoadedModel, load_model
 from shared.config import EngineConfig
 from shared.messages import ExecutorError, ExecutorReady, SamplingParams, StepPlan, StepResult
 from shared.model_path import resolve_model
-
-try:
-    from services.executor.sampler import Sampler, SamplingMetadata
-except ImportError:  # pragma: no cover - the sampler ships with the executor; greedy fallback
-    class SamplingMetadata:  # type: ignore[no-redef]
-        @staticmethod
-        def build(rows, device):
-            return None
-
-    class Sampler:  # type: ignore[no-redef]
-        def __call__(self, logits, meta):
-            from collections import namedtuple
-            return namedtuple("SamplerOutput", "token_ids logprobs")(logits.argmax(-1), None)
+from shared.step_check import CheckedPlan, PlanError, SeqShape, StepLimits, validate_plan
 
 log = logging.getLogger("pagedserve.executor")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class PlanError(Exception):
-    """The plan breaks the Step protocol; answered with ExecutorError, state unchanged."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,12 +70,8 @@ class SeqState:
             return self.output[start - p:end - p]
         return self.prompt[start:] + self.output[:end - p]
 
-
-@dataclass
-class _Checked:
-    """What validation derived from a plan, reused when applying it."""
-    work: list[tuple[int, int]] = field(default_factory=list)   # (seq id, new tokens) in forward order
-    num_tokens: int = 0
+    def shape(self) -> SeqShape:
+        return SeqShape(len(self.table), self.num_computed, self.num_tokens)
 
 
 class Worker:
@@ -149,10 +131,16 @@ class Worker:
                              vocab_size=self.model_config.vocab_size,
                              eos_token_ids=list(self.loaded.eos_token_ids), device=str(self.device))
 
+    def limits(self) -> StepLimits:
+        return StepLimits(block_size=self.block_size, num_blocks=self.num_blocks,
+                          num_host_blocks=self.num_host_blocks, vocab_size=self.model_config.vocab_size,
+                          max_model_len=self.max_model_len,
+                          max_num_batched_tokens=self.max_num_batched_tokens)
+
     # ------------------------------------------------------------------------------ one step
     def execute(self, plan: StepPlan) -> StepResult | ExecutorError:
         try:
-            checked = self._validate(plan)
+            checked = validate_plan(plan, self.seqs, self.limits())
         except PlanError as e:
             return ExecutorError(step_id=plan.step_id, message=str(e))
         try:
@@ -162,110 +150,7 @@ class Worker:
             log.exception("step %d failed", plan.step_id)
             return ExecutorError(step_id=plan.step_id, message=f"step failed: {type(e).__name__}: {e}")
 
-    def _validate(self, plan: StepPlan) -> _Checked:
-        nb, nh, bs = self.num_blocks, self.num_host_blocks, self.block_size
-
-        def check_blocks(ids, limit: int, what: str) -> None:
-            for b in ids:
-                if not 0 <= b < limit:
-                    raise PlanError(f"{what} block {b} outside the pool of {limit}")
-
-        def check_unique(ids, what: str) -> None:
-            seen = set()
-            for i in ids:
-                if i in seen:
-                    raise PlanError(f"duplicate {what} {i}")
-                seen.add(i)
-
-        vocab = self.model_config.vocab_size
-
-        def check_token_ids(ns) -> None:     # an id >= V would index out of the embedding / logits
-            for what, ids in (("prompt", ns.prompt_token_ids), ("output", ns.output_token_ids),
-                              ("logit_bias", ns.sampling.logit_bias)):
-                if ids and max(ids) >= vocab:
-                    raise PlanError(f"new seq {ns.seq_id}: {what} token id {max(ids)} outside the vocabulary of {vocab}")
-
-        dropped = list(plan.finished) + list(plan.preempted)
-        check_unique(dropped, "finished/preempted seq")
-        for sid in dropped:
-            if sid not in self.seqs:
-                raise PlanError(f"finished/preempted: unknown seq {sid}")
-        known = set(self.seqs) - set(dropped)
-
-        check_blocks([d for d, _ in plan.swap_out], nb, "swap_out device")
-        check_blocks([h for _, h in plan.swap_out], nh, "swap_out host")
-        check_blocks([h for h, _ in plan.swap_in], nh, "swap_in host")
-        check_blocks([d for _, d in plan.swap_in], nb, "swap_in device")
-        check_unique([h for _, h in plan.swap_out], "swap_out destination")
-        check_unique([d for _, d in plan.swap_in], "swap_in destination")
-        check_blocks([b for pair in plan.copies for b in pair], nb, "copy")
-        check_unique([d for _, d in plan.copies], "copy destination")
-
-        # per seq: [table length, computed after the step, known tokens]
-        shape: dict[int, list[int]] = {}
-        checked = _Checked()
-        for ns in plan.new:
-            if ns.seq_id in known or ns.seq_id in shape:
-                raise PlanError(f"new seq {ns.seq_id} is already known")
-            check_blocks(ns.block_ids, nb, "table")
-            ntok = len(ns.prompt_token_ids) + len(ns.output_token_ids)
-            if ntok == 0:
-                raise PlanError(f"new seq {ns.seq_id} has no tokens")
-            if ns.num_computed + ns.num_new_tokens > ntok:
-                raise PlanError(f"seq {ns.seq_id}: {ns.num_computed}+{ns.num_new_tokens} tokens "
-                                f"> {ntok} known")
-            check_token_ids(ns)
-            shape[ns.seq_id] = [len(ns.block_ids), ns.num_computed + ns.num_new_tokens, ntok]
-            if ns.num_new_tokens:
-                checked.work.append((ns.seq_id, ns.num_new_tokens))
-            elif ns.num_computed == ntok:
-                raise PlanError(f"new seq {ns.seq_id} has every token computed and none to run")
-        if len(plan.run_seq_ids) != len(plan.run_num_tokens):
-            raise PlanError(f"run_seq_ids ({len(plan.run_seq_ids)}) and run_num_tokens "
-                            f"({len(plan.run_num_tokens)}) differ in length")
-        for sid, n in zip(plan.run_seq_ids, plan.run_num_tokens):
-            if sid in shape:
-                raise PlanError(f"seq {sid} is scheduled twice in one step")
-            if sid not in known:
-                raise PlanError(f"run: unknown seq {sid}")
-            if n < 1:
-                raise PlanError(f"run: seq {sid} with {n} tokens")
-            s = self.seqs[sid]
-            if s.num_computed + n > s.num_tokens:
-                raise PlanError(f"seq {sid}: {s.num_computed}+{n} tokens > {s.num_tokens} known")
-            shape[sid] = [len(s.table), s.num_computed + n, s.num_tokens]
-            checked.work.append((sid, n))
-        for tu in plan.table_updates:
-            if tu.seq_id not in known and tu.seq_id not in shape:
-                raise PlanError(f"table update for unknown seq {tu.seq_id}")
-            check_blocks(tu.block_ids, nb, "table")
-            if tu.seq_id not in shape:
-                s = self.seqs[tu.seq_id]
-                shape[tu.seq_id] = [len(s.table), s.num_computed, s.num_tokens]
-            if tu.start > shape[tu.seq_id][0]:
-                raise PlanError(f"seq {tu.seq_id}: table update at {tu.start} beyond its "
-                                f"{shape[tu.seq_id][0]} blocks")
-            shape[tu.seq_id][0] = tu.start + len(tu.block_ids)
-        for sid, n in checked.work:
-            nblocks, end, _ = shape[sid]
-            if nblocks * bs < end:
-                raise PlanError(f"seq {sid}: {nblocks} blocks cannot hold {end} tokens")
-            if end > self.max_model_len:
-                raise PlanError(f"seq {sid}: {end} tokens > max_model_len {self.max_model_len}")
-        checked.num_tokens = sum(n for _, n in checked.work)
-        if checked.num_tokens > self.max_num_batched_tokens:
-            raise PlanError(f"{checked.num_tokens} tokens in one step > {self.max_num_batched_tokens}")
-        samplers = {sid for sid, _ in checked.work if shape[sid][1] == shape[sid][2]}
-        children = set()
-        for f in plan.forks:
-            if f.parent not in samplers:
-                raise PlanError(f"fork parent {f.parent} does not sample in this step")
-            if f.child in known or f.child in shape or f.child in children:
-                raise PlanError(f"fork child {f.child} is already known")
-            children.add(f.child)
-        return checked
-
-    def _apply(self, plan: StepPlan, checked: _Checked) -> StepResult:
+    def _apply(self, plan: StepPlan, checked: CheckedPlan) -> StepResult:
         for sid in plan.finished:
             del self.seqs[sid]
         for sid in plan.preempted:
@@ -289,16 +174,12 @@ class Worker:
         # who samples, and from which row of the packed token axis (fork children share the
         # parent's row); known before the forward, so the row index rides in the same pack
         last_row: dict[int, int] = {}
-        sampled: list[int] = []
         row = -1
         for sid, n in checked.work:
             row += n
-            s = self.seqs[sid]
-            if s.num_computed + n == s.num_tokens:
-                last_row[sid] = row
-                sampled.append(sid)
-        sampled += [f.child for f in plan.forks]
-        rows = [last_row[sid] for sid in sampled[:len(last_row)]] + [last_row[f.parent] for f in plan.forks]
+            last_row[sid] = row
+        sampled = checked.samplers + [f.child for f in plan.forks]
+        rows = [last_row[sid] for sid in checked.samplers] + [last_row[f.parent] for f in plan.forks]
 
         logits = self._forward(checked.work, rows) if checked.work else None     # [S, V] float32
         for f in plan.forks:

@@ -6,7 +6,7 @@ the paged cache; the reference gathers them into a padded copy first and runs SD
 (the gather and the SDPA were 15% of a 32-row decode step, see docs/BENCHMARKS.md). Prefills, cache
 writes and block copies stay the reference's. The kernel covers float32 caches (the CPU default);
 other dtypes, and shapes past the kernel's stack buffers, take the reference path. How the kernel
-is built and loaded: services/executor/cpu_kernels.py.
+is built and loaded: ``cpu_kernels.py`` beside this file.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from services.executor.attention import AttentionMetadata
+from services.executor.attention.base import AttentionMetadata, NormKernel
+from services.executor.attention.cpu_kernels import CpuKernels, load_kernels
 from services.executor.attention.torch_ref import TorchBackend, _DecodePlan
-from services.executor.cpu_kernels import CpuKernels, load_kernels
 
 
-class CpuBackend(TorchBackend):
+class CpuBackend(TorchBackend, NormKernel):
     name = "cpu"
 
     def __init__(self, kernels: Optional[CpuKernels] = None):

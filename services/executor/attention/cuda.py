@@ -26,13 +26,6 @@ of ``kernels/paged_attention.cu`` for what a CTA does:
   provided the fp32 partials fit in ``SPLIT_MAX_PARTIAL_BYTES`` (long prefills with many query
   rows keep the single pass: they have plenty of CTAs anyway). In short: small batches with long
   contexts split; large batches of short contexts do not. Same spirit as vLLM's v1/v2 choice.
-
-Swap (``swap_out`` / ``swap_in``): the host pool is pinned memory, which under unified virtual
-addressing (every 64-bit CUDA platform) kernels can read and write through the same pointer. A
-swap is then ONE launch of ``copy_blocks_kernel`` over all layers, both planes and all pairs, with
-the host pool on one side: no staging buffer, no host synchronisation, ordered on the stream with
-the attention kernels that read or wrote those blocks. A host pool that is not pinned falls back
-to per-layer gathered torch copies (``h[:, idx] = d[:, idx].cpu()``).
 """
 from __future__ import annotations
 
@@ -46,7 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from services.executor.attention import KERNEL_DIR, AttentionBackend, AttentionMetadata
+from services.executor.attention.base import AttentionBackend, AttentionMetadata
+from services.executor.attention.kernel_dir import KERNEL_DIR
 
 # ---- constants mirrored from kernels/paged_attention.cu (tests check they agree) -------------
 NUM_THREADS = 128          # PA_NUM_THREADS
@@ -309,11 +303,6 @@ class CudaBackend(AttentionBackend):
         return out if out.dtype == query.dtype else out.to(query.dtype)
 
     # ---- block copies
-    def _pairs(self, pairs: Tensor | Sequence[tuple[int, int]]) -> Tensor:
-        if not isinstance(pairs, Tensor):
-            pairs = torch.tensor(list(pairs), dtype=torch.int64).reshape(-1, 2).pin_memory()
-        return self._dev(pairs.reshape(-1, 2), torch.int64)
-
     def _ptr_table(self, tensors: Sequence[Tensor]) -> Tensor:
         """Device int64 array of the tensors' base addresses, cached per tensor set."""
         key = tuple(t.data_ptr() for t in tensors)
@@ -323,51 +312,18 @@ class CudaBackend(AttentionBackend):
             self._layer_ptrs[key] = tab
         return tab
 
-    def _copy(self, src: Sequence[Tensor], dst: Sequence[Tensor], pairs: Tensor) -> None:
-        """One launch: for every layer l, plane and pair (s, d): dst[l][:, d] = src[l][:, s]."""
-        if len(src) != len(dst) or not src:
-            raise ValueError("src and dst need the same non-zero number of layers")
-        shape = src[0].shape[2:]
-        for t in (*src, *dst):
-            if t.dim() != 5 or t.shape[2:] != shape or t.dtype != src[0].dtype or not t.is_contiguous():
-                raise ValueError("all pools must be contiguous [2, N, Hkv, bs, D] of one dtype")
-        if any(t.shape[1] != src[0].shape[1] for t in src) or any(t.shape[1] != dst[0].shape[1] for t in dst):
-            raise ValueError("all layers of a pool must have the same number of blocks")
-        block_bytes = math.prod(shape) * src[0].element_size()
-        self._launch("cache_ops.cu", "copy_blocks_kernel", (pairs.shape[0], 2 * len(src)), COPY_THREADS, (
-            _ptr(self._ptr_table(src)), _ptr(self._ptr_table(dst)), _ptr(pairs),
-            np.int64(src[0].shape[1]), np.int64(dst[0].shape[1]), np.int64(block_bytes)))
-
     def copy_blocks(self, caches: list[Tensor], pairs: Tensor) -> None:
+        """One launch: for every layer, plane and pair (src, dst): cache[:, dst] = cache[:, src]."""
         if pairs is None or len(pairs) == 0 or not caches:
             return
-        self._copy(caches, caches, self._pairs(pairs))
-
-    def swap_out(self, dev_caches: list[Tensor], host_caches: list[Tensor],
-                 pairs: Tensor | Sequence[tuple[int, int]]) -> None:
-        """(device block, host block) pairs: device -> pinned host pool, one launch, no sync."""
-        if len(pairs) == 0 or not dev_caches:
-            return
-        if all(h.is_pinned() for h in host_caches):
-            self._copy(dev_caches, host_caches, self._pairs(pairs))
-            return
-        p = torch.as_tensor(pairs, dtype=torch.int64).reshape(-1, 2).cpu()
-        dev_idx = p[:, 0].to(self.device)
-        for d, h in zip(dev_caches, host_caches):          # fallback: pageable host pool
-            h[:, p[:, 1]] = d[:, dev_idx].cpu()
-
-    def swap_in(self, host_caches: list[Tensor], dev_caches: list[Tensor],
-                pairs: Tensor | Sequence[tuple[int, int]]) -> None:
-        """(host block, device block) pairs: pinned host pool -> device, one launch, no sync."""
-        if len(pairs) == 0 or not dev_caches:
-            return
-        if all(h.is_pinned() for h in host_caches):
-            self._copy(host_caches, dev_caches, self._pairs(pairs))
-            return
-        p = torch.as_tensor(pairs, dtype=torch.int64).reshape(-1, 2).cpu()
-        dev_idx = p[:, 1].to(self.device)
-        for d, h in zip(dev_caches, host_caches):
-            d[:, dev_idx] = h[:, p[:, 0]].to(self.device)
+        shape = caches[0].shape
+        for t in caches:
+            if t.dim() != 5 or t.shape != shape or t.dtype != caches[0].dtype or not t.is_contiguous():
+                raise ValueError("all layers must be contiguous [2, N, Hkv, bs, D] caches of one shape and dtype")
+        table, pairs = self._ptr_table(caches), self._dev(pairs.reshape(-1, 2), torch.int64)   # alive until the launch
+        block_bytes = math.prod(shape[2:]) * caches[0].element_size()
+        self._launch("cache_ops.cu", "copy_blocks_kernel", (pairs.shape[0], 2 * len(caches)), COPY_THREADS, (
+            _ptr(table), _ptr(table), _ptr(pairs), np.int64(shape[1]), np.int64(shape[1]), np.int64(block_bytes)))
 
 
 __all__ = ["CudaBackend", "AttnPlan", "plan_attention", "kernel_source", "get_function",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from services.executor.attention import AttentionBackend, AttentionMetadata
+from services.executor.attention.base import AttentionBackend, AttentionMetadata
 
 # A prefill group is padded to (sequences x longest query x longest context); a sequence joins the
 # current group while that padded area stays within this factor of the area the group really needs.

@@ -4,8 +4,9 @@ Used by the simulator, the service's tests (behind a real ZMQ ROUTER, see ``Fake
 and the scheduler's tests (``tests/scheduler_harness.py`` subclasses it to also compare its tables
 with the scheduler's). Same face as the real worker: ``ready()`` and ``execute(plan)``.
 
-It keeps what the real executor keeps per seq id (tokens, block table, computed count, sampling
-params) and a *shadow KV cache*: every block slot remembers which token was written into it.
+Every plan is checked by the real worker's rules (``shared/step_check.py``), so a plan the worker
+would refuse fails the scheduler's tests too. It keeps what the real executor keeps per seq id
+(tokens, block table, computed count, sampling params) and a *shadow KV cache*: every block slot remembers which token was written into it.
 With ``strict=True`` it checks, every step, what a wrong scheduler would get wrong silently on a
 GPU: every cached position it reads holds that sequence's token (prefix hits, copy-on-write,
 swaps), and no block referenced by two live sequences is written. A swapped-out sequence's table
@@ -29,10 +30,7 @@ from shared import transport
 from shared.messages import (
     ExecutorError, ExecutorHello, ExecutorReady, ProtocolError, Shutdown, StepPlan, StepResult,
 )
-
-
-class PlanError(Exception):
-    """The plan breaks the Step protocol; the executor answers ExecutorError."""
+from shared.step_check import CheckedPlan, PlanError, SeqShape, StepLimits, validate_plan
 
 
 @dataclass
@@ -54,6 +52,9 @@ class _Seq:
     def num_tokens(self) -> int:
         return len(self.prompt) + len(self.outputs)
 
+    def shape(self) -> SeqShape:
+        return SeqShape(len(self.table), self.computed, self.num_tokens)
+
 
 @dataclass
 class FakeExecutor:
@@ -61,6 +62,7 @@ class FakeExecutor:
     num_blocks: int = 256
     num_host_blocks: int = 0
     max_model_len: int = 4096
+    max_num_batched_tokens: int | None = None    # None: no token budget
     vocab_size: int = 32000
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
     output_len: Callable[[list[int], int], int] | None = None
@@ -81,74 +83,23 @@ class FakeExecutor:
                              num_host_blocks=self.num_host_blocks, max_model_len=self.max_model_len,
                              vocab_size=self.vocab_size, eos_token_ids=list(self.eos_token_ids))
 
+    def limits(self) -> StepLimits:
+        return StepLimits(block_size=self.block_size, num_blocks=self.num_blocks,
+                          num_host_blocks=self.num_host_blocks, vocab_size=self.vocab_size,
+                          max_model_len=self.max_model_len,
+                          max_num_batched_tokens=self.max_num_batched_tokens)
+
     # ------------------------------------------------------------------------------------ step
 
     def execute(self, plan: StepPlan) -> StepResult | ExecutorError:
         if plan.step_id in self.fail_steps:
             return ExecutorError(step_id=plan.step_id, message="injected failure")
         try:
-            self._validate(plan)
-            return self._apply(plan)
+            return self._apply(plan, validate_plan(plan, self.seqs, self.limits()))
         except PlanError as e:
             return ExecutorError(step_id=plan.step_id, message=str(e))
 
-    def _validate(self, plan: StepPlan) -> None:
-        """Everything that can be checked before touching state, so a bad plan changes nothing."""
-        def check_blocks(ids, limit, what):
-            for b in ids:
-                if not 0 <= b < limit:
-                    raise PlanError(f"{what} block {b} outside the pool of {limit}")
-
-        dropped = set(plan.finished) | set(plan.preempted)
-        for sid in dropped:
-            if sid not in self.seqs:
-                raise PlanError(f"finished/preempted: unknown seq {sid}")
-        known = set(self.seqs) - dropped
-        check_blocks([d for d, _ in plan.swap_out] + [d for _, d in plan.swap_in], self.num_blocks, "swap")
-        check_blocks([h for _, h in plan.swap_out] + [h for h, _ in plan.swap_in], self.num_host_blocks, "host")
-        check_blocks([b for pair in plan.copies for b in pair], self.num_blocks, "copy")
-        length = {}      # seq id -> (table length, computed, tokens) after new + table updates
-        for ns in plan.new:
-            if ns.seq_id in known or ns.seq_id in length:
-                raise PlanError(f"new seq {ns.seq_id} is already known")
-            check_blocks(ns.block_ids, self.num_blocks, "table")
-            ntok = len(ns.prompt_token_ids) + len(ns.output_token_ids)
-            if ns.num_computed + ns.num_new_tokens > ntok:
-                raise PlanError(f"seq {ns.seq_id}: {ns.num_computed}+{ns.num_new_tokens} tokens > {ntok} known")
-            length[ns.seq_id] = (len(ns.block_ids), ns.num_computed + ns.num_new_tokens)
-        if len(plan.run_seq_ids) != len(plan.run_num_tokens):
-            raise PlanError("run_seq_ids and run_num_tokens differ in length")
-        ran = [ns.seq_id for ns in plan.new] + list(plan.run_seq_ids)
-        if len(set(ran)) != len(ran):
-            raise PlanError("a sequence runs twice in one step")
-        if any(n < 1 for n in plan.run_num_tokens) or any(ns.num_new_tokens < 1 for ns in plan.new):
-            raise PlanError("a sequence runs without computing a token")
-        for tu in plan.table_updates:
-            if tu.seq_id not in known and tu.seq_id not in length:
-                raise PlanError(f"table update for unknown seq {tu.seq_id}")
-            check_blocks(tu.block_ids, self.num_blocks, "table")
-            cur = length[tu.seq_id][0] if tu.seq_id in length else len(self.seqs[tu.seq_id].table)
-            if tu.start > cur:
-                raise PlanError(f"seq {tu.seq_id}: table update at {tu.start} beyond its {cur} blocks")
-            end = length[tu.seq_id][1] if tu.seq_id in length else self.seqs[tu.seq_id].computed
-            length[tu.seq_id] = (tu.start + len(tu.block_ids), end)
-        for sid, n in zip(plan.run_seq_ids, plan.run_num_tokens):
-            if sid not in known:
-                raise PlanError(f"run: unknown seq {sid}")
-            s = self.seqs[sid]
-            if s.computed + n > s.num_tokens:
-                raise PlanError(f"seq {sid}: {s.computed}+{n} tokens > {s.num_tokens} known")
-            length[sid] = (length[sid][0] if sid in length else len(s.table), s.computed + n)
-        for sid, (nblocks, end) in length.items():
-            if nblocks * self.block_size < end:
-                raise PlanError(f"seq {sid}: {nblocks} blocks cannot hold {end} tokens")
-        for f in plan.forks:
-            if f.parent not in known and f.parent not in length:
-                raise PlanError(f"fork of unknown seq {f.parent}")
-            if f.child in known or f.child in length:
-                raise PlanError(f"fork child {f.child} is already known")
-
-    def _apply(self, plan: StepPlan) -> StepResult:
+    def _apply(self, plan: StepPlan, checked: CheckedPlan) -> StepResult:
         for sid in plan.finished:
             self._drop(sid)
         for sid in plan.preempted:
@@ -168,24 +119,22 @@ class FakeExecutor:
         for src, dst in plan.copies:
             self.kv[dst] = list(self.kv[src])
             self._overwritten(dst)
-        work: list[tuple[int, int]] = []
         for ns in plan.new:
             s = _Seq(list(ns.prompt_token_ids), list(ns.output_token_ids), [], ns.num_computed, ns.sampling,
                      ns.sample_index)
             self.seqs[ns.seq_id] = s
             self._set_table(ns.seq_id, s, 0, ns.block_ids)
-            work.append((ns.seq_id, ns.num_new_tokens))
         for tu in plan.table_updates:
             s = self.seqs[tu.seq_id]
             self._set_table(tu.seq_id, s, tu.start, tu.block_ids)
             if tu.start == 0:
                 s.swapped = False           # swap-in (or a whole new table): live again
-        work.extend(zip(plan.run_seq_ids, plan.run_num_tokens))
-        for sid, n in work:           # like a real forward pass: every write of the step first,
+        for sid, n in checked.work:   # like a real forward pass: every write of the step first,
             self._write(sid, self.seqs[sid], n)
-        for sid, n in work:           # then every read (a prompt may share blocks written now)
+        for sid, n in checked.work:   # then every read (a prompt may share blocks written now)
             self._read(sid, self.seqs[sid], n)
-        sampled = [sid for sid, _ in work if self.seqs[sid].computed == self.seqs[sid].num_tokens]
+        self.tokens_computed += checked.num_tokens
+        sampled = list(checked.samplers)
         for f in plan.forks:
             p = self.seqs[f.parent]
             child = _Seq(list(p.prompt), list(p.outputs), [], p.computed, p.sampling, f.sample_index)
@@ -292,7 +241,6 @@ class FakeExecutor:
             if shared:
                 self._check_shared_write(sid, block, pos % bs, token)
             kv[block][pos % bs] = token
-        self.tokens_computed += n
 
     def _check_shared_write(self, sid: int, block: int, offset: int, token: int) -> None:
         """A write into a block other live sequences name is only right when each of them holds

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from services.executor.attention import KERNEL_DIR
+from services.executor.attention.kernel_dir import KERNEL_DIR
 
 SOURCE = "cpu_kernels.c"
 # Compile and link are two commands: linking a shared library with -ffast-math (gcc < 13) adds

@@ -1,0 +1,157 @@
+"""The Step protocol's rules (docs/ARCHITECTURE.md), checked once for both executors.
+
+The real worker (services/executor/worker.py) and the fake one (services/scheduler/fake_executor.py)
+validate every plan here, completely, before they apply anything: a bad plan changes nothing, and
+the scheduler's tests against the fake catch any plan the real worker would refuse. Torch-free,
+since the fake lives with the CPU-only scheduler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Protocol
+
+from shared.messages import NewSeq, StepPlan
+
+
+class PlanError(Exception):
+    """The plan breaks the Step protocol; the executor answers ExecutorError, state unchanged."""
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    """What an executor enforces on every plan."""
+
+    block_size: int
+    num_blocks: int
+    num_host_blocks: int
+    vocab_size: int
+    max_model_len: int
+    max_num_batched_tokens: Optional[int] = None     # None: no token budget
+
+
+@dataclass(slots=True)
+class SeqShape:
+    """One sequence as the step leaves it: what the checks need, nothing else."""
+
+    num_blocks: int       # block table length
+    num_computed: int     # tokens in the cache once the step has run
+    num_tokens: int       # tokens known (prompt + outputs)
+
+
+class KnownSeq(Protocol):
+    """An executor's per-sequence state, seen by the checks through its current shape."""
+
+    def shape(self) -> SeqShape: ...
+
+
+@dataclass
+class CheckedPlan:
+    """What validation derived from a plan, reused when applying it."""
+
+    work: list[tuple[int, int]]     # (seq id, new tokens) in forward order: ``new``, then ``run``
+    num_tokens: int                 # tokens of the forward pass
+    samplers: list[int]             # seq ids of ``work`` whose every token is computed after the step
+
+
+def validate_plan(plan: StepPlan, seqs: Mapping[int, KnownSeq], limits: StepLimits) -> CheckedPlan:
+    """Every rule of the protocol, in the plan's order of application; raises PlanError."""
+    nb, nh = limits.num_blocks, limits.num_host_blocks
+    dropped = [*plan.finished, *plan.preempted]
+    _unique(dropped, "finished/preempted seq")
+    for sid in dropped:
+        if sid not in seqs:
+            raise PlanError(f"finished/preempted: unknown seq {sid}")
+    gone = set(dropped)
+
+    def known(sid: int) -> bool:
+        return sid in seqs and sid not in gone
+
+    _in_pool((d for d, _ in plan.swap_out), nb, "swap_out device")
+    _in_pool((h for _, h in plan.swap_out), nh, "swap_out host")
+    _in_pool((h for h, _ in plan.swap_in), nh, "swap_in host")
+    _in_pool((d for _, d in plan.swap_in), nb, "swap_in device")
+    _in_pool((b for pair in plan.copies for b in pair), nb, "copy")
+    _unique((h for _, h in plan.swap_out), "swap_out destination")
+    _unique((d for _, d in plan.swap_in), "swap_in destination")
+    _unique((d for _, d in plan.copies), "copy destination")
+
+    after: dict[int, SeqShape] = {}
+    work: list[tuple[int, int]] = []
+    for ns in plan.new:
+        sid = ns.seq_id
+        if known(sid) or sid in after:
+            raise PlanError(f"new seq {sid} is already known")
+        _in_pool(ns.block_ids, nb, "table")
+        _in_vocab(ns, limits.vocab_size)
+        ntok = len(ns.prompt_token_ids) + len(ns.output_token_ids)
+        if ns.num_new_tokens < 1:     # a prefix hit is capped so that one token is computed
+            raise PlanError(f"new seq {sid} computes no token")
+        if ns.num_computed + ns.num_new_tokens > ntok:
+            raise PlanError(f"seq {sid}: {ns.num_computed}+{ns.num_new_tokens} tokens > {ntok} known")
+        after[sid] = SeqShape(len(ns.block_ids), ns.num_computed + ns.num_new_tokens, ntok)
+        work.append((sid, ns.num_new_tokens))
+    if len(plan.run_seq_ids) != len(plan.run_num_tokens):
+        raise PlanError(f"run_seq_ids ({len(plan.run_seq_ids)}) and run_num_tokens "
+                        f"({len(plan.run_num_tokens)}) differ in length")
+    for sid, n in zip(plan.run_seq_ids, plan.run_num_tokens):
+        if sid in after:
+            raise PlanError(f"seq {sid} is scheduled twice in one step")
+        if not known(sid):
+            raise PlanError(f"run: unknown seq {sid}")
+        if n < 1:
+            raise PlanError(f"run: seq {sid} with {n} tokens")
+        s = after[sid] = seqs[sid].shape()
+        if s.num_computed + n > s.num_tokens:
+            raise PlanError(f"seq {sid}: {s.num_computed}+{n} tokens > {s.num_tokens} known")
+        s.num_computed += n
+        work.append((sid, n))
+    for tu in plan.table_updates:
+        if tu.seq_id not in after:
+            if not known(tu.seq_id):
+                raise PlanError(f"table update for unknown seq {tu.seq_id}")
+            after[tu.seq_id] = seqs[tu.seq_id].shape()
+        s = after[tu.seq_id]
+        _in_pool(tu.block_ids, nb, "table")
+        if tu.start > s.num_blocks:
+            raise PlanError(f"seq {tu.seq_id}: table update at {tu.start} beyond its {s.num_blocks} blocks")
+        s.num_blocks = tu.start + len(tu.block_ids)
+    for sid, s in after.items():
+        if s.num_blocks * limits.block_size < s.num_computed:
+            raise PlanError(f"seq {sid}: {s.num_blocks} blocks cannot hold {s.num_computed} tokens")
+        if s.num_computed > limits.max_model_len:
+            raise PlanError(f"seq {sid}: {s.num_computed} tokens > max_model_len {limits.max_model_len}")
+    num_tokens = sum(n for _, n in work)
+    if limits.max_num_batched_tokens is not None and num_tokens > limits.max_num_batched_tokens:
+        raise PlanError(f"{num_tokens} tokens in one step > {limits.max_num_batched_tokens}")
+
+    samplers = [sid for sid, _ in work if after[sid].num_computed == after[sid].num_tokens]
+    parents, children = set(samplers), set()
+    for f in plan.forks:       # the scheduler forks in the step that computes the parent's prompt
+        if f.parent not in parents:
+            raise PlanError(f"fork parent {f.parent} does not sample in this step")
+        if known(f.child) or f.child in after or f.child in children:
+            raise PlanError(f"fork child {f.child} is already known")
+        children.add(f.child)
+    return CheckedPlan(work, num_tokens, samplers)
+
+
+def _in_pool(ids: Iterable[int], limit: int, what: str) -> None:
+    for b in ids:
+        if not 0 <= b < limit:
+            raise PlanError(f"{what} block {b} outside the pool of {limit}")
+
+
+def _unique(ids: Iterable[int], what: str) -> None:
+    seen: set[int] = set()
+    for i in ids:
+        if i in seen:
+            raise PlanError(f"duplicate {what} {i}")
+        seen.add(i)
+
+
+def _in_vocab(ns: NewSeq, vocab: int) -> None:
+    """An id >= vocab would index out of the embedding or the logits."""
+    for what, ids in (("prompt", ns.prompt_token_ids), ("output", ns.output_token_ids),
+                      ("logit_bias", ns.sampling.logit_bias)):
+        if ids and max(ids) >= vocab:
+            raise PlanError(f"new seq {ns.seq_id}: {what} token id {max(ids)} outside the vocabulary of {vocab}")
