@@ -1,6 +1,6 @@
 """The Step protocol's rules (docs/ARCHITECTURE.md), checked once for both executors.
 
-The real worker (services/executor/worker.py) and the fake one (services/scheduler/fake_executor.py)
+The real worker (services/executor/worker.py) and the fake one (services/scheduler/sim/fake_executor.py)
 validate every plan here, completely, before they apply anything: a bad plan changes nothing, and
 the scheduler's tests against the fake catch any plan the real worker would refuse. Torch-free,
 since the fake lives with the CPU-only scheduler.

@@ -8,7 +8,7 @@ import copy
 import pytest
 
 from services.executor.worker import Worker
-from services.scheduler.fake_executor import FakeExecutor
+from services.scheduler.sim.fake_executor import FakeExecutor
 from shared.config import CacheConfig, EngineConfig, SchedulerConfig
 from shared.messages import ExecutorError, Fork, NewSeq, SamplingParams, StepPlan, StepResult, TableUpdate
 
