@@ -66,6 +66,8 @@ class FakeExecutor:
     output_len: Callable[[list[int], int], int] | None = None
     strict: bool = False
     fail_steps: set[int] = field(default_factory=set)   # step ids answered with ExecutorError
+    max_num_batched_tokens: int = 0     # reported in the handshake; 0 = no cap
+    max_num_seqs: int = 0
 
     def __post_init__(self):
         self.seqs: dict[int, _Seq] = {}
@@ -79,7 +81,8 @@ class FakeExecutor:
     def ready(self) -> ExecutorReady:
         return ExecutorReady(model="fake", block_size=self.block_size, num_blocks=self.num_blocks,
                              num_host_blocks=self.num_host_blocks, max_model_len=self.max_model_len,
-                             vocab_size=self.vocab_size, eos_token_ids=list(self.eos_token_ids))
+                             vocab_size=self.vocab_size, eos_token_ids=list(self.eos_token_ids),
+                             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs)
 
     # ------------------------------------------------------------------------------------ step
 
