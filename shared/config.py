@@ -23,7 +23,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SERVICES = ("executor", "scheduler", "gateway")   # the processes `serve` starts, in start order
-COMMANDS = (*SERVICES, "generate", "serve")
+COMMANDS = (*SERVICES, "generate", "serve", "compare")   # compare: `bench compare`
 DEFAULT_MAX_MODEL_LEN = 2048                       # the executor's context limit when none is set
 
 
@@ -162,15 +162,17 @@ class EngineConfig:
     """Everything one engine (scheduler + executor) needs."""
 
     model: str = opt("", "HF folder, .gguf file, random:<preset>, or '' for the bundled SmolLM2-135M-Instruct "
-                         "(the gateway loads its tokenizer)", "executor gateway generate", positional_in=("serve",))
-    dtype: str = opt("auto", "auto = bfloat16 on CUDA, float32 on CPU", "executor generate", choices=DTYPES)
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N (auto = cuda if available)", "executor generate")
-    attention_backend: str = opt("auto", "auto = cuda on a GPU, else cpu", "executor generate",
+                         "(the gateway loads its tokenizer)", "executor gateway generate compare",
+                     positional_in=("serve",))
+    dtype: str = opt("auto", "auto = bfloat16 on CUDA, float32 on CPU", "executor generate compare",
+                     choices=DTYPES)
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N (auto = cuda if available)", "executor generate compare")
+    attention_backend: str = opt("auto", "auto = cuda on a GPU, else cpu", "executor generate compare",
                                  choices=ATTENTION_BACKENDS)
     gpu_memory_utilization: float = opt(0.9, "fraction of GPU memory the executor may fill", "executor generate",
                                         type=utilization)
     kv_cache_memory: int = opt(0, "bytes for the KV cache (0 = derive)", "executor generate", type=int_at_least(0))
-    seed: int = opt(0, "seed of random:<preset> weights", "executor", type=int)
+    seed: int = opt(0, "seed of random:<preset> weights", "executor compare", type=int)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

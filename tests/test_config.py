@@ -102,20 +102,18 @@ def test_every_command_has_the_one_default(command, monkeypatch):
             assert getattr(args, f.name) == f.default, f"{command} {f.flag}"
 
 
-@pytest.mark.parametrize("command", ["executor", "scheduler", "gateway", "generate", "serve"])
-@pytest.mark.parametrize("argv, flag", [(["--block-size", "3"], "--block-size"),
-                                        (["--max-num-seqs", "0"], "--max-num-seqs"),
-                                        (["--num-host-blocks", "-1"], "--num-host-blocks"),
-                                        (["--max-model-len", "x"], "--max-model-len")])
-def test_bad_values_are_argparse_errors_naming_the_flag(command, argv, flag, capsys):
-    uses = {f.flag for f in options_of(command)}
-    if flag not in uses:
-        pytest.skip(f"{command} has no {flag}")
-    extra = ["--scheduler-addr", "ipc:///x"] if command == "gateway" else \
-        ["--prompt", "x"] if command == "generate" else []
+_BAD = {"--block-size": "3", "--max-num-seqs": "0", "--num-host-blocks": "-1", "--max-model-len": "x",
+        "--watermark": "1.5", "--port": "70000", "--dtype": "float8"}
+
+
+@pytest.mark.parametrize("command, flag, value", [
+    (command, f.flag, _BAD[f.flag]) for command in ("executor", "scheduler", "gateway", "generate", "serve")
+    for f in options_of(command) if f.flag in _BAD])
+def test_bad_values_are_argparse_errors_naming_the_flag(command, flag, value, capsys):
+    extra = {"gateway": ["--scheduler-addr", "ipc:///x"], "generate": ["--prompt", "x"]}.get(command, [])
     parser, _ = build_parser([command])
     with pytest.raises(SystemExit) as e:
-        parser.parse_args([command, *extra, *argv])
+        parser.parse_args([command, *extra, flag, value])
     assert e.value.code == 2 and flag in capsys.readouterr().err
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import pytest
 import yaml
 import zmq
 
+from services.launcher import stop_all
 from shared import transport
 from shared.messages import ExecutorHello, ExecutorReady
 from tests.serve_harness import ROOT, free_port, start_serve, wait_healthy
@@ -36,13 +36,8 @@ def _handshake(addr: str, block_size: int = 16) -> ExecutorReady:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """SIGTERM, then SIGKILL past the grace (the launcher's own stop)."""
+    stop_all({"gateway": proc}, grace=30)
 
 
 def _executor_ready(tmp_path) -> ExecutorReady:
@@ -137,5 +132,4 @@ def test_compose_commands_serve_a_completion_over_tcp(tmp_path):
         assert r.json()["usage"]["completion_tokens"] == 4
         assert all(p.poll() is None for p in procs), log_path.read_text()[-2000:]
     finally:
-        for proc in reversed(procs):
-            _stop(proc)
+        stop_all(dict(zip(("executor", "scheduler", "gateway"), procs)))
