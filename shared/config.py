@@ -305,16 +305,18 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
             parser.add_argument(f.flag, **kw)
 
 
+def _lookup(config, path: tuple[str, ...]):
+    for name in path:
+        config = getattr(config, name)
+    return config
+
+
 def config_from_args(args: argparse.Namespace, command: str) -> Config:
     """The Config a command's parsed flags describe (options it does not take keep their default).
     Raises ConfigError for values that are wrong together."""
     config = Config()
     for f in options_of(command):
-        *parents, name = f.path
-        owner = config
-        for p in parents:
-            owner = getattr(owner, p)
-        setattr(owner, name, getattr(args, name))
+        setattr(_lookup(config, f.path[:-1]), f.name, getattr(args, f.name))
     config.engine.validate()
     return config
 
@@ -323,9 +325,7 @@ def to_argv(config: Config, command: str) -> list[str]:
     """The flags that make ``command``'s parser produce ``config`` again (positional first)."""
     head, argv = [], []
     for f in options_of(command):
-        value = config
-        for p in f.path:
-            value = getattr(value, p)
+        value = _lookup(config, f.path)
         if command in f.option.positional_in:
             head.append(str(value))
         elif isinstance(value, bool):

@@ -60,8 +60,8 @@ class _Owned:
 
 
 class SchedulerService:
-    """The scheduler's event loop. ``sched_config.max_model_len`` and ``cache_config.num_blocks``
-    / ``num_host_blocks`` may be 0: the executor's values are taken at the handshake."""
+    """The scheduler's event loop. The limits in ``sched_config`` and ``cache_config`` may be 0:
+    the executor's values are taken at the handshake (``resolve_with_executor``)."""
 
     def __init__(self, sched_config: SchedulerConfig, cache_config: CacheConfig, gateway: zmq.Socket,
                  channel: ExecutorChannel, *, shutdown_executor: bool = False, idle_timeout: float = 0.05,
@@ -131,7 +131,7 @@ class SchedulerService:
 
     def step(self) -> bool:
         """Run one step if there is one; returns whether a plan was sent."""
-        sent: list[StepPlan] = []
+        sent: list[StepPlan] = []                # the plan as sent: reconciled after a failed one
 
         def execute(plan: StepPlan):
             sent.append(self._reconciled(plan) if self._resync else plan)
