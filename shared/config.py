@@ -299,6 +299,8 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
                       required=not f.default)
         elif o.type is not None:
             kw["type"] = o.type
+        if o.env is None and default not in ("", []):      # never show a secret from the environment
+            kw["help"] += " (default: %(default)s)"
         if command in o.positional_in:
             parser.add_argument(f.name, nargs="?", **kw)
         else:
