@@ -11,9 +11,9 @@ import sys
 
 SUBCOMMANDS = {
     "serve": ("services.launcher", "start scheduler, executor and gateway and serve the OpenAI API"),
-    "scheduler": ("services.scheduler.service", "run the scheduler service alone (pure CPU, no torch)"),
+    "scheduler": ("services.scheduler.cli", "run the scheduler service alone (pure CPU, no torch)"),
     "executor": ("services.executor.service", "run the model executor worker"),
-    "gateway": ("services.gateway.server", "run the HTTP gateway (OpenAI-compatible API)"),
+    "gateway": ("services.gateway.cli", "run the HTTP gateway (OpenAI-compatible API)"),
     "generate": ("services.offline", "offline batch generation for a list of prompts"),
     "simulate": ("services.scheduler.sim.simulate", "replay a synthetic workload: paged vs contiguous KV memory"),
     "bench": ("services.bench.cli", "benchmark tools: bench serve | bench compare | bench sweep"),

@@ -1,8 +1,9 @@
 """`pagedserve serve`: start executor, scheduler and gateway as processes on ipc:// sockets.
 
 The three services are the same programs compose runs (`pagedserve executor|scheduler|gateway`);
-this launcher picks private socket paths, starts them in dependency order, waits until the
-gateway reports healthy, and supervises them: an executor or scheduler that exits is restarted
+this launcher picks private socket paths, hands each child every option of shared/config.py its
+service uses (argv generated from the one config: ``service_commands``), starts them in
+dependency order, waits until the gateway reports healthy, and supervises them: an executor or scheduler that exits is restarted
 (exponential backoff, at most ``--max-restarts`` times each; the scheduler recomputes in-flight
 requests on a new executor, the gateway fails those of a dead scheduler with 503); a gateway that
 exits stops everything with exit code 1. Ctrl-C / SIGTERM drains: the gateway refuses new
@@ -12,7 +13,6 @@ the socket directory is removed and the launcher exits 0.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import signal
 import subprocess
@@ -20,67 +20,26 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import replace
 from typing import Callable, Optional
 
-from services.gateway.lifecycle import DEFAULT_DRAIN_TIMEOUT
-from shared.config import ATTENTION_BACKENDS
+from shared.config import SERVICES, Config, ConfigError, add_options, config_from_args, to_argv
 from shared.transport import ipc_address, runtime_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default="",
-                   help="HF folder, .gguf file or random:<preset> (default: bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default="")
-    p.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY", ""))
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, default=0, help="override the KV block count (0 = from memory budget)")
-    p.add_argument("--num-host-blocks", type=int, default=0, help="CPU swap pool blocks (0 = executor's default)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--kv-cache-memory", type=int, default=0, help="bytes of KV cache (0 = derive)")
-    p.add_argument("--max-model-len", type=int, default=0, help="0 = the model's own limit")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-waiting", type=int, default=1024)
-    p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
-    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the weights to load")
-    p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
-                   help="on SIGTERM, seconds in-flight requests get to finish")
-    p.add_argument("--max-restarts", type=int, default=5,
-                   help="restarts of a crashed executor or scheduler before giving up")
+    add_options(p, "serve")
 
 
-def service_commands(args: argparse.Namespace, sock_dir: str) -> dict[str, list[str]]:
-    """The three command lines, keyed by service name, in start order."""
+def service_commands(config: Config, sock_dir: str) -> dict[str, list[str]]:
+    """The three command lines, keyed by service name, in start order: each child's argv is
+    generated from ``config`` for that service, with the socket addresses serve picks."""
     executor_addr = ipc_address(sock_dir, "executor")
     scheduler_addr = ipc_address(sock_dir, "scheduler")
-    py = [sys.executable, "-m"]
-    executor = py + ["services.executor", "--addr", executor_addr, "--model", args.model,
-                     "--dtype", args.dtype, "--device", args.device, "--block-size", str(args.block_size),
-                     "--num-blocks", str(args.num_blocks), "--kv-cache-memory", str(args.kv_cache_memory),
-                     "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-                     "--attention-backend", args.attention_backend]
-    if args.max_model_len:  # 0 = the executor's own default; the scheduler and gateway then take it from it
-        executor += ["--max-model-len", str(args.max_model_len)]
-    scheduler = py + ["services.scheduler", "--gateway-addr", scheduler_addr, "--executor-addr", executor_addr,
-                      "--block-size", str(args.block_size), "--num-host-blocks", str(args.num_host_blocks),
-                      "--max-num-seqs", str(args.max_num_seqs),
-                      "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-                      "--max-model-len", str(args.max_model_len), "--max-waiting", str(args.max_waiting),
-                      "--preemption-mode", args.preemption_mode, "--shutdown-executor",
-                      "--enable-prefix-caching" if args.enable_prefix_caching else "--no-enable-prefix-caching"]
-    gateway = py + ["services.gateway", "--scheduler-addr", scheduler_addr, "--host", args.host,
-                    "--port", str(args.port), "--model", args.model, "--drain-timeout", str(args.drain_timeout)]
-    if args.served_model_name:
-        gateway += ["--served-model-name", args.served_model_name]
-    if args.api_key:
-        gateway += ["--api-key", args.api_key]
-    return {"executor": executor, "scheduler": scheduler, "gateway": gateway}
+    config = replace(config, gateway=replace(config.gateway, scheduler_addr=[scheduler_addr]),
+                     process=replace(config.process, addr=executor_addr, executor_addr=executor_addr,
+                                     gateway_addr=scheduler_addr, shutdown_executor=True))
+    return {name: [sys.executable, "-m", f"services.{name}", *to_argv(config, name)] for name in SERVICES}
 
 
 def _die_with_parent() -> None:
@@ -181,10 +140,13 @@ class Supervisor:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 0 < args.port < 65536:
-        raise SystemExit(f"--port must be in 1..65535, got {args.port}")
-    sock_dir = runtime_dir()
-    supervisor = Supervisor(service_commands(args, sock_dir), args.max_restarts,
+    try:
+        config = config_from_args(args, "serve")
+    except ConfigError as e:
+        print(f"pagedserve serve: error: {e}", file=sys.stderr)
+        return 2
+    gw, sock_dir = config.gateway, runtime_dir()
+    supervisor = Supervisor(service_commands(config, sock_dir), config.process.max_restarts,
                             log=lambda line: print(f"pagedserve serve: {line}", file=sys.stderr, flush=True))
 
     def on_signal(signum, frame):  # SIGTERM behaves like Ctrl-C: leave the wait loop and drain
@@ -193,9 +155,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         supervisor.start_all()
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        wait_healthy(f"http://{host}:{args.port}/health", supervisor.procs, args.ready_timeout, supervisor.check)
-        print(f"pagedserve ready on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+        host = "127.0.0.1" if gw.host in ("0.0.0.0", "::") else gw.host
+        wait_healthy(f"http://{host}:{gw.port}/health", supervisor.procs, config.process.ready_timeout, supervisor.check)
+        print(f"pagedserve ready on http://{gw.host}:{gw.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
         while True:
             reason = supervisor.check()
             if reason is not None:
@@ -210,5 +172,5 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)     # a second SIGTERM must not cut the drain short
-        stop_all(supervisor.procs, drain_timeout=args.drain_timeout)
+        stop_all(supervisor.procs, drain_timeout=gw.drain_timeout)
         shutil.rmtree(sock_dir, ignore_errors=True)

@@ -2,17 +2,19 @@
 
 ``LLM(...).generate(prompts, params)`` is the Python face (like vLLM's ``LLM.generate``);
 ``pagedserve generate`` is the command-line face. The step loop is the same one the services
-run over ZeroMQ: ``schedule() -> execute(plan) -> update(plan, result)``.
+run over ZeroMQ (``step_loop.run_step``), and the executor's limits are merged into the config by
+the same ``resolve_with_executor``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from shared.config import CacheConfig, EngineConfig, SchedulerConfig
-from shared.messages import AddRequest, ExecutorError, RequestOutput, SamplingParams, TokenLogprobs
+from services.scheduler.step_loop import StepFailed, run_step
+from shared.config import EngineConfig, add_options, config_from_args, resolve_with_executor
+from shared.messages import AddRequest, RequestOutput, SamplingParams, TokenLogprobs
 
 
 @dataclass
@@ -38,13 +40,9 @@ class Engine:
         from services.scheduler.scheduler import Scheduler
 
         self.worker = worker if worker is not None else Worker(config)
-        ready = self.worker.ready()
-        cache = replace(config.cache, block_size=ready.block_size, num_blocks=ready.num_blocks,
-                        num_host_blocks=ready.num_host_blocks)
-        max_len = min(config.scheduler.max_model_len or ready.max_model_len, ready.max_model_len)
-        sched = replace(config.scheduler, max_model_len=max_len)
-        self.ready = ready
-        self.scheduler = Scheduler(sched.validate(), cache.validate(), eos_token_ids=ready.eos_token_ids)
+        self.ready = self.worker.ready()
+        sched, cache = resolve_with_executor(config.scheduler, config.cache, self.ready)
+        self.scheduler = Scheduler(sched, cache, eos_token_ids=self.ready.eos_token_ids)
 
     def add(self, request: AddRequest) -> None:
         error = self.scheduler.add_request(request)
@@ -52,13 +50,10 @@ class Engine:
             raise ValueError(f"request {request.request_id}: {error.message}")
 
     def step(self) -> list[RequestOutput]:
-        plan = self.scheduler.schedule()
-        if plan is None:
-            return []
-        result = self.worker.execute(plan)
-        if isinstance(result, ExecutorError):
-            raise RuntimeError(f"executor error at step {result.step_id}: {result.message}")
-        return self.scheduler.update(plan, result)
+        outputs = run_step(self.scheduler, self.worker.execute)
+        if isinstance(outputs, StepFailed):
+            raise RuntimeError(outputs.message)
+        return outputs or []
 
     def run(self, requests: list[AddRequest], progress: bool = False) -> dict[str, list[Sample]]:
         """Run requests to completion; returns samples per request id."""
@@ -131,7 +126,7 @@ class LLM:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="", help="HF folder, .gguf file or random:<preset> (default: bundled SmolLM2)")
+    add_options(p, "generate")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     src.add_argument("--input", help='JSONL file: {"prompt": "..."} or {"messages": [...]} per line')
@@ -139,16 +134,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--n", type=int, default=1)
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--num-blocks", type=int, default=0)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="one JSON object per input, in input order")
 
 
@@ -213,12 +201,8 @@ def run(args: argparse.Namespace, worker=None, tokenizer=None) -> int:
         params = msgspec.convert(dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                       top_k=args.top_k, seed=args.seed, n=args.n, ignore_eos=args.ignore_eos),
                                  SamplingParams)
-        config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                              cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
-                              scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                                        max_num_batched_tokens=args.max_num_batched_tokens,
-                                                        max_model_len=args.max_model_len,
-                                                        max_waiting=1 << 30)).validate()
+        config = config_from_args(args, "generate").engine
+        config.scheduler.max_waiting = 1 << 30            # every input is queued at once
     except (msgspec.ValidationError, ValueError) as e:
         raise _fail(str(e))
     llm = LLM(config, worker=worker, tokenizer=tokenizer)

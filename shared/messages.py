@@ -208,6 +208,9 @@ class Shutdown(Message, tag="shutdown"):
 
 
 class ExecutorReady(Message, tag="ready"):
+    """The executor's handshake: every limit it enforces (``shared.config.resolve_with_executor``
+    merges them into the scheduler's config). A 0 batch or sequence cap is none enforced."""
+
     model: str
     block_size: PosInt
     num_blocks: PosInt
@@ -216,6 +219,8 @@ class ExecutorReady(Message, tag="ready"):
     vocab_size: PosInt
     eos_token_ids: list[int]
     device: str = "cpu"
+    max_num_batched_tokens: NonNegInt = 0
+    max_num_seqs: NonNegInt = 0
 
 
 class StepResult(Message, tag="result"):

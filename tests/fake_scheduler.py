@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import uvicorn
 import zmq
 
-from services.gateway.server import uvicorn_options
+from services.gateway.cli import uvicorn_options
 from services.gateway.tokenizer import load_tokenizer
 from shared import transport
 from shared.messages import (

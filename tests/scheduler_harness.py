@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable
 
 from services.scheduler.sim.fake_executor import FakeExecutor
+from services.scheduler.step_loop import StepFailed, run_step
 from shared.messages import StepPlan, StepResult, decode, encode
 
 
@@ -53,11 +54,20 @@ class CheckedFakeExecutor(FakeExecutor):
                 f"seq {sid}: executor table {st.table} != scheduler table {bm.tables.get(sid)}"
 
 
+def _run_step(scheduler, executor, on_plan: Callable[[StepPlan], None] | None = None):
+    """``run_step``, showing each plan to ``on_plan`` before it executes; a failed step fails the test."""
+    def execute(plan: StepPlan):
+        if on_plan is not None:
+            on_plan(plan)
+        return executor.execute(plan)
+
+    outputs = run_step(scheduler, execute)
+    assert not isinstance(outputs, StepFailed), outputs.message
+    return outputs
+
+
 def step(scheduler, executor) -> list:
-    plan = scheduler.schedule()
-    if plan is None:
-        return []
-    return scheduler.update(plan, executor.execute(plan))
+    return _run_step(scheduler, executor) or []
 
 
 def run_to_completion(scheduler, executor, max_steps: int = 10_000,
@@ -68,11 +78,9 @@ def run_to_completion(scheduler, executor, max_steps: int = 10_000,
     for _ in range(max_steps):
         if not scheduler.has_unfinished():
             return results
-        plan = scheduler.schedule()
-        assert plan is not None, "unfinished work but nothing scheduled"
-        if on_plan is not None:
-            on_plan(plan)
-        for out in scheduler.update(plan, executor.execute(plan)):
+        outputs = _run_step(scheduler, executor, on_plan)
+        assert outputs is not None, "unfinished work but nothing scheduled"
+        for out in outputs:
             tokens, _ = results.get((out.request_id, out.index), ([], None))
             results[(out.request_id, out.index)] = (tokens + out.token_ids, out.finish_reason)
     raise AssertionError("did not finish")

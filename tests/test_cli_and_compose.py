@@ -12,6 +12,7 @@ import yaml
 
 from services import launcher
 from services.cli import SUBCOMMANDS, build_parser
+from shared.config import config_from_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,7 +71,7 @@ def test_gpu_override_reserves_a_gpu_for_the_executor():
 
 def test_launcher_commands_parse(tmp_path):
     ns = parse(["serve", "--port", "8123", "--num-blocks", "64"])
-    for name, cmd in launcher.service_commands(ns, str(tmp_path)).items():
+    for name, cmd in launcher.service_commands(config_from_args(ns, "serve"), str(tmp_path)).items():
         assert cmd[:3] == [sys.executable, "-m", f"services.{name}"]
         sub = parse([name] + cmd[3:])
         if name == "gateway":

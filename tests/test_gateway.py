@@ -522,11 +522,11 @@ def test_engine_client_spreads_over_schedulers(tokenizer):
 
 def test_cli_parses_and_rejects_bad_address(capsys):
     from services.cli import build_parser
-    from services.gateway import server as gateway_server
+    from services.gateway import cli as gateway_cli
 
     parser, module = build_parser(["gateway", "--scheduler-addr", "bogus"])
-    assert module is gateway_server
+    assert module is gateway_cli
     args = parser.parse_args(["gateway", "--scheduler-addr", "bogus", "--port", "9", "--api-key", "k"])
     assert (args.port, args.api_key, args.max_model_len) == (9, "k", 0)
-    assert gateway_server.run(args) == 2
+    assert gateway_cli.run(args) == 2
     assert "bogus" in capsys.readouterr().out

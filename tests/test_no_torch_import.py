@@ -8,7 +8,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE = """
 import sys
 import services.scheduler.service, services.scheduler.sim.simulate, services.scheduler.sim.contiguous
-import services.scheduler.sim.fake_executor, services.scheduler.scheduler
+import services.scheduler.sim.fake_executor, services.scheduler.scheduler, services.scheduler.step_loop
+import services.scheduler.executor_channel, services.scheduler.cli, shared.config
 from services.scheduler.sim.simulate import simulate
 simulate("mixed", num_requests=3, num_blocks=128, block_size=16, max_model_len=4096, seed=0)
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "cupy", "transformers"))

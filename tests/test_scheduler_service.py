@@ -11,14 +11,37 @@ import pytest
 import zmq
 
 from services.scheduler.sim.fake_executor import FakeExecutor, FakeExecutorServer
-from services.scheduler.service import (ExecutorLost, ExecutorTimeout, LocalChannel, SchedulerService, ZmqExecutorChannel,
-                                        add_arguments)
+from services.scheduler.cli import add_arguments
+from services.scheduler.executor_channel import ExecutorLost, ExecutorTimeout, ZmqExecutorChannel
+from services.scheduler.service import SchedulerService
 from shared import transport
 from shared.config import CacheConfig, SchedulerConfig
 from shared.messages import (AbortRequest, AddRequest, NewSeq, RequestError, RequestOutputs, SamplingParams,
                              SchedulerStats, StatsRequest, StepPlan, StepResult, encode)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class LocalChannel:
+    """An in-process executor (anything with ``ready()`` and ``execute(plan)``), no sockets."""
+
+    def __init__(self, executor):
+        self.executor = executor
+
+    def hello(self, block_size: int, timeout_s: float):
+        return self.executor.ready()
+
+    def execute(self, plan: StepPlan):
+        return self.executor.execute(plan)
+
+    def lost(self) -> bool:
+        return False
+
+    def shutdown(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class Harness:

@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from services.cli import build_parser
-from services.gateway import server as gateway_server
+from shared.config import config_from_args
+from services.gateway import middleware as gateway_middleware
 from shared import transport
 from tests.gateway_harness import fake, serve_gateway  # noqa: F401 (fixture)
 
@@ -43,8 +44,8 @@ def test_ipc_sockets_live_in_a_private_directory():
     d = transport.runtime_dir()
     try:
         assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
-        args = _parse(["serve"])
-        for cmd in launcher.service_commands(args, d).values():
+        config = config_from_args(_parse(["serve"]), "serve")
+        for cmd in launcher.service_commands(config, d).values():
             addrs = [a for a in cmd if a.startswith(("ipc://", "tcp://"))]
             assert addrs and all(a.startswith(f"ipc://{d}/") for a in addrs), cmd
     finally:
@@ -58,13 +59,13 @@ PROTECTED = [("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/openapi.json"
 
 def test_api_key_on_every_route_but_health(fake, monkeypatch):
     compared = []
-    real = gateway_server.hmac.compare_digest
+    real = gateway_middleware.hmac.compare_digest
 
     def spy(a, b):
         compared.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(gateway_server.hmac, "compare_digest", spy)
+    monkeypatch.setattr(gateway_middleware.hmac, "compare_digest", spy)
     body = {"prompt": "x", "max_tokens": 2}
     with serve_gateway(fake, "m", api_key=API_KEY) as srv, httpx.Client(base_url=srv.url, timeout=20) as c:
         for method, path in PROTECTED:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from shared.config import ATTENTION_BACKENDS
+from shared.config import add_options
 
 SYSTEMS = ("pagedserve", "hf-padded", "hf-generate-batch")
 LABELS = {"pagedserve": "pagedserve", "hf-padded": "HF generate (padded batch)",
@@ -338,15 +338,9 @@ def plot(report: dict, path: str) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="", help="'' = bundled SmolLM2-135M-Instruct; random:<preset> "
-                                               "(e.g. random:llama-1b) for seeded random weights")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
-                   help="pagedserve's attention (auto = CUDA kernels on a GPU, the C decode kernel on a CPU)")
+    add_options(p, "compare")            # --model, --dtype, --device, --attention-backend, --seed
     p.add_argument("--num-prompts", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0, help="seed of random:<preset> weights")
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, from {', '.join(SYSTEMS)}")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of every system (alternating order); the report gives medians and ranges")

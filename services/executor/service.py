@@ -16,7 +16,7 @@ import sys
 import zmq
 
 from shared import transport
-from shared.config import ATTENTION_BACKENDS, CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from shared.config import ConfigError, add_options, config_from_args
 from shared.messages import (
     ExecutorError, ExecutorHello, ProtocolError, Shutdown, StepPlan,
 )
@@ -25,34 +25,7 @@ log = logging.getLogger("pagedserve.executor")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--addr", default="", help="ROUTER bind address (default: ipc:// in a private temp dir)")
-    p.add_argument("--model", default="", help="HF folder, .gguf file, random:<preset>, or '' for the bundled "
-                                              "SmolLM2-135M-Instruct")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    p.add_argument("--num-blocks", type=int, default=0, help="KV blocks (0 = size from the memory budget)")
-    p.add_argument("--num-host-blocks", type=int, default=0,
-                   help="host swap pool blocks (0 = a quarter of the device blocks)")
-    p.add_argument("--kv-cache-memory", type=int, default=0, help="bytes for the KV cache (0 = derive)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-level", default="INFO")
-
-
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, attention_backend=args.attention_backend,
-        gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory=args.kv_cache_memory,
-        seed=args.seed,
-        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks,
-                          num_host_blocks=args.num_host_blocks),
-        scheduler=SchedulerConfig(max_model_len=args.max_model_len,
-                                  max_num_batched_tokens=max(args.max_num_batched_tokens, args.max_model_len)),
-    ).validate()
+    add_options(p, "executor")
 
 
 def forget_sequences(worker) -> None:
@@ -92,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        config = engine_config(args)
-        addr = transport.check_address(args.addr) if args.addr else \
+        full = config_from_args(args, "executor")
+        config = full.engine
+        addr = transport.check_address(full.process.addr) if full.process.addr else \
             transport.ipc_address(transport.runtime_dir(), "executor")
     except (ConfigError, ValueError) as e:
         print(f"pagedserve executor: {e}", file=sys.stderr)
@@ -106,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"pagedserve executor: {e}", file=sys.stderr)
         return 1
     ready = worker.ready()
-    log.info("model %s on %s: %d blocks of %d tokens (+%d host), max_model_len %d, attention backend %s",
-             ready.model, ready.device, ready.num_blocks, ready.block_size, ready.num_host_blocks,
-             ready.max_model_len, worker.backend.name)
+    log.info("model %s on %s: %d blocks of %d tokens (+%d host), max_model_len %d, %d tokens and %d sequences "
+             "per step, attention backend %s", ready.model, ready.device, ready.num_blocks, ready.block_size,
+             ready.num_host_blocks, ready.max_model_len, ready.max_num_batched_tokens, ready.max_num_seqs,
+             worker.backend.name)
     ctx = zmq.Context()
     sock = transport.router(ctx, addr)
     log.info("executor listening on %s", addr)

@@ -24,7 +24,7 @@ from services.executor.attention import AttentionMetadata, get_backend
 from services.executor.kv_cache import KVCache, activation_bytes, plan_num_blocks, plan_num_host_blocks
 from services.executor.sampler import Sampler, SamplingMetadata
 from services.executor.weights import LoadedModel, load_model
-from shared.config import EngineConfig
+from shared.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
 from shared.messages import ExecutorError, ExecutorReady, SamplingParams, StepPlan, StepResult
 from shared.model_path import resolve_model
 from shared.step_check import CheckedPlan, PlanError, SeqShape, StepLimits, validate_plan
@@ -81,17 +81,20 @@ class Worker:
         self.dtype = resolve_dtype(engine_config.dtype, self.device)
         torch.manual_seed(engine_config.seed)
         sched = engine_config.scheduler
+        max_len = sched.max_model_len or DEFAULT_MAX_MODEL_LEN
         if loaded is None:
             t0 = time.perf_counter()
             source = resolve_model(engine_config.model)
             loaded = load_model(source, dtype=self.dtype, device=self.device, seed=engine_config.seed,
-                                max_seq_len=sched.max_model_len)
+                                max_seq_len=max_len)
             log.info("loaded %s in %.1fs", loaded.name, time.perf_counter() - t0)
         self.loaded = loaded
         self.model = loaded.model
         self.model_config = cfg = loaded.config
-        self.max_model_len = min(sched.max_model_len, self.model.max_seq_len)
+        # the limits ready() reports (the model caps the context; a whole context fits one step)
+        self.max_model_len = min(max_len, self.model.max_seq_len)
         self.max_num_batched_tokens = max(sched.max_num_batched_tokens, self.max_model_len)
+        self.max_num_seqs = sched.max_num_seqs
         cache = engine_config.cache
         self.block_size = cache.block_size
         num_blocks = plan_num_blocks(cfg, self.block_size, self.dtype, self.device,
@@ -100,7 +103,7 @@ class Worker:
                                      gpu_memory_utilization=engine_config.gpu_memory_utilization,
                                      max_model_len=self.max_model_len,
                                      reserve_bytes=activation_bytes(cfg, self.max_num_batched_tokens,
-                                                                    sched.max_num_seqs, self.dtype))
+                                                                    self.max_num_seqs, self.dtype))
         num_host = plan_num_host_blocks(cfg, self.block_size, self.dtype, self.device, num_blocks,
                                         cache.num_host_blocks)
         self.kv = KVCache(cfg, num_blocks, self.block_size, self.dtype, self.device, num_host)
@@ -129,7 +132,8 @@ class Worker:
                              num_blocks=self.num_blocks, num_host_blocks=self.num_host_blocks,
                              max_model_len=self.max_model_len,
                              vocab_size=self.model_config.vocab_size,
-                             eos_token_ids=list(self.loaded.eos_token_ids), device=str(self.device))
+                             eos_token_ids=list(self.loaded.eos_token_ids), device=str(self.device),
+                             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs)
 
     def limits(self) -> StepLimits:
         return StepLimits(block_size=self.block_size, num_blocks=self.num_blocks,

@@ -4,7 +4,7 @@
 incrementally, applies stop strings (a sample that hits one is stopped at the scheduler at once,
 so it frees its KV blocks while its siblings go on; the last one aborts the request), keeps token
 counts for usage and feeds the latency metrics. It yields ``SampleDelta``s;
-the server formats them as chat or completion chunks. If the consumer stops early (client
+formats.py shapes them as chat or completion chunks. If the consumer stops early (client
 disconnect, cancellation), the request is aborted.
 """
 from __future__ import annotations

@@ -14,11 +14,13 @@ import time
 import msgspec
 from starlette.middleware import Middleware
 
+from shared.config import GatewayConfig
+
 from .protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("pagedserve.gateway")
 
-DEFAULT_DRAIN_TIMEOUT = 30.0
+DEFAULT_DRAIN_TIMEOUT = GatewayConfig.drain_timeout
 _UNGATED = frozenset({"/metrics", "/openapi.json"})     # served while draining, not counted
 
 
@@ -96,8 +98,3 @@ def serve(app, drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, **uvicorn_options) 
 
     config = uvicorn.Config(app, timeout_graceful_shutdown=5, **uvicorn_options)
     DrainingServer(config).run()
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT,
-                        help="on SIGTERM, seconds in-flight requests get to finish before exit")

@@ -62,12 +62,13 @@ class FakeExecutor:
     num_blocks: int = 256
     num_host_blocks: int = 0
     max_model_len: int = 4096
-    max_num_batched_tokens: int | None = None    # None: no token budget
     vocab_size: int = 32000
     eos_token_ids: list[int] = field(default_factory=lambda: [2])
     output_len: Callable[[list[int], int], int] | None = None
     strict: bool = False
     fail_steps: set[int] = field(default_factory=set)   # step ids answered with ExecutorError
+    max_num_batched_tokens: int = 0     # token budget, enforced and reported; 0 = none
+    max_num_seqs: int = 0
 
     def __post_init__(self):
         self.seqs: dict[int, _Seq] = {}
@@ -81,13 +82,14 @@ class FakeExecutor:
     def ready(self) -> ExecutorReady:
         return ExecutorReady(model="fake", block_size=self.block_size, num_blocks=self.num_blocks,
                              num_host_blocks=self.num_host_blocks, max_model_len=self.max_model_len,
-                             vocab_size=self.vocab_size, eos_token_ids=list(self.eos_token_ids))
+                             vocab_size=self.vocab_size, eos_token_ids=list(self.eos_token_ids),
+                             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs)
 
     def limits(self) -> StepLimits:
         return StepLimits(block_size=self.block_size, num_blocks=self.num_blocks,
                           num_host_blocks=self.num_host_blocks, vocab_size=self.vocab_size,
                           max_model_len=self.max_model_len,
-                          max_num_batched_tokens=self.max_num_batched_tokens)
+                          max_num_batched_tokens=self.max_num_batched_tokens or None)
 
     # ------------------------------------------------------------------------------------ step
 

@@ -50,8 +50,9 @@ from dataclasses import dataclass, field
 
 from services.scheduler.sim.contiguous import ContiguousSeq, ContiguousSimulator
 from services.scheduler.sim.fake_executor import FakeExecutor
-from shared.config import CacheConfig, ConfigError, SchedulerConfig
-from shared.messages import AddRequest, SamplingParams, StepResult
+from services.scheduler.step_loop import StepFailed, run_step
+from shared.config import CacheConfig, ConfigError, SchedulerConfig, int_at_least
+from shared.messages import AddRequest, SamplingParams, StepPlan, StepResult
 
 WORKLOADS = ("mixed", "shared-prefix", "parallel-sampling")
 EOS = 2
@@ -158,6 +159,16 @@ def run_paged(requests: list[SimRequest], sched_config: SchedulerConfig, cache: 
     pending = sorted(requests, key=lambda r: r.arrival)[::-1]
     trace, cached, out_tokens, finished, rejected = Trace(), {}, 0, 0, []
     bs, step, swapped_out = cache.block_size, 0, 0
+
+    def execute(plan: StepPlan) -> StepResult:
+        nonlocal swapped_out
+        result = fake.execute(plan)
+        if isinstance(result, StepResult):  # measured before update: the executor holds exactly the live seqs
+            swapped_out += len(plan.swap_out)
+            trace.record((cache.num_blocks - sched.num_free_blocks) * bs, fake.tokens_stored(), len(fake.seqs),
+                         sum(plan.run_num_tokens) + sum(s.num_new_tokens for s in plan.new))
+        return result
+
     while pending or sched.has_unfinished():
         while pending and pending[-1].arrival <= step:
             r = pending.pop()
@@ -165,20 +176,14 @@ def run_paged(requests: list[SimRequest], sched_config: SchedulerConfig, cache: 
                                                sampling=SamplingParams(n=r.n, max_tokens=r.max_tokens)))
             if err is not None:
                 rejected.append(f"{r.request_id}: {err.code}")
-        plan = sched.schedule()
-        if plan is None:
+        outputs = run_step(sched, execute)
+        if outputs is None:
             trace.record((cache.num_blocks - sched.num_free_blocks) * bs, fake.tokens_stored(), 0, 0)
             step += 1
             continue
-        result = fake.execute(plan)
-        if not isinstance(result, StepResult):
-            raise RuntimeError(f"the fake executor rejected step {plan.step_id}: {result.message}")
-        # measured between execute and update: the executor holds exactly the scheduler's live seqs
-        num_tokens = sum(plan.run_num_tokens) + sum(s.num_new_tokens for s in plan.new)
-        swapped_out += len(plan.swap_out)
-        trace.record((cache.num_blocks - sched.num_free_blocks) * bs, fake.tokens_stored(), len(fake.seqs),
-                     num_tokens)
-        for out in sched.update(plan, result):
+        if isinstance(outputs, StepFailed):
+            raise RuntimeError(f"the fake executor rejected a step: {outputs.message}")
+        for out in outputs:
             cached.setdefault(out.request_id, out.num_cached_tokens)
             out_tokens += len(out.token_ids)
             finished += out.finish_reason is not None
@@ -302,17 +307,15 @@ def simulate(workload: str, num_requests: int, num_blocks: int, block_size: int,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from services.scheduler.service import _int_at_least
-
     p.add_argument("--workload", choices=WORKLOADS, default="mixed")
-    p.add_argument("--num-requests", type=_int_at_least(1), default=200)
-    p.add_argument("--num-blocks", type=_int_at_least(1), default=2048)
+    p.add_argument("--num-requests", type=int_at_least(1), default=200)
+    p.add_argument("--num-blocks", type=int_at_least(1), default=2048)
     p.add_argument("--block-size", type=int, default=16, choices=[1, 2, 4, 8, 16, 32, 64, 128])
-    p.add_argument("--max-model-len", type=_int_at_least(2), default=4096)
-    p.add_argument("--max-num-seqs", type=_int_at_least(1), default=256)
-    p.add_argument("--max-num-batched-tokens", type=_int_at_least(1), default=2048)
+    p.add_argument("--max-model-len", type=int_at_least(2), default=4096)
+    p.add_argument("--max-num-seqs", type=int_at_least(1), default=256)
+    p.add_argument("--max-num-batched-tokens", type=int_at_least(1), default=2048)
     p.add_argument("--preemption-mode", choices=["recompute", "swap"], default="recompute")
-    p.add_argument("--num-host-blocks", type=_int_at_least(0), default=0)
+    p.add_argument("--num-host-blocks", type=int_at_least(0), default=0)
     p.add_argument("--arrival-rate", type=float, default=0.0,
                    help="Poisson arrivals, requests per step (0 = all at step 0)")
     p.add_argument("--seed", type=int, default=0)
