@@ -85,7 +85,7 @@ MODEL_FIXTURES = frozenset({"default_model_source", "hf_checkpoint", "hf_model",
                             "default_loaded_model", "default_worker_factory"})
 INTEGRATION_MODULES = frozenset({
     "test_attention_cpu",        # builds the C kernels with cc
-    "test_bench", "test_cli_and_compose", "test_fuzz_openapi", "test_gateway", "test_kernels_compile",
+    "test_bench", "test_cli_and_compose", "test_config_e2e", "test_fuzz_openapi", "test_gateway", "test_kernels_compile",
     "test_launcher", "test_limits", "test_no_torch_import", "test_scheduler_service", "test_security",
     "test_serve_e2e", "test_soak", "test_worker_errors", "test_fuzz_wire",
 })
