@@ -55,17 +55,29 @@ class CheckedPlan:
 
 def validate_plan(plan: StepPlan, seqs: Mapping[int, KnownSeq], limits: StepLimits) -> CheckedPlan:
     """Every rule of the protocol, in the plan's order of application; raises PlanError."""
-    nb, nh = limits.num_blocks, limits.num_host_blocks
+    gone = _check_dropped(plan, seqs)
+    known = {sid for sid in seqs if sid not in gone}
+    _check_block_moves(plan, limits)
+    after: dict[int, SeqShape] = {}          # every sequence the plan touches, as the step leaves it
+    work = _check_new(plan, known, after, limits) + _check_runs(plan, seqs, known, after)
+    _check_table_updates(plan, seqs, known, after, limits)
+    num_tokens = _check_capacity(work, after, limits)
+    samplers = [sid for sid, _ in work if after[sid].num_computed == after[sid].num_tokens]
+    _check_forks(plan, known, after, samplers)
+    return CheckedPlan(work, num_tokens, samplers)
+
+
+def _check_dropped(plan: StepPlan, seqs: Mapping[int, KnownSeq]) -> set[int]:
     dropped = [*plan.finished, *plan.preempted]
     _unique(dropped, "finished/preempted seq")
     for sid in dropped:
         if sid not in seqs:
             raise PlanError(f"finished/preempted: unknown seq {sid}")
-    gone = set(dropped)
+    return set(dropped)
 
-    def known(sid: int) -> bool:
-        return sid in seqs and sid not in gone
 
+def _check_block_moves(plan: StepPlan, limits: StepLimits) -> None:
+    nb, nh = limits.num_blocks, limits.num_host_blocks
     _in_pool((d for d, _ in plan.swap_out), nb, "swap_out device")
     _in_pool((h for _, h in plan.swap_out), nh, "swap_out host")
     _in_pool((h for h, _ in plan.swap_in), nh, "swap_in host")
@@ -75,13 +87,15 @@ def validate_plan(plan: StepPlan, seqs: Mapping[int, KnownSeq], limits: StepLimi
     _unique((d for _, d in plan.swap_in), "swap_in destination")
     _unique((d for _, d in plan.copies), "copy destination")
 
-    after: dict[int, SeqShape] = {}
-    work: list[tuple[int, int]] = []
+
+def _check_new(plan: StepPlan, known: set[int], after: dict[int, SeqShape],
+               limits: StepLimits) -> list[tuple[int, int]]:
+    work = []
     for ns in plan.new:
         sid = ns.seq_id
-        if known(sid) or sid in after:
+        if sid in known or sid in after:
             raise PlanError(f"new seq {sid} is already known")
-        _in_pool(ns.block_ids, nb, "table")
+        _in_pool(ns.block_ids, limits.num_blocks, "table")
         _in_vocab(ns, limits.vocab_size)
         ntok = len(ns.prompt_token_ids) + len(ns.output_token_ids)
         if ns.num_new_tokens < 1:     # a prefix hit is capped so that one token is computed
@@ -90,13 +104,19 @@ def validate_plan(plan: StepPlan, seqs: Mapping[int, KnownSeq], limits: StepLimi
             raise PlanError(f"seq {sid}: {ns.num_computed}+{ns.num_new_tokens} tokens > {ntok} known")
         after[sid] = SeqShape(len(ns.block_ids), ns.num_computed + ns.num_new_tokens, ntok)
         work.append((sid, ns.num_new_tokens))
+    return work
+
+
+def _check_runs(plan: StepPlan, seqs: Mapping[int, KnownSeq], known: set[int],
+                after: dict[int, SeqShape]) -> list[tuple[int, int]]:
     if len(plan.run_seq_ids) != len(plan.run_num_tokens):
         raise PlanError(f"run_seq_ids ({len(plan.run_seq_ids)}) and run_num_tokens "
                         f"({len(plan.run_num_tokens)}) differ in length")
+    work = []
     for sid, n in zip(plan.run_seq_ids, plan.run_num_tokens):
         if sid in after:
             raise PlanError(f"seq {sid} is scheduled twice in one step")
-        if not known(sid):
+        if sid not in known:
             raise PlanError(f"run: unknown seq {sid}")
         if n < 1:
             raise PlanError(f"run: seq {sid} with {n} tokens")
@@ -105,16 +125,25 @@ def validate_plan(plan: StepPlan, seqs: Mapping[int, KnownSeq], limits: StepLimi
             raise PlanError(f"seq {sid}: {s.num_computed}+{n} tokens > {s.num_tokens} known")
         s.num_computed += n
         work.append((sid, n))
+    return work
+
+
+def _check_table_updates(plan: StepPlan, seqs: Mapping[int, KnownSeq], known: set[int],
+                         after: dict[int, SeqShape], limits: StepLimits) -> None:
     for tu in plan.table_updates:
         if tu.seq_id not in after:
-            if not known(tu.seq_id):
+            if tu.seq_id not in known:
                 raise PlanError(f"table update for unknown seq {tu.seq_id}")
             after[tu.seq_id] = seqs[tu.seq_id].shape()
         s = after[tu.seq_id]
-        _in_pool(tu.block_ids, nb, "table")
+        _in_pool(tu.block_ids, limits.num_blocks, "table")
         if tu.start > s.num_blocks:
             raise PlanError(f"seq {tu.seq_id}: table update at {tu.start} beyond its {s.num_blocks} blocks")
         s.num_blocks = tu.start + len(tu.block_ids)
+
+
+def _check_capacity(work: list[tuple[int, int]], after: dict[int, SeqShape], limits: StepLimits) -> int:
+    """Tables hold what is computed, within max_model_len, and the step fits its token budget."""
     for sid, s in after.items():
         if s.num_blocks * limits.block_size < s.num_computed:
             raise PlanError(f"seq {sid}: {s.num_blocks} blocks cannot hold {s.num_computed} tokens")
@@ -123,16 +152,17 @@ def validate_plan(plan: StepPlan, seqs: Mapping[int, KnownSeq], limits: StepLimi
     num_tokens = sum(n for _, n in work)
     if limits.max_num_batched_tokens is not None and num_tokens > limits.max_num_batched_tokens:
         raise PlanError(f"{num_tokens} tokens in one step > {limits.max_num_batched_tokens}")
+    return num_tokens
 
-    samplers = [sid for sid, _ in work if after[sid].num_computed == after[sid].num_tokens]
+
+def _check_forks(plan: StepPlan, known: set[int], after: dict[int, SeqShape], samplers: list[int]) -> None:
     parents, children = set(samplers), set()
     for f in plan.forks:       # the scheduler forks in the step that computes the parent's prompt
         if f.parent not in parents:
             raise PlanError(f"fork parent {f.parent} does not sample in this step")
-        if known(f.child) or f.child in after or f.child in children:
+        if f.child in known or f.child in after or f.child in children:
             raise PlanError(f"fork child {f.child} is already known")
         children.add(f.child)
-    return CheckedPlan(work, num_tokens, samplers)
 
 
 def _in_pool(ids: Iterable[int], limit: int, what: str) -> None:
