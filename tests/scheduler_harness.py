@@ -46,12 +46,12 @@ class CheckedFakeExecutor(FakeExecutor):
         bm = self.scheduler.block_manager
         for sid, st in self.seqs.items():
             if sid not in self.scheduler.seqs:              # finished: dropped with the next plan
-                assert sid in self.scheduler._finished_ids, f"seq {sid} is gone but never finished"
+                assert sid in self.scheduler.pending_drops, f"seq {sid} is gone but never finished"
                 continue
-            if sid in bm.host_tables:                       # swapped out: its table here is stale
+            if bm.is_swapped_out(sid):                      # its table here is stale
                 continue
-            assert bm.tables.get(sid) == st.table, \
-                f"seq {sid}: executor table {st.table} != scheduler table {bm.tables.get(sid)}"
+            assert bm.block_ids(sid) == st.table, \
+                f"seq {sid}: executor table {st.table} != scheduler table {bm.block_ids(sid)}"
 
 
 def _run_step(scheduler, executor, on_plan: Callable[[StepPlan], None] | None = None):

@@ -74,6 +74,9 @@ class BlockManager:
     def host_block_ids(self, seq_id: int) -> list[int]:
         return list(self.host_tables[seq_id])
 
+    def is_swapped_out(self, seq_id: int) -> bool:
+        return seq_id in self.host_tables
+
     def ref_count(self, block_id: int) -> int:
         return self.pool.ref_count(block_id)
 

@@ -105,6 +105,11 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.num_running or self.waiting or self.swapped)
 
+    @property
+    def pending_drops(self) -> tuple[int, ...]:
+        """Seq ids that finished since the last plan: the next plan tells the executor to drop them."""
+        return tuple(self._finished_ids)
+
     def has_request(self, request_id: str) -> bool:
         """Whether the request is known and not done: added, not aborted, some sample unfinished."""
         return request_id in self.requests
