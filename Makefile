@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 MODEL_STAMP := $(VENV)/.model-installed
 
-.PHONY: test test-fast serve setup bench clean
+.PHONY: test test-fast serve setup bench mutation clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,5 +37,12 @@ serve: setup
 bench: setup
 	$(BIN)/python -m benchmarks.scheduler_step
 
+# Mutation testing over the scheduler core, the sampler and the gateway's protocol layer against
+# the unit tier (pyproject's [tool.mutmut]); not part of `make test`: about half an hour on 2 cores.
+mutation: $(STAMP)
+	$(BIN)/pip install -q mutmut==3.8.1
+	$(BIN)/mutmut run --max-children 2
+	$(BIN)/python -m benchmarks.mutation_summary $(BIN)/mutmut
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis mutants
