@@ -9,7 +9,8 @@ tokens per sample were sent (as when the executor fails a step); ``max_active`` 
 requests it holds (beyond: "queue_full", as the real scheduler's waiting queue does). Requests,
 whole-request aborts (``aborted``) and per-sample aborts (``aborted_samples``: the sample stops and
 gets its "abort" finish, as the real scheduler does) are recorded; StatsRequest gets
-SchedulerStats (``num_blocks`` blocks of 16 tokens).
+SchedulerStats (``num_blocks`` blocks of 16 tokens). ``addr`` binds a given address (a scheduler
+restarted where the gateway expects it); ``wait_for`` waits for a condition on the records.
 
 ``ServerThread`` serves an app with a real uvicorn (the gateway's own HTTP settings) on a free
 loopback port in a thread; ``gateway_tokenizer`` loads the default tokenizer once per process.
@@ -87,10 +88,11 @@ class FakeScheduler:
     aborted: list[str] = field(default_factory=list)
     aborted_samples: list[tuple[str, int]] = field(default_factory=list)
     generated: int = 0
+    addr: str = ""                      # bind here (a restarted scheduler); "" = a fresh ipc path
 
     def __post_init__(self):
         self._dir = tempfile.mkdtemp(prefix="fake-sched-")
-        self.addr = transport.ipc_address(self._dir, "gateway")
+        self.addr = self.addr or transport.ipc_address(self._dir, "gateway")
         self._ctx = zmq.Context()
         self._sock = transport.router(self._ctx, self.addr)
         self._active: dict[str, _Active] = {}
@@ -118,13 +120,18 @@ class FakeScheduler:
             pass
 
     def wait_for_abort(self, request_id_prefix: str = "", timeout: float = 5.0) -> list[str]:
+        return self.wait_for(lambda: [r for r in self.aborted if r.startswith(request_id_prefix)], timeout) or []
+
+    def wait_for(self, condition, timeout: float = 20.0):
+        """Poll ``condition()`` until it is truthy (returns its value) or ``timeout`` passes (None)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            hits = [r for r in self.aborted if r.startswith(request_id_prefix)]
-            if hits:
-                return hits
+        while True:
+            value = condition()
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                return None
             time.sleep(0.01)
-        return []
 
     # -- the thread --------------------------------------------------------------------------
 
