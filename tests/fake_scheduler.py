@@ -31,6 +31,7 @@ import zmq
 from services.gateway.server import uvicorn_options
 from services.gateway.tokenizer import load_tokenizer
 from shared import transport
+from tests.waits import wait_until
 from shared.messages import (
     AbortRequest, AddRequest, RequestError, RequestOutput, RequestOutputs, SchedulerStats,
     StatsRequest, TokenLogprobs,
@@ -124,14 +125,7 @@ class FakeScheduler:
 
     def wait_for(self, condition, timeout: float = 20.0):
         """Poll ``condition()`` until it is truthy (returns its value) or ``timeout`` passes (None)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = condition()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.01)
+        return wait_until(condition, timeout)
 
     # -- the thread --------------------------------------------------------------------------
 
