@@ -1,5 +1,6 @@
-"""`pagedserve serve` supervision: restart policy, scheduler death (503, then recovery), and the
-SIGTERM drain (in-flight requests finish, new ones get 503, exit 0)."""
+"""`pagedserve serve` supervision: restart policy, scheduler death (503, then recovery), executor
+death (/health 503, then recovery), and the SIGTERM drain (in-flight requests finish, new ones get
+503, exit 0)."""
 from __future__ import annotations
 
 import json
@@ -101,6 +102,16 @@ def test_scheduler_death_then_sigterm_drain(tmp_path):
         wait_healthy(base, proc, log_path, 120)
         out = httpx.post(f"{base}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4}, timeout=60)
         assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 4
+        # 2b. the executor dies (the launcher stopped again, so it stays down): /health is 503
+        #     not_ready until it is back; then the launcher restarts it and /health is 200 again
+        launcher.suspend()
+        try:
+            services_of(launcher)["executor"].send_signal(signal.SIGKILL)
+            health = wait_until(lambda: (h := httpx.get(f"{base}/health", timeout=30)).status_code == 503 and h, 60)
+            assert health and health.json()["error"]["code"] == "not_ready", health
+        finally:
+            launcher.resume()
+        wait_healthy(base, proc, log_path, 120)
         # 3. SIGTERM drains: the in-flight stream finishes, new requests and /health get 503
         events, first = [], threading.Event()
         t = threading.Thread(target=_stream, args=(base, long_body, events, first))
