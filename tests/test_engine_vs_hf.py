@@ -1,6 +1,8 @@
 """Greedy output of the whole engine (real scheduler + worker, in one process) is token-for-token
 equal to Hugging Face `generate` on the same float32 weights: all prompts scheduled together, and
-again after prefix-cache hits, with n = 2 forks, under preemption, and with chunked prefill."""
+again after prefix-cache hits, with n = 2 forks, under preemption, and with chunked prefill; n = 4
+samples larger than the cache together; and a batch's logprobs equal HF's log-softmax. Each test
+runs on every attention backend the machine has (tests/conftest.py ``backend_worker_factory``)."""
 from __future__ import annotations
 
 import pytest
@@ -128,3 +130,30 @@ def test_n4_samples_larger_than_the_cache_together_finish_by_preempting_siblings
     assert [s.finish_reason for s in got["n4"]] == ["length"] * 4
     assert engine.scheduler.stats().num_preemptions > 0
     assert engine.scheduler.block_manager.num_free_blocks == 8
+
+
+LOGPROB_TOL = 1e-4      # absolute, float32
+
+
+def test_batch_logprobs_equal_hf_log_softmax(backend_worker_factory, hf_model, prompt_ids):
+    """Several sequences of different lengths in one batch, sampled (temperature 1) under
+    preemption: each token's logprob and top-3 equal HF's log-softmax teacher-forced on the
+    prompt + the generated tokens (one HF forward per sequence), within LOGPROB_TOL."""
+    engine = make_engine(backend_worker_factory, num_blocks=20)
+    reqs = [AddRequest(request_id=f"r{i}", prompt_token_ids=ids,
+                       sampling=SamplingParams(temperature=1.0, seed=i, max_tokens=16, logprobs=3, ignore_eos=True))
+            for i, ids in enumerate(prompt_ids)]
+    got = engine.run(reqs)
+    assert engine.scheduler.stats().num_preemptions > 0
+    for r in reqs:
+        sample = got[r.request_id][0]
+        ids = r.prompt_token_ids + sample.token_ids
+        with torch.inference_mode():
+            rows = hf_model(torch.tensor([ids])).logits[0, len(r.prompt_token_ids) - 1:-1].float().log_softmax(-1)
+        assert len(sample.logprobs) == len(sample.token_ids) == 16
+        for pos, (tok, lp) in enumerate(zip(sample.token_ids, sample.logprobs)):
+            assert abs(lp.logprob - rows[pos, tok].item()) <= LOGPROB_TOL, (r.request_id, pos)
+            third = rows[pos].topk(3).values[-1].item()      # ids may swap only within a near tie
+            assert len(lp.top_token_ids) == 3 and lp.top_logprobs == sorted(lp.top_logprobs, reverse=True)
+            for i, v in zip(lp.top_token_ids, lp.top_logprobs):
+                assert abs(v - rows[pos, i].item()) <= LOGPROB_TOL and v >= third - LOGPROB_TOL, (r.request_id, pos)
