@@ -28,8 +28,9 @@ import torch
 # on a CPU: `auto` -> `cpu`), built with the system C compiler at first use.
 BACKEND_PARAMS = [
     pytest.param("torch", id="torch"),
-    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                                                           reason="no C compiler for the CPU kernels")),
+    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
+        not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
+        reason="no C compiler for the CPU kernels")),
     pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ]
 
