@@ -5,8 +5,12 @@
 - ``hf_model``: transformers ``LlamaForCausalLM`` (float32, CPU, eval) on those weights
 - ``hf_tokenizer``: its tokenizer
 - ``default_loaded_model``: our ``LoadedModel`` on the same weights (tensors shared)
-- ``default_worker_factory(num_blocks=512, block_size=16, num_host_blocks=64, **engine_kw)``:
-  a fresh ``Worker`` (own KV cache and state) around the loaded model, cheap to create
+- ``default_worker_factory(num_blocks=512, block_size=16, num_host_blocks=64, backend="torch", **engine_kw)``:
+  a fresh ``Worker`` (own KV cache and state) around the loaded model, cheap to create; it fails
+  when the worker did not get the attention backend asked for (no silent fallback to the reference)
+- ``attention_backend``: parametrized over every backend this machine has (``BACKEND_PARAMS``:
+  torch, cpu, and cuda where CUDA is present); ``backend_worker_factory``: the factory above bound
+  to it. The HF-exactness tests use these, so the default CPU path (auto -> cpu) is compared too.
 """
 from __future__ import annotations
 
@@ -15,8 +19,20 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import shutil
+
 import pytest
 import torch
+
+# Every attention backend the HF-exactness tests run on. `cpu` is the C kernel backend (the default
+# on a CPU: `auto` -> `cpu`), built with the system C compiler at first use.
+BACKEND_PARAMS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(
+        not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")),
+        reason="no C compiler for the CPU kernels")),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+]
 
 
 @pytest.fixture(scope="session")
@@ -58,16 +74,46 @@ def default_loaded_model(default_model_source, hf_checkpoint):
 
 
 @pytest.fixture(scope="session")
-def default_worker_factory(default_loaded_model):
+def default_worker_factory(default_loaded_model, hf_checkpoint):
+    from services.executor.model import ModelConfig
+    from services.executor.weights import LoadedModel, build_model
     from services.executor.worker import Worker
     from shared.config import CacheConfig, EngineConfig
 
-    def make(num_blocks: int = 512, block_size: int = 16, num_host_blocks: int = 64, **engine_kw):
-        cfg = EngineConfig(device="cpu", dtype="float32", attention_backend="torch",
+    loaded = {"cpu": default_loaded_model}
+
+    def on(device: str):
+        """The session model on ``device`` (a second copy built once for cuda)."""
+        if device not in loaded:
+            hf_config, state = hf_checkpoint
+            cfg = ModelConfig.from_hf(hf_config)
+            model = build_model(cfg, state, dtype=torch.float32, device=device, max_seq_len=2048)
+            loaded[device] = LoadedModel(default_loaded_model.name, cfg, model, list(cfg.eos_token_ids))
+        return loaded[device]
+
+    def make(num_blocks: int = 512, block_size: int = 16, num_host_blocks: int = 64, backend: str = "torch",
+             **engine_kw):
+        device = "cuda" if backend == "cuda" else "cpu"
+        cfg = EngineConfig(device=device, dtype="float32", attention_backend=backend,
                            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                                              num_host_blocks=num_host_blocks), **engine_kw)
-        return Worker.from_loaded(default_loaded_model, cfg.validate())
+        worker = Worker.from_loaded(on(device), cfg.validate())
+        assert worker.backend.name == backend, f"asked for the {backend} backend, got {worker.backend.name}"
+        return worker
 
+    return make
+
+
+@pytest.fixture(params=BACKEND_PARAMS)
+def attention_backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def backend_worker_factory(default_worker_factory, attention_backend):
+    """``default_worker_factory`` on this test's attention backend."""
+    def make(**kw):
+        return default_worker_factory(backend=attention_backend, **kw)
     return make
 
 
@@ -82,12 +128,12 @@ def pytest_addoption(parser):
 # one of these modules; every other test is unit, and a unit test that opens a socket or starts a
 # process fails (``_unit_tier_guard``), so a wrong tier shows up in `make test`, not in a slow loop.
 MODEL_FIXTURES = frozenset({"default_model_source", "hf_checkpoint", "hf_model", "hf_tokenizer",
-                            "default_loaded_model", "default_worker_factory"})
+                            "default_loaded_model", "default_worker_factory", "backend_worker_factory"})
 INTEGRATION_MODULES = frozenset({
     "test_attention_cpu",        # builds the C kernels with cc
     "test_bench", "test_cli_and_compose", "test_config_e2e", "test_fuzz_openapi", "test_gateway", "test_kernels_compile",
     "test_launcher", "test_limits", "test_no_torch_import", "test_scheduler_service", "test_security",
-    "test_serve_e2e", "test_soak", "test_worker_errors", "test_fuzz_wire",
+    "test_serve_e2e", "test_soak", "test_worker_errors", "test_fuzz_wire", "test_engine_errors", "test_serve_oracle",
 })
 
 

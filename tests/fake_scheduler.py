@@ -3,13 +3,16 @@
 Every AddRequest is answered by streaming the tokens of ``reply`` (tokenized with the real
 tokenizer) one token per RequestOutput, for each of the ``n`` samples (sample ``i`` streams
 ``sample_replies[i]`` instead when that list is set), cut at ``max_tokens`` (finish "length") or
-ending with EOS (finish "stop"). ``error`` makes it refuse requests with that
+ending with EOS (finish "stop"); ``hold_after`` {sample index: k} makes that sample wait after k
+tokens until it is aborted or the hold is lifted (a window that lasts until the test ends it,
+instead of a delay it must win against). ``error`` makes it refuse requests with that
 RequestError code instead; ``fail_after`` makes it fail them with "executor_error" once that many
 tokens per sample were sent (as when the executor fails a step); ``max_active`` bounds the
 requests it holds (beyond: "queue_full", as the real scheduler's waiting queue does). Requests,
 whole-request aborts (``aborted``) and per-sample aborts (``aborted_samples``: the sample stops and
 gets its "abort" finish, as the real scheduler does) are recorded; StatsRequest gets
-SchedulerStats (``num_blocks`` blocks of 16 tokens).
+SchedulerStats (``num_blocks`` blocks of 16 tokens). ``addr`` binds a given address (a scheduler
+restarted where the gateway expects it); ``wait_for`` waits for a condition on the records.
 
 ``ServerThread`` serves an app with a real uvicorn (the gateway's own HTTP settings) on a free
 loopback port in a thread; ``gateway_tokenizer`` loads the default tokenizer once per process.
@@ -30,6 +33,7 @@ import zmq
 from services.gateway.cli import uvicorn_options
 from services.gateway.tokenizer import load_tokenizer
 from shared import transport
+from tests.waits import wait_until
 from shared.messages import (
     AbortRequest, AddRequest, RequestError, RequestOutput, RequestOutputs, SchedulerStats,
     StatsRequest, TokenLogprobs,
@@ -67,7 +71,14 @@ class _Active:
     req: AddRequest
     tokens: list[list[int]]          # per sample: the tokens still to send
     finish: list[str]                # per sample: finish reason of its last token
-    sent: int = 0
+    sent: int = 0                    # steps taken
+    pos: list[int] = field(default_factory=list)    # per sample: tokens sent
+
+    def __post_init__(self):
+        self.pos = [0] * len(self.tokens)
+
+    def done(self) -> bool:
+        return all(p >= len(t) for p, t in zip(self.pos, self.tokens))
 
 
 @dataclass
@@ -87,10 +98,12 @@ class FakeScheduler:
     aborted: list[str] = field(default_factory=list)
     aborted_samples: list[tuple[str, int]] = field(default_factory=list)
     generated: int = 0
+    addr: str = ""                      # bind here (a restarted scheduler); "" = a fresh ipc path
+    hold_after: dict[int, int] | None = None    # sample index -> tokens after which it waits (abort or release)
 
     def __post_init__(self):
         self._dir = tempfile.mkdtemp(prefix="fake-sched-")
-        self.addr = transport.ipc_address(self._dir, "gateway")
+        self.addr = self.addr or transport.ipc_address(self._dir, "gateway")
         self._ctx = zmq.Context()
         self._sock = transport.router(self._ctx, self.addr)
         self._active: dict[str, _Active] = {}
@@ -103,6 +116,7 @@ class FakeScheduler:
         self.sample_replies = None
         self.executor_ready, self.max_model_len = True, 256
         self.max_active, self.num_blocks = None, 100
+        self.hold_after = None
         self.requests.clear()
         self.aborted.clear()
         self.aborted_samples.clear()
@@ -118,13 +132,11 @@ class FakeScheduler:
             pass
 
     def wait_for_abort(self, request_id_prefix: str = "", timeout: float = 5.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            hits = [r for r in self.aborted if r.startswith(request_id_prefix)]
-            if hits:
-                return hits
-            time.sleep(0.01)
-        return []
+        return self.wait_for(lambda: [r for r in self.aborted if r.startswith(request_id_prefix)], timeout) or []
+
+    def wait_for(self, condition, timeout: float = 20.0):
+        """Poll ``condition()`` until it is truthy (returns its value) or ``timeout`` passes (None)."""
+        return wait_until(condition, timeout)
 
     # -- the thread --------------------------------------------------------------------------
 
@@ -139,8 +151,8 @@ class FakeScheduler:
                     identity, msg = transport.recv_routed(self._sock)
                     self._handle(identity, msg)
             if self._active and time.monotonic() >= next_step:
-                self._step()
-                next_step = time.monotonic() + self.token_delay
+                sent = self._step()
+                next_step = time.monotonic() + (self.token_delay if sent else max(self.token_delay, 0.005))
 
     def _handle(self, identity: bytes, msg) -> None:
         if isinstance(msg, AddRequest):
@@ -167,11 +179,11 @@ class FakeScheduler:
             self.aborted_samples.append((msg.request_id, msg.sample_index))
             a = self._active.get(msg.request_id)
             if (a is not None and msg.sample_index < len(a.tokens)
-                    and a.sent < len(a.tokens[msg.sample_index])):              # still streaming
-                del a.tokens[msg.sample_index][a.sent:]
+                    and a.pos[msg.sample_index] < len(a.tokens[msg.sample_index])):      # still streaming
+                del a.tokens[msg.sample_index][a.pos[msg.sample_index]:]
                 transport.send(self._sock, RequestOutputs(outputs=[RequestOutput(
                     msg.request_id, msg.sample_index, [], "abort")]), identity)
-                if all(a.sent >= len(t) for t in a.tokens):
+                if a.done():
                     del self._active[msg.request_id]
         elif isinstance(msg, AbortRequest):
             self.aborted.append(msg.request_id)
@@ -185,7 +197,8 @@ class FakeScheduler:
                 generation_tokens=self.generated, executor_ready=self.executor_ready,
                 max_model_len=self.max_model_len, block_size=16), identity)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One token per unfinished, unheld sample; whether anything was sent."""
         by_identity: dict[bytes, list[RequestOutput]] = {}
         for rid, a in list(self._active.items()):
             i = a.sent
@@ -195,19 +208,22 @@ class FakeScheduler:
                                                         message="fake executor_error"), a.identity)
                 continue
             for index, toks in enumerate(a.tokens):
-                if i >= len(toks):
+                p = a.pos[index]
+                if p >= len(toks) or (self.hold_after is not None and p >= self.hold_after.get(index, len(toks))):
                     continue
-                last = i == len(toks) - 1
+                a.pos[index] += 1
+                last = p == len(toks) - 1
                 lp = None
                 if a.req.sampling.logprobs is not None:
                     k = a.req.sampling.logprobs
-                    lp = [TokenLogprobs(-0.25, [toks[i] + j for j in range(k)], [-0.25 - j for j in range(k)])]
+                    lp = [TokenLogprobs(-0.25, [toks[p] + j for j in range(k)], [-0.25 - j for j in range(k)])]
                 by_identity.setdefault(a.identity, []).append(RequestOutput(
-                    rid, index, [toks[i]], a.finish[index] if last else None,
+                    rid, index, [toks[p]], a.finish[index] if last else None,
                     num_prompt_tokens=len(a.req.prompt_token_ids), logprobs=lp))
                 self.generated += 1
             a.sent += 1
-            if all(a.sent >= len(t) for t in a.tokens):
+            if a.done():
                 del self._active[rid]
         for identity, outs in by_identity.items():
             transport.send(self._sock, RequestOutputs(outputs=outs), identity)
+        return bool(by_identity)

@@ -20,10 +20,11 @@ from tests.fake_scheduler import FakeScheduler, ServerThread, gateway_tokenizer
 
 @contextlib.contextmanager
 def serve_gateway(fake: FakeScheduler, model: str, *, stats_ttl: float | None = None, log_level: str = "warning",
-                  **app_options) -> Iterator[ServerThread]:
-    """A gateway app for ``model`` on ``fake`` (``app_options`` go to ``build_app``; ``stats_ttl`` None
-    keeps the EngineClient's default), served until the block exits."""
-    client = EngineClient(fake.addr) if stats_ttl is None else EngineClient(fake.addr, stats_ttl=stats_ttl)
+                  client_options: dict | None = None, **app_options) -> Iterator[ServerThread]:
+    """A gateway app for ``model`` on ``fake`` (``app_options`` go to ``build_app``, ``client_options``
+    to the EngineClient; ``stats_ttl`` None keeps its default), served until the block exits."""
+    options = dict(client_options or {}, **({} if stats_ttl is None else {"stats_ttl": stats_ttl}))
+    client = EngineClient(fake.addr, **options)
     app = build_app(client, gateway_tokenizer(), model, **app_options)
     srv = ServerThread(app, log_level=log_level)
     try:

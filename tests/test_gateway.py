@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
@@ -258,19 +258,32 @@ def test_stop_string_spanning_tokens(client, sched, http):
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-def test_n2_stop_string_stops_only_that_sample_at_the_scheduler(client, sched):
+def _no_abort_pending(http, sched, request_id: str) -> bool:
+    """True if the gateway sent no whole-request abort for ``request_id``: a later request on the
+    same (ordered) scheduler connection is seen first, so an abort sent before it was recorded."""
+    http.post("/v1/completions", json={"model": MODEL, "prompt": "barrier", "max_tokens": 1})
+    assert sched.requests[-1].prompt_token_ids and sched.wait_for(lambda: not sched._active)
+    return request_id not in sched.aborted
+
+
+def test_n2_stop_string_stops_only_that_sample_at_the_scheduler(client, sched, http):
+    """Sample 0 holds after its stop string until the gateway aborts that sample (no race: without
+    the abort the request never ends); sample 1 runs to its end, so the request needs no abort."""
     sched.sample_replies = ["Alpha STOP" + " tail" * 40, "Beta" + " goes" * 20 + " on."]
-    sched.token_delay = 0.01
-    full = sum(len(sched.tokenizer.encode(t, add_special_tokens=False)) + 1 for t in sched.sample_replies)
+    head = len(sched.tokenizer.encode("Alpha STOP", add_special_tokens=False))
+    assert sched.tokenizer.encode(sched.sample_replies[0], add_special_tokens=False)[:head] == \
+        sched.tokenizer.encode("Alpha STOP", add_special_tokens=False)
+    sched.hold_after = {0: head}
     generated = sched.generated
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "q"}], n=2,
                                        stop="STOP", max_tokens=200)
     assert [(c.index, c.message.content, c.finish_reason) for c in r.choices] == [
         (0, "Alpha ", "stop"), (1, sched.sample_replies[1], "stop")]
     assert sched.aborted_samples == [(r.id, 0)]
-    assert sched.wait_for_abort(r.id, timeout=0.3) == []   # sample 1 finished: nothing to abort
-    assert sched.generated - generated < full           # sample 0's tail was never generated
+    full_1 = len(sched.tokenizer.encode(sched.sample_replies[1], add_special_tokens=False)) + 1
+    assert sched.generated - generated == head + full_1     # sample 0's tail was never generated
     assert r.usage.completion_tokens == sched.generated - generated
+    assert _no_abort_pending(http, sched, r.id)             # sample 1 finished: nothing to abort
 
 
 def test_n2_streaming_each_sample_stops_on_its_own_stop_string(http, sched):
@@ -419,12 +432,10 @@ def test_429_queue_full_with_retry_after(http, client, sched):
 def test_503_not_ready(http, sched):
     sched.error = "not_ready"
     assert _err(http.post("/v1/completions", json={"model": MODEL, "prompt": "x"}), 503)["code"] == "not_ready"
-    sched.executor_ready = False
-    time.sleep(0.1)                                     # stats are cached (here for 0.05 s)
-    assert http.get("/health").status_code == 503
+    sched.executor_ready = False                        # stats are cached (here for 0.05 s)
+    assert sched.wait_for(lambda: http.get("/health").status_code == 503)
     sched.executor_ready = True
-    time.sleep(0.1)
-    assert http.get("/health").status_code == 200
+    assert sched.wait_for(lambda: http.get("/health").status_code == 200)
 
 
 def test_unknown_route_is_openai_shaped(http):
@@ -448,11 +459,15 @@ def test_client_disconnect_mid_stream_aborts(server, sched):
 
 
 def test_client_disconnect_non_streaming_aborts(server, sched):
+    """The client leaves once its request is generating at the scheduler (held there: no race)."""
     sched.reply = " ".join(["tok"] * 200)
-    sched.token_delay = 0.02
-    with httpx.Client(base_url=server.url, timeout=0.3) as c:
-        with pytest.raises(httpx.ReadTimeout):
-            c.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 200})
+    sched.hold_after = {0: 3}
+    before = sched.generated
+    body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 200}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert sched.wait_for(lambda: sched.generated > before and sched._active), "never generating"
     rid = sched.requests[-1].request_id
     assert sched.wait_for_abort(rid) == [rid]
 

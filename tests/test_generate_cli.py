@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from services import offline
 from services.cli import build_parser, main
@@ -13,10 +14,8 @@ from services.cli import build_parser, main
 MAX_TOKENS = 8
 
 
-@pytest.fixture
-def generate(default_worker_factory, hf_tokenizer, capsys, monkeypatch):
-    """Run `pagedserve generate ARGV...` on a fresh worker around the session model; returns
-    (exit status, stdout lines, the LLM it used) so tests can check that every block came back."""
+def _record_llms(monkeypatch) -> list:
+    """Make `offline.LLM` remember every instance it creates (in the returned list)."""
     made = []
 
     class RecordingLLM(offline.LLM):
@@ -25,6 +24,14 @@ def generate(default_worker_factory, hf_tokenizer, capsys, monkeypatch):
             made.append(self)
 
     monkeypatch.setattr(offline, "LLM", RecordingLLM)
+    return made
+
+
+@pytest.fixture
+def generate(default_worker_factory, hf_tokenizer, capsys, monkeypatch):
+    """Run `pagedserve generate ARGV...` on a fresh worker around the session model; returns
+    (exit status, stdout lines, the LLM it used) so tests can check that every block came back."""
+    made = _record_llms(monkeypatch)
 
     def run(*argv: str):
         full = ["generate", *argv]
@@ -42,17 +49,57 @@ def _drained(llm) -> bool:
     return not sched.has_unfinished() and sched.num_free_blocks == llm.engine.ready.num_blocks
 
 
-def test_two_prompts_json_in_input_order(generate, hf_tokenizer):
+def _hf_greedy(hf_model, hf_tokenizer, prompt: str, max_new: int) -> list[int]:
+    """Hugging Face greedy continuation of ``prompt``, EOS not stopping it (the oracle)."""
+    ids = torch.tensor([hf_tokenizer.encode(prompt)])
+    with torch.inference_mode():
+        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new, do_sample=False,
+                                eos_token_id=[], pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture
+def generate_loading(default_loaded_model, hf_tokenizer, capsys, monkeypatch):
+    """Run `pagedserve generate ARGV...` the way the command does, the worker built from the
+    EngineConfig the CLI made (around the session's weights instead of a second load); returns
+    (exit status, stdout lines, the LLM, the EngineConfig the worker got)."""
+    from services.executor import worker as worker_module
+
+    real_worker, configs = worker_module.Worker, []
+
+    def build(config):
+        configs.append(config)
+        return real_worker.from_loaded(default_loaded_model, config)
+
+    monkeypatch.setattr(worker_module, "Worker", build)
+    made = _record_llms(monkeypatch)
+
+    def run(*argv: str):
+        full = ["generate", *argv]
+        parser, _ = build_parser(full)
+        status = offline.run(parser.parse_args(full), tokenizer=hf_tokenizer)
+        return status, capsys.readouterr().out.splitlines(), made[-1], configs[-1]
+    return run
+
+
+def test_two_prompts_json_match_hf_and_the_engine_options_arrive(generate_loading, hf_model, hf_tokenizer):
+    """Token ids equal HF greedy; --dtype/--device/--block-size/--num-blocks reach the worker."""
     prompts = ["The capital of France is", "One, two, three,"]
-    status, lines, llm = generate("--prompt", prompts[0], "--prompt", prompts[1], "--json",
-                                     "--max-tokens", str(MAX_TOKENS), "--ignore-eos")
+    status, lines, llm, config = generate_loading(
+        "--prompt", prompts[0], "--prompt", prompts[1], "--json", "--max-tokens", str(MAX_TOKENS), "--ignore-eos",
+        "--dtype", "float32", "--device", "cpu", "--block-size", "8", "--num-blocks", "40")
     assert status == 0 and _drained(llm)
+    assert (config.dtype, config.device, config.cache.block_size, config.cache.num_blocks) == ("float32", "cpu", 8, 40)
+    worker = llm.engine.worker
+    assert (llm.engine.ready.block_size, llm.engine.ready.num_blocks) == (8, 40)
+    assert all(c.dtype == torch.float32 and c.device.type == "cpu" and c.shape[1] == 40 and c.shape[3] == 8
+               for c in worker.kv.device_caches)       # kv[2, num_blocks, kv_heads, block_size, head_dim]
     rows = [json.loads(line) for line in lines]
     assert [r["prompt"] for r in rows] == prompts
-    for r in rows:
-        assert isinstance(r["text"], str) and len(r["token_ids"]) == MAX_TOKENS
-        assert all(isinstance(t, int) for t in r["token_ids"])
-        assert r["text"] == hf_tokenizer.decode(r["token_ids"], skip_special_tokens=True)
+    for prompt, r in zip(prompts, rows):
+        expected = _hf_greedy(hf_model, hf_tokenizer, prompt, MAX_TOKENS)
+        assert r["token_ids"] == expected
+        assert r["text"] == hf_tokenizer.decode(expected, skip_special_tokens=True)
         assert r["finish_reason"] == "length"
 
 

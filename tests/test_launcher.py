@@ -1,17 +1,18 @@
-"""`pagedserve serve` supervision: restart policy, scheduler death (503, then recovery), and the
-SIGTERM drain (in-flight requests finish, new ones get 503, exit 0)."""
+"""`pagedserve serve` supervision: restart policy, scheduler death (503, then recovery), executor
+death (/health 503, then recovery), and the SIGTERM drain (in-flight requests finish, new ones get
+503, exit 0)."""
 from __future__ import annotations
 
 import json
 import signal
 import sys
 import threading
-import time
 
 import pytest
 
 from services.launcher import Supervisor
 from tests.serve_harness import services_of, start_serve, wait_healthy
+from tests.waits import wait_until
 
 httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
@@ -21,13 +22,15 @@ def _exit_with(code: int, sleep: float = 0.0) -> list[str]:
     return [sys.executable, "-c", f"import sys, time; time.sleep({sleep}); sys.exit({code})"]
 
 
-def _supervise(sup: Supervisor, until, turns: int = 400):
-    for _ in range(turns):
-        reason = sup.check()
-        if until(reason):
-            return reason
-        time.sleep(0.01)
-    raise AssertionError("condition not reached")
+def _supervise(sup: Supervisor, until, timeout: float = 60.0):
+    """Run the supervisor's checks until ``until(reason)``; the bound only catches a hang."""
+    seen = []
+
+    def turn():
+        seen.append(sup.check())
+        return until(seen[-1])
+    assert wait_until(turn, timeout), "condition not reached"
+    return seen[-1]
 
 
 def test_crashed_executor_is_restarted_until_the_bound():
@@ -76,20 +79,39 @@ def test_scheduler_death_then_sigterm_drain(tmp_path):
                  "ignore_eos": True}        # logprobs: a chunk per token even when its text is empty
     try:
         wait_healthy(base, proc, log_path)
-        # 1. the scheduler dies mid-stream: the stream ends with a clear 503-class error
+        # 1. the scheduler dies mid-stream, with the launcher stopped so it stays down: the stream
+        #    ends with engine_unavailable, /health is 503 at once, a new request gets 503
         events, first = [], threading.Event()
         t = threading.Thread(target=_stream, args=(base, long_body, events, first))
         t.start()
         assert first.wait(60)
-        services_of(launcher)["scheduler"].send_signal(signal.SIGKILL)
-        t.join(60)
-        assert not t.is_alive() and events[0] == 200
-        errors = [json.loads(e)["error"] for e in events[1:] if e.startswith("{") and '"error"' in e]
-        assert errors and errors[0]["code"] == "engine_unavailable", events[-3:]
+        launcher.suspend()
+        try:
+            services_of(launcher)["scheduler"].send_signal(signal.SIGKILL)
+            t.join(60)
+            assert not t.is_alive() and events[0] == 200
+            errors = [json.loads(e)["error"] for e in events[1:] if e.startswith("{") and '"error"' in e]
+            assert errors and errors[0]["code"] == "engine_unavailable", events[-3:]
+            health = httpx.get(f"{base}/health", timeout=30)
+            assert health.status_code == 503, health.text
+            down = httpx.post(f"{base}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4}, timeout=60)
+            assert down.status_code == 503 and down.json()["error"]["code"] == "engine_unavailable", down.text
+        finally:
+            launcher.resume()
         # 2. the launcher restarts it; the gateway serves again
         wait_healthy(base, proc, log_path, 120)
         out = httpx.post(f"{base}/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4}, timeout=60)
         assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 4
+        # 2b. the executor dies (the launcher stopped again, so it stays down): /health is 503
+        #     not_ready until it is back; then the launcher restarts it and /health is 200 again
+        launcher.suspend()
+        try:
+            services_of(launcher)["executor"].send_signal(signal.SIGKILL)
+            health = wait_until(lambda: (h := httpx.get(f"{base}/health", timeout=30)).status_code == 503 and h, 60)
+            assert health and health.json()["error"]["code"] == "not_ready", health
+        finally:
+            launcher.resume()
+        wait_healthy(base, proc, log_path, 120)
         # 3. SIGTERM drains: the in-flight stream finishes, new requests and /health get 503
         events, first = [], threading.Event()
         t = threading.Thread(target=_stream, args=(base, long_body, events, first))
@@ -97,12 +119,8 @@ def test_scheduler_death_then_sigterm_drain(tmp_path):
         assert first.wait(60)
         seen = {p.pid: p for p in services_of(launcher).values()}
         proc.send_signal(signal.SIGTERM)
-        for _ in range(100):
-            health = httpx.get(f"{base}/health", timeout=5)
-            if health.status_code == 503:
-                break
-            time.sleep(0.05)
-        assert health.json() == {"status": "draining"}
+        health = wait_until(lambda: (h := httpx.get(f"{base}/health", timeout=5)).status_code == 503 and h, 60)
+        assert health and health.json() == {"status": "draining"}
         refused = httpx.post(f"{base}/v1/completions", json={"prompt": [1], "max_tokens": 2}, timeout=10)
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
         assert refused.headers["retry-after"] == "1"

@@ -178,9 +178,9 @@ def test_oversized_headers_are_refused_and_the_server_keeps_serving(server, http
 
 
 def test_bounded_queue_answers_429_with_retry_after_then_recovers(server, sched):
-    """With room for 2 requests, a third gets 429 + Retry-After while they run; once they are done
-    the next one is served."""
-    sched.max_active, sched.token_delay = 2, 0.05
+    """With room for 2 requests, a third gets 429 + Retry-After while they run (held after their
+    first token until the test lets them go: no race); once they are done the next one is served."""
+    sched.max_active, sched.hold_after = 2, {0: 1}
     sched.reply = " ".join(["tok"] * 20)
     with httpx.Client(base_url=server.url, timeout=30) as c:
         streams = [c.stream("POST", "/v1/chat/completions", json=_chat(stream=True)) for _ in range(2)]
@@ -192,6 +192,7 @@ def test_bounded_queue_answers_429_with_retry_after_then_recovers(server, sched)
             assert int(r.headers["Retry-After"]) >= 1
             assert r.json()["error"]["type"] == "rate_limit_error"
             assert c.get("/health").status_code == 200
+            sched.hold_after = None
             for resp in responses:
                 assert resp.read().endswith(b"data: [DONE]\n\n")
         finally:

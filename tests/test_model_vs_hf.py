@@ -147,16 +147,16 @@ class MiniScheduler:
         return {sid: s["out"] for sid, s in self.seqs.items()}
 
 
-def test_batched_greedy_equals_hf(default_worker_factory, prompts, hf_greedy):
-    sched = MiniScheduler(default_worker_factory())
+def test_batched_greedy_equals_hf(backend_worker_factory, prompts, hf_greedy):
+    sched = MiniScheduler(backend_worker_factory())
     for i, p in enumerate(prompts):
         sched.add(i, p)
     out = sched.run()
     assert [out[i] for i in range(len(prompts))] == hf_greedy
 
 
-def test_chunked_prefill_equals_hf(default_worker_factory, prompts, hf_greedy):
-    sched = MiniScheduler(default_worker_factory(), chunk=5)   # long prompts take several steps
+def test_chunked_prefill_equals_hf(backend_worker_factory, prompts, hf_greedy):
+    sched = MiniScheduler(backend_worker_factory(), chunk=5)   # long prompts take several steps
     for i, p in enumerate(prompts):
         sched.add(i, p)
     plan, result = sched.step()
@@ -166,8 +166,8 @@ def test_chunked_prefill_equals_hf(default_worker_factory, prompts, hf_greedy):
     assert [out[i] for i in range(len(prompts))] == hf_greedy
 
 
-def test_prefix_reuse_equals_hf(default_worker_factory, prompts, hf_greedy):
-    worker = default_worker_factory(block_size=8)
+def test_prefix_reuse_equals_hf(backend_worker_factory, prompts, hf_greedy):
+    worker = backend_worker_factory(block_size=8)
     sched = MiniScheduler(worker)
     long = max(range(len(prompts)), key=lambda i: len(prompts[i]))
     sched.add(0, prompts[long])
@@ -183,8 +183,8 @@ def test_prefix_reuse_equals_hf(default_worker_factory, prompts, hf_greedy):
     assert out[1] == hf_greedy[long]
 
 
-def test_fork_n2_both_equal_hf(default_worker_factory, prompts, hf_greedy):
-    sched = MiniScheduler(default_worker_factory())
+def test_fork_n2_both_equal_hf(backend_worker_factory, prompts, hf_greedy):
+    sched = MiniScheduler(backend_worker_factory())
     sched.add(1, prompts[3], n=2)                              # 17 tokens: last block shared, CoW
     sched.add(2, prompts[1], n=2)
     plan, result = sched.step()
@@ -197,8 +197,8 @@ def test_fork_n2_both_equal_hf(default_worker_factory, prompts, hf_greedy):
     assert out[2] == out[201] == hf_greedy[1]
 
 
-def test_copy_and_swap_round_trip(default_worker_factory, prompts, hf_greedy):
-    worker = default_worker_factory(num_blocks=64, num_host_blocks=16)
+def test_copy_and_swap_round_trip(backend_worker_factory, prompts, hf_greedy):
+    worker = backend_worker_factory(num_blocks=64, num_host_blocks=16)
     sched = MiniScheduler(worker)
     sched.add(0, prompts[6])
     sched.add(1, prompts[4])

@@ -1,5 +1,9 @@
 """Security basics: loopback binds by default, the API key on every route but /health (compared in
-constant time), private ipc:// directories, no pickle on the wire, no user text in INFO logs."""
+constant time), private ipc:// directories, no pickle on the wire, no user text in INFO logs.
+
+The log test here reads the gateway's records in process (caplog; uvicorn's own loggers do not
+propagate to it). tests/test_serve_oracle.py checks what all three processes of `pagedserve serve`
+write (stdout and stderr: every logger, uvicorn's access log and any traceback)."""
 from __future__ import annotations
 
 import ast

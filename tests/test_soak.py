@@ -1,7 +1,11 @@
 """Soak: `pagedserve serve` under a mixed load with random client disconnects, gateway-side
 aborts (stop strings) and one SIGKILL of the executor, loopback only.
 
-Every request must end with a completion or a clear error (none hangs: each is bounded); after the
+Every request must end with a completion or a deliberate client disconnect: errors are counted
+apart from disconnects and there must be none (none hangs either: each is bounded). The executor
+kill must really requeue sequences (the scheduler's count, > 0, none dropped). What each leaving
+client had seen when it left (no response yet, a response but no token, some tokens) and the
+server's finish reasons (/metrics) are printed next to what was intended. After the
 load `/metrics` shows nothing running or waiting and every KV block free; the scheduler's memory
 stays flat after warm-up; SIGTERM then drains and leaves no process behind. The fast variant (a
 tiny random Llama) runs in `make test`; the slow one (the default model, more requests) runs with
@@ -13,6 +17,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -32,17 +37,25 @@ REQUEST_TIMEOUT = 120.0          # a request still open after this counts as hun
 
 @dataclass
 class SoakResult:
-    outcomes: Counter = field(default_factory=Counter)
-    errors: Counter = field(default_factory=Counter)       # clear errors by code
+    outcomes: Counter = field(default_factory=Counter)     # completed / left_<intent>
+    errors: Counter = field(default_factory=Counter)       # clear errors by code (must stay empty)
+    observed: Counter = field(default_factory=Counter)     # what a leaving client had seen when it left
     problems: list = field(default_factory=list)           # hangs and malformed answers
     rss_warm: int = 0
     rss_end: int = 0
     wall_s: float = 0.0
     metrics: dict = field(default_factory=dict)
+    requeued: int = 0                                      # sequences the executor kill requeued
 
 
 def _metrics(text: str) -> dict[str, float]:
-    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    """name -> value; a labelled sample of request_success is keyed ``name[finished_reason]``."""
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            reason = s.labels.get("finished_reason")
+            out[f"{s.name}[{reason}]" if reason else s.name] = s.value
+    return out
 
 
 def _body(rng: random.Random) -> tuple[dict, str | None]:
@@ -67,8 +80,11 @@ def _body(rng: random.Random) -> tuple[dict, str | None]:
 
 async def _one(client: httpx.AsyncClient, body: dict, leave: str | None, rng: random.Random,
                result: SoakResult) -> None:
+    seen = {"response": False, "tokens": 0}
+
     async def run() -> str:
         async with client.stream("POST", "/v1/completions", json=body) as resp:
+            seen["response"] = True
             if resp.status_code != 200:
                 err = json.loads(await resp.aread())["error"]
                 assert err["message"] and err["type"], err
@@ -92,10 +108,12 @@ async def _one(client: httpx.AsyncClient, body: dict, leave: str | None, rng: ra
                     result.errors[f"stream {event['error'].get('code')}"] += 1
                     return "error"
                 chunks += 1
+                seen["tokens"] += 1
                 for choice in event["choices"]:
                     if choice["finish_reason"]:
                         finished.add(choice["index"])
                 if leave == "mid_stream" and chunks >= rng.randint(1, 3):
+                    result.observed["after some tokens"] += 1
                     return "left_mid_stream"
             raise AssertionError("stream ended without [DONE]")
 
@@ -105,6 +123,8 @@ async def _one(client: httpx.AsyncClient, body: dict, leave: str | None, rng: ra
                 outcome = await asyncio.wait_for(run(), rng.uniform(0.0, 0.05))
             except asyncio.TimeoutError:
                 outcome = f"left_{leave}"
+                result.observed["after some tokens" if seen["tokens"] else
+                                "response but no token" if seen["response"] else "no response yet"] += 1
         else:
             outcome = await asyncio.wait_for(run(), REQUEST_TIMEOUT)
     except asyncio.TimeoutError:
@@ -184,13 +204,19 @@ def soak(tmp_path, model: str, num_requests: int, concurrency: int, seed: int = 
     orphans = [p.pid for p in seen.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not orphans, f"processes left behind: {orphans}"
     assert not list(tmp_path.glob("pagedserve-*")), "socket directory left behind"
-    assert "executor restarted" in log and "requeued for recompute" in log, log[-3000:]
+    assert "executor restarted" in log, log[-3000:]
+    recoveries = [(int(a), int(b)) for a, b in re.findall(r"(\d+) sequences requeued for recompute, (\d+) dropped", log)]
+    assert recoveries, log[-3000:]
+    result.requeued = sum(a for a, _ in recoveries)
+    assert result.requeued > 0 and all(b == 0 for _, b in recoveries), recoveries
     return result
 
 
 def check(result: SoakResult, num_requests: int) -> None:
     assert not result.problems, result.problems[:5]
+    assert not result.errors, f"errors (not disconnects): {dict(result.errors)}"
     assert sum(result.outcomes.values()) == num_requests
+    assert result.outcomes["completed"] > 0
     m = result.metrics
     assert m["pagedserve:num_requests_running"] == 0 and m["pagedserve:num_requests_waiting"] == 0, m
     assert m["pagedserve:num_free_blocks"] == m["pagedserve:num_total_blocks"] > 0, m
@@ -198,8 +224,13 @@ def check(result: SoakResult, num_requests: int) -> None:
     # a leak check, not a timing threshold: the scheduler's RSS after warm-up and at the end
     assert result.rss_end - result.rss_warm < 50 * 2**20, (result.rss_warm, result.rss_end)
     left = sum(v for k, v in result.outcomes.items() if k.startswith("left_"))
+    assert sum(result.observed.values()) == left
+    finished = {k.split("[")[1][:-1]: int(v) for k, v in m.items()
+                if k.startswith("pagedserve:request_success_total[")}
     print(f"\nsoak: {num_requests} requests in {result.wall_s:.1f}s; outcomes {dict(result.outcomes)} "
-          f"({left} client disconnects); errors {dict(result.errors)}; scheduler RSS "
+          f"({left} client disconnects; when they left, the client had seen: {dict(result.observed)}); "
+          f"server finish reasons {finished}; errors {dict(result.errors)}; "
+          f"{result.requeued} sequences requeued on the executor kill; scheduler RSS "
           f"{result.rss_warm / 2**20:.1f} -> {result.rss_end / 2**20:.1f} MiB; "
           f"preemptions {m.get('pagedserve:num_preemptions_total', 0):.0f}")
 
