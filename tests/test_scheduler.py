@@ -484,8 +484,22 @@ def test_abort_swapped_frees_host_blocks():
 
 
 def test_abort_unknown_is_a_no_op():
-    s, _ = make()
-    s.abort_request("nope")
+    """Aborting an id that is not there (never added, or finished) changes nothing: the running
+    request keeps its blocks and finishes with the tokens it gets without the abort."""
+    def run(abort_ids):
+        s, ex = make()
+        add(s, "a", prompt_of(10), max_tokens=6)
+        step(s, ex)
+        before = (s.stats(), s.block_manager.block_ids(0))
+        for rid in abort_ids:
+            s.abort_request(rid)
+        assert (s.stats(), s.block_manager.block_ids(0)) == before and s.has_request("a")
+        result = run_to_completion(s, ex)
+        s.abort_request("a")                          # finished already: still nothing to do
+        assert_drained(s)
+        return result
+
+    assert run(["nope", "", "a0"]) == run([])
 
 
 # ------------------------------------------------------------------------------------ one sample
