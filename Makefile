@@ -38,10 +38,11 @@ bench: setup
 	$(BIN)/python -m benchmarks.scheduler_step
 
 # Mutation testing over the scheduler core, the sampler and the gateway's protocol layer against
-# the unit tier (pyproject's [tool.mutmut]); not part of `make test`: about half an hour on 2 cores.
+# the unit tier (pyproject's [tool.mutmut]); not part of `make test`: about 10 minutes on 2 cores. One
+# OpenMP thread: torch's thread pool does not survive the fork of each mutant's run (it hangs).
 mutation: $(STAMP)
 	$(BIN)/pip install -q mutmut==3.8.1
-	$(BIN)/mutmut run --max-children 2
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2
 	$(BIN)/python -m benchmarks.mutation_summary $(BIN)/mutmut
 
 clean:
