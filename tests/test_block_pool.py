@@ -165,6 +165,16 @@ def test_append_slots_fails_without_change_when_out_of_blocks():
     assert bm.free_slots(0, 8) == 0
 
 
+def test_free_slots_counts_the_tail_of_its_blocks_and_every_free_block():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    bm.allocate(0, 6)
+    bm.append_slots(0, 0, 6, [])                       # 2 blocks, 2 slots left in the second
+    assert bm.free_slots(0, 6) == 2 + 6 * 4
+    bm.allocate(1, 4)
+    bm.append_slots(1, 0, 4, [])                       # another sequence takes one more block
+    assert bm.free_slots(0, 6) == 2 + 5 * 4
+
+
 def test_swap_out_and_in_round_trip():
     bm = BlockManager(num_blocks=4, block_size=2, num_host_blocks=3)
     prompt = [1, 2, 3, 4, 5]

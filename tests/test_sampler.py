@@ -270,6 +270,25 @@ def test_unseeded_rows_vary():
     assert len(set(run(logits, rows).token_ids.tolist())) > 1
 
 
+@pytest.mark.parametrize("seed", [None, 5])
+def test_sampled_frequencies_follow_the_probabilities(seed):
+    """Exponential races (argmax p / E) pick token i with probability p_i: 4000 rows of one
+    distribution, each token's count within 5 standard deviations of its expectation."""
+    torch.manual_seed(0)
+    probs = torch.tensor([0.55, 0.3, 0.1, 0.05])
+    n = 4000
+    rows = [(SP(seed=seed), [], [], i) for i in range(n)]
+    got = torch.bincount(run(probs.log().expand(n, -1).contiguous(), rows).token_ids, minlength=4)
+    sd = (n * probs * (1 - probs)).sqrt()
+    assert ((got - n * probs).abs() < 5 * sd).all(), got.tolist()
+
+
+def test_min_p_one_keeps_only_the_most_likely_token():
+    logits = distinct_logits(6, 50, seed=3)
+    got = run(logits, [SP(min_p=1.0, temperature=2.0)] * 6).token_ids
+    assert got.tolist() == logits.argmax(-1).tolist()
+
+
 # --------------------------------------------------------------------------------------------
 # Penalties
 
