@@ -356,6 +356,8 @@ def test_preemption_by_swap_resumes_and_completes():
             seen["swap_in"] = True
             whole_tables = {b for u in plan.table_updates if u.start == 0 for b in u.block_ids}
             assert {d for _, d in plan.swap_in} <= whole_tables
+        st = s.stats()
+        assert (st.num_running, st.num_waiting, st.num_swapped) == (s.num_running, s.num_waiting, s.num_swapped)
         if s.num_swapped:
             assert s.block_manager.host.num_free < 16
 
@@ -481,6 +483,17 @@ def test_abort_swapped_frees_host_blocks():
     s.update(plan, ex.execute(plan))
     run_to_completion(s, ex)
     assert_drained(s)
+
+
+def test_stats_count_the_queues_and_the_blocks_in_use():
+    s, ex = make(num_blocks=16, block_size=4, max_num_seqs=1)
+    add(s, "a", prompt_of(6), max_tokens=4)
+    add(s, "b", prompt_of(6, 100), max_tokens=4)
+    step(s, ex)                                       # a runs (2 blocks), b waits for a sequence slot
+    st = s.stats()
+    assert (st.num_running, st.num_waiting, st.num_swapped) == (1, 1, 0)
+    assert (st.num_blocks, st.num_free_blocks, st.kv_cache_usage) == (16, 14, 2 / 16)
+    assert (st.prompt_tokens, st.generation_tokens, st.num_preemptions) == (6, 1, 0)
 
 
 def test_abort_unknown_is_a_no_op():
@@ -671,6 +684,16 @@ def test_finish_sample_preempted_by_recompute_needs_no_executor_drop():
     assert_drained(s)
 
 
+def test_finish_sample_output_carries_the_prompt_and_its_cached_tokens():
+    s, ex = make(block_size=4)
+    add(s, "a", prompt_of(9), max_tokens=2)
+    run_to_completion(s, ex)
+    add(s, "b", prompt_of(9), max_tokens=4, n=2)        # 8 of its 9 prompt tokens hit the cache
+    step(s, ex)
+    out = s.finish_sample("b", 1)
+    assert (out.index, out.finish_reason, out.num_prompt_tokens, out.num_cached_tokens) == (1, "abort", 9, 8)
+
+
 def test_finish_sample_bad_index_unknown_request_and_finished_sample():
     s, ex = make()
     add(s, "a", prompt_of(6), n=2, max_tokens=1)
@@ -844,15 +867,16 @@ def test_reset_for_new_executor_requeues_and_outputs_continue_exactly(lose_after
     assert_drained(s)
 
 
-def test_reset_for_new_executor_drops_what_no_longer_fits():
+@pytest.mark.parametrize("prompt_len", [13, 14])    # 16 (the new limit, no room to sample) or 17 tokens
+def test_reset_for_new_executor_drops_what_no_longer_fits(prompt_len):
     s, ex = make(num_blocks=64, block_size=4)
-    add(s, "long", prompt_of(14), max_tokens=8)
+    add(s, "long", prompt_of(prompt_len), max_tokens=8)
     add(s, "short", prompt_of(3, 100), max_tokens=4, n=2)
     for _ in range(3):
         step(s, ex)
     errors = s.reset_for_new_executor(cache_config=CacheConfig(block_size=4, num_blocks=4).validate())
     assert [(e.request_id, e.code) for e in errors] == [("long", "executor_error")]
-    assert "at most 16 tokens" in errors[0].message and "already has 17" in errors[0].message
+    assert "at most 16 tokens" in errors[0].message and f"already has {prompt_len + 3}" in errors[0].message
     assert not s.has_request("long") and s.has_request("short")
     results = run_to_completion(s, CheckedFakeExecutor(s))
     assert {k: len(v[0]) for k, v in results.items()} == {("short", 0): 1, ("short", 1): 1}
