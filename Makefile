@@ -39,10 +39,11 @@ bench: setup
 
 # Mutation testing over the scheduler core, the sampler and the gateway's protocol layer against
 # the unit tier (pyproject's [tool.mutmut]); not part of `make test`: about 10 minutes on 2 cores. One
-# OpenMP thread: torch's thread pool does not survive the fork of each mutant's run (it hangs).
+# OpenMP thread: torch's thread pool does not survive the fork of each mutant's run (it hangs);
+# hypothesis does not shrink (tests/conftest.py's mutation profile).
 mutation: $(STAMP)
 	$(BIN)/pip install -q mutmut==3.8.1
-	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2
+	OMP_NUM_THREADS=1 PAGEDSERVE_HYPOTHESIS_PROFILE=mutation $(BIN)/mutmut run --max-children 2
 	$(BIN)/python -m benchmarks.mutation_summary $(BIN)/mutmut
 
 clean:

@@ -23,6 +23,13 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import Phase, settings
+
+# `make mutation` runs the suite once per mutant and only needs pass or fail: no shrinking of a
+# failing example, no example database shared between mutants.
+settings.register_profile("mutation", phases=[Phase.explicit, Phase.reuse, Phase.generate], database=None)
+if os.environ.get("PAGEDSERVE_HYPOTHESIS_PROFILE"):
+    settings.load_profile(os.environ["PAGEDSERVE_HYPOTHESIS_PROFILE"])
 
 # Every attention backend the HF-exactness tests run on. `cpu` is the C kernel backend (the default
 # on a CPU: `auto` -> `cpu`), built with the system C compiler at first use.
