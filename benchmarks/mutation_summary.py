@@ -1,7 +1,8 @@
 """Kill rate per module from mutmut's results (`make mutation` runs it after `mutmut run`).
 
 Reads `mutmut results --all true` ("    services.x.mod.xǁClassǁmethod__mutmut_3: killed" per mutant)
-and prints one row per module: mutants, killed, survived, other (timeout, suspicious, no tests).
+and prints one row per module: mutants, killed, timeout, survived, other (suspicious, no tests,
+not checked). A timeout (the mutant made its tests loop) counts as detected in the kill rate.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def summarise(text: str) -> dict[str, Counter]:
         m = LINE.match(line)
         if m:
             status = m["status"].strip()
-            rows[module_of(m["name"])][status if status in ("killed", "survived") else "other"] += 1
+            rows[module_of(m["name"])][status if status in ("killed", "timeout", "survived") else "other"] += 1
     return rows
 
 
@@ -32,11 +33,11 @@ def main() -> int:
     mutmut = sys.argv[1] if len(sys.argv) > 1 else "mutmut"
     text = subprocess.run([mutmut, "results", "--all", "true"], capture_output=True, text=True, check=True).stdout
     rows = summarise(text)
-    print(f"{'module':45s} {'mutants':>7s} {'killed':>7s} {'survived':>8s} {'other':>6s} {'kill rate':>9s}")
+    print(f"| module | mutants | killed | timeout | survived | other | kill rate |\n|---|---|---|---|---|---|---|")
     for module, c in sorted(rows.items()):
         total = sum(c.values())
-        print(f"{module:45s} {total:7d} {c['killed']:7d} {c['survived']:8d} {c['other']:6d} "
-              f"{c['killed'] / total:9.1%}")
+        print(f"| {module} | {total} | {c['killed']} | {c['timeout']} | {c['survived']} | {c['other']} | "
+              f"{(c['killed'] + c['timeout']) / total:.1%} |")
     return 0 if rows else 1
 
 
