@@ -38,7 +38,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.scheduler_step
 
 # Mutation testing over the scheduler core, the sampler and the gateway's protocol layer against
-# the unit tier (pyproject's [tool.mutmut]); not part of `make test`: about 10 minutes on 2 cores. One
+# the unit tier (pyproject's [tool.mutmut]); not part of `make test`: about half an hour on 2 cores. One
 # OpenMP thread: torch's thread pool does not survive the fork of each mutant's run (it hangs);
 # hypothesis does not shrink (tests/conftest.py's mutation profile).
 mutation: $(STAMP)
