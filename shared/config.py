@@ -66,10 +66,18 @@ def port(text: str) -> int:
     return value
 
 
+def check_address(addr: str) -> str:
+    """Reject addresses ZeroMQ would choke on, with a message naming the flag's value."""
+    if not addr.startswith(("ipc://", "tcp://", "inproc://")):
+        raise ValueError(f"address must start with ipc://, tcp:// or inproc://, got {addr!r}")
+    return addr
+
+
 def address(text: str) -> str:
-    if not text.startswith(("ipc://", "tcp://", "inproc://")):
-        raise argparse.ArgumentTypeError(f"address must start with ipc://, tcp:// or inproc://, got {text!r}")
-    return text
+    try:
+        return check_address(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 fraction = float_where(lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")

@@ -14,6 +14,7 @@ import tempfile
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from shared.config import check_address  # noqa: F401 - the one address rule; callers import it from here too
 from shared.messages import Message, ProtocolError, decode, encode
 
 
@@ -24,13 +25,6 @@ def runtime_dir() -> str:
 
 def ipc_address(directory: str, name: str) -> str:
     return f"ipc://{os.path.join(directory, name)}.sock"
-
-
-def check_address(addr: str) -> str:
-    """Reject addresses ZeroMQ would choke on, with a message naming the flag's value."""
-    if not addr.startswith(("ipc://", "tcp://", "inproc://")):
-        raise ValueError(f"address must start with ipc://, tcp:// or inproc://, got {addr!r}")
-    return addr
 
 
 def router(ctx: zmq.Context, addr: str) -> zmq.Socket:
