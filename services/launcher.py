@@ -4,11 +4,11 @@ The three services are the same programs compose runs (`pagedserve executor|sche
 this launcher picks private socket paths, hands each child every option of shared/config.py its
 service uses (argv generated from the one config: ``service_commands``), starts them in
 dependency order, waits until the gateway reports healthy, and supervises them: an executor or
-scheduler that exits is restarted (exponential backoff, at most ``--max-restarts`` times each; the scheduler recomputes in-flight
-requests on a new executor, the gateway fails those of a dead scheduler with 503); a gateway that
-exits stops everything with exit code 1. Ctrl-C / SIGTERM drains: the gateway refuses new
-requests and lets in-flight ones finish (``--drain-timeout``), then scheduler and executor stop,
-the socket directory is removed and the launcher exits 0.
+scheduler that exits is restarted (exponential backoff, at most ``--max-restarts`` times each;
+the scheduler recomputes in-flight requests on a new executor, the gateway fails those of a dead
+scheduler with 503); a gateway that exits stops everything with exit code 1. Ctrl-C / SIGTERM
+drains: the gateway refuses new requests and lets in-flight ones finish (``--drain-timeout``),
+then scheduler and executor stop, the socket directory is removed and the launcher exits 0.
 """
 from __future__ import annotations
 

@@ -37,6 +37,9 @@ class LocalChannel:
     def lost(self) -> bool:
         return False
 
+    def reset(self) -> None:
+        pass
+
     def shutdown(self) -> None:
         pass
 

@@ -266,8 +266,7 @@ class SchedulerService:
         self.executor_known.clear()
         self._resync = False
         self._busy = False
-        if hasattr(self.channel, "reset"):
-            self.channel.reset()
+        self.channel.reset()
 
     def _give_up(self, message: str) -> None:
         """Recovery took too long: fail everything and start over as a fresh service."""
