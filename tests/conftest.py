@@ -141,6 +141,7 @@ INTEGRATION_MODULES = frozenset({
     "test_bench", "test_cli_and_compose", "test_config_e2e", "test_fuzz_openapi", "test_gateway", "test_kernels_compile",
     "test_launcher", "test_limits", "test_no_torch_import", "test_scheduler_service", "test_security",
     "test_serve_e2e", "test_soak", "test_worker_errors", "test_fuzz_wire", "test_engine_errors", "test_serve_oracle",
+    "test_model_families",       # `pagedserve generate` / `serve` subprocesses on built checkpoints
 })
 
 
