@@ -51,8 +51,13 @@ class AttentionBackend(abc.ABC):
         """key, value [T, Hkv, D] into kv[0] / kv[1] at meta.slot_mapping (slot -1 = skip)."""
 
     @abc.abstractmethod
-    def attend(self, query: Tensor, kv: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
-        """query [T, Hq, D] -> [T, Hq, D]; causal within the new tokens, full over the cached prefix."""
+    def attend(self, query: Tensor, kv: Tensor, meta: AttentionMetadata, scale: float,
+               window: int = 0) -> Tensor:
+        """query [T, Hq, D] -> [T, Hq, D]; causal within the new tokens, full over the cached prefix.
+
+        ``window`` > 0: sliding-window attention, a query at position p sees only the keys at
+        positions k with p - window < k <= p (transformers' ``sliding_window``); 0: full causal.
+        Layers of one step may pass different windows with the same ``meta``."""
 
     @abc.abstractmethod
     def copy_blocks(self, caches: list[Tensor], pairs: Tensor) -> None:
