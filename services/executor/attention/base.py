@@ -11,6 +11,7 @@ per-step derived tensors (built on the first layer, reused by the others).
 from __future__ import annotations
 
 import abc
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -41,6 +42,19 @@ class AttentionMetadata:
         if self.context_lens_host is None:
             self.context_lens_host = self.context_lens.tolist()
         return self.query_lens_host, self.context_lens_host
+
+
+def check_window(window: int, max_context_len: int) -> int:
+    """The window a backend attends with: ``window`` checked, and 0 (full causal attention, the
+    fast path) where every key of the step is inside it (a query at p <= max_context_len - 1 sees
+    keys k > p - window, i.e. all of 0 .. p, once window >= max_context_len)."""
+    try:
+        w = operator.index(window)
+    except TypeError:
+        w = -1
+    if isinstance(window, bool) or w < 0:
+        raise ValueError(f"window must be an int >= 0 (0 = full attention), got {window!r}")
+    return 0 if w >= max_context_len else w
 
 
 class AttentionBackend(abc.ABC):

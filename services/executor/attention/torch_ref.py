@@ -14,7 +14,6 @@ kept beside the full-attention ones, so layers with different windows share one 
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from services.executor.attention.base import AttentionBackend, AttentionMetadata
+from services.executor.attention.base import AttentionBackend, AttentionMetadata, check_window
 
 # A prefill group is padded to (sequences x longest query x longest context); a sequence joins the
 # current group while that padded area stays within this factor of the area the group really needs.
@@ -59,19 +58,6 @@ def _gather_kv(kv: Tensor, rows: Tensor, shape: tuple[int, int, int], out: Optio
 def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
     """Boolean mask -> additive float mask (0 / -inf), built once per step instead of per layer."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-
-
-def check_window(window: int, max_context_len: int) -> int:
-    """The window a backend attends with: ``window`` checked, and 0 (full causal attention, the
-    fast path) where every key of the step is inside it (a query at p <= max_context_len - 1 sees
-    keys k > p - window, i.e. all of 0 .. p, once window >= max_context_len)."""
-    try:
-        w = operator.index(window)
-    except TypeError:
-        w = -1
-    if isinstance(window, bool) or w < 0:
-        raise ValueError(f"window must be an int >= 0 (0 = full attention), got {window!r}")
-    return 0 if w >= max_context_len else w
 
 
 def group_prefills(seqs: list[int], q_lens: list[int], ctx_lens: list[int], block_size: int,
