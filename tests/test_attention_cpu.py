@@ -43,7 +43,7 @@ def test_cpu_backend_matches_the_reference_and_naive(hq, hkv, d, case, bs):
 
 
 @needs_cc
-@pytest.mark.parametrize("hq, hkv, d", [(4, 4, 16), (9, 3, 64)])
+@pytest.mark.parametrize("hq, hkv, d", [(4, 4, 16), (9, 3, 64), (8, 2, 256)])     # 256: Gemma 3
 @pytest.mark.parametrize("case", ["decode", "mixed", "chunked"])
 @pytest.mark.parametrize("bs", [4, 16])
 @pytest.mark.parametrize("window", WINDOWS)
@@ -76,6 +76,20 @@ def test_decode_kernel_window_on_long_contexts(window):
     assert not torch.allclose(got[-1], load_kernels().decode(query, kv, dec.tables, dec.ctx, 0.2)[-1], atol=1e-3)
     with pytest.raises(ValueError, match="window -1"):
         load_kernels().decode(query, kv, dec.tables, dec.ctx, 0.2, -1)
+
+
+@needs_cc
+def test_cpu_backend_layers_with_different_windows_share_one_meta():
+    """Windowed and global layers alternating on one meta: the kernel's decode rows and the
+    reference's prefill masks each follow the layer's own window."""
+    kv, query, _, _, q_lens, ctx_lens, tables, _ = random_case(14, 6, 2, CASES["mixed"] + [(1, 28)])
+    meta = make_meta(q_lens, ctx_lens, tables)
+    backend = CpuBackend()
+    want = {w: naive_attention(query, kv, q_lens, ctx_lens, tables, 0.25, w) for w in (0, 3, 9)}
+    for w in (3, 0, 9, 3, 9, 0):
+        torch.testing.assert_close(backend.attend(query, kv, meta, 0.25, window=w), want[w], atol=1e-5, rtol=1e-5)
+    assert meta.scratch["torch_ref"]["decode"].kv_rows is None
+    assert not torch.allclose(want[3], want[9], atol=1e-3)
 
 
 @needs_cc

@@ -9,10 +9,12 @@ which 16-byte piece, the xor-shuffle groups, the row-group sum) is vectorised he
 checked separately by ``test_thread_map_*``.
 
 The launch configuration comes from the real planner (``cuda.plan_attention``), so the grid the
-backend would launch is the grid emulated here. Sliding windows (the kernels' ``window``
-argument) and head_dim 256 are emulated the same way; the kernels themselves were not run with
-them: no GPU at hand (tests/test_cuda_backend.py runs them where one is). Unused cache slots and blocks are filled with NaN:
+backend would launch is the grid emulated here. Unused cache slots and blocks are filled with NaN:
 any read outside a sequence's context, or any output/partial left unwritten, shows up as NaN.
+
+Sliding windows (the kernels' ``window`` argument) and head_dim 256 are emulated the same way; the
+kernels themselves were not run with them: no GPU at hand (tests/test_cuda_backend.py runs them
+where one is).
 """
 from __future__ import annotations
 
