@@ -157,7 +157,7 @@ class Attention(nn.Module):
         q, k = qk.split((self.n_heads, self.n_kv), dim=1)                       # [T, Hq|Hkv, Dh]
         v = qkv[:, self.n_heads + self.n_kv:]                                   # [T, Hkv, Dh]
         backend.write_kv(kv, k, v, meta)
-        o = backend.attend(q, kv, meta, self.scale, **({"window": self.window} if self.window else {}))  # [T, Hq, Dh]
+        o = backend.attend(q, kv, meta, self.scale, window=self.window)    # [T, Hq, Dh]
         return self.wo(o.reshape(T, -1))                                   # [T, D]
 
 
