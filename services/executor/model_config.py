@@ -356,15 +356,15 @@ HF_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, rope_theta=1000000.0, tie_word_embeddings=True,
         max_position_embeddings=32768, eos_token_id=151645, architectures=["Qwen2ForCausalLM"])),
-    "gemma3-0.5b": ("gemma3_text", dict(    # Gemma-3-270M widened to ~0.5B: 18 layers, head_dim 256
-        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+    "gemma3-0.5b": ("gemma3_text", dict(    # Gemma-3-270M widened to ~0.5B: head_dim 256, 5 sliding : 1 global
+        vocab_size=262144, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
         num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
         sliding_window=512, max_position_embeddings=32768, eos_token_id=1,
         architectures=["Gemma3ForCausalLM"])),
-    "qwen3-moe-0.5b": ("qwen3_moe", dict(   # Qwen3-30B-A3B's shape, scaled down: 16 experts, top 4
-        vocab_size=151936, hidden_size=512, intermediate_size=1536, moe_intermediate_size=384,
-        num_hidden_layers=12, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-        num_experts=16, num_experts_per_tok=4, norm_topk_prob=True, tie_word_embeddings=True,
+    "qwen3-moe-0.5b": ("qwen3_moe", dict(   # Qwen3-30B-A3B's shape scaled to ~0.6B: 32 experts, top 4
+        vocab_size=151936, hidden_size=768, intermediate_size=2048, moe_intermediate_size=384,
+        num_hidden_layers=16, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
+        num_experts=32, num_experts_per_tok=4, norm_topk_prob=True, tie_word_embeddings=True,
         max_position_embeddings=32768, eos_token_id=151645, architectures=["Qwen3MoeForCausalLM"])),
 }
 
