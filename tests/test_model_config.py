@@ -100,3 +100,10 @@ def test_every_family_parses():
              "Gemma3ForCausalLM": dict(hidden_activation="gelu_pytorch_tanh")}
     for arch in FAMILIES:
         assert cfg(arch, **extra.get(arch, {})).architecture == arch
+
+
+def test_a_config_without_architectures_is_read_by_its_model_type():
+    c = ModelConfig.from_hf({**BASE, "model_type": "qwen2"})
+    assert c.architecture == "Qwen2ForCausalLM" and c.attention_bias
+    with pytest.raises(UnsupportedModel, match="falcon"):
+        ModelConfig.from_hf({**BASE, "model_type": "falcon"})

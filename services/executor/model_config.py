@@ -98,8 +98,8 @@ class ModelConfig:
         """From a transformers config object (or a dict of config.json); ``UnsupportedModel`` for
         what is not implemented."""
         get = _getter(hf)
-        archs = get("architectures") or ["LlamaForCausalLM"]     # GGUF-derived configs may lack it
-        arch = archs[0]
+        archs = get("architectures") or [MODEL_TYPES.get(get("model_type", "llama"), str(get("model_type")))]
+        arch = archs[0]                                        # (GGUF-derived configs may lack architectures)
         family = FAMILIES.get(arch)
         if family is None:
             raise UnsupportedModel(f"unsupported architecture {arch!r} (architectures in config.json); "
@@ -331,6 +331,11 @@ FAMILIES: dict[str, Family] = {
     "Phi3ForCausalLM": Family(_phi3),
     "Gemma3ForCausalLM": Family(_gemma3),
 }
+
+
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+               "phi3": "Phi3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 # ------------------------------------------------------------------------------ presets
