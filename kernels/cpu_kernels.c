@@ -14,6 +14,9 @@
  *   tables  [S, max_blocks]     int32 block ids, row s for sequence s
  *   ctx     [S]                 int32 keys per sequence (positions 0 .. ctx-1, the new token included)
  *   out     [S, Hq, D]
+ * window > 0: sliding-window attention, the query (at position ctx-1) sees only keys
+ * ctx-window .. ctx-1; the block loop starts at the block holding key ctx-window and skips the
+ * keys before it there. window = 0: every key.
  * One task per (sequence, KV head): its G = Hq / Hkv query heads (GQA) share every K/V row it reads.
  * The softmax runs block by block with a running max and sum: one rescale of the accumulator per
  * block, as a flash-decoding split would do, all in float32. Built with -ffast-math so the exp of a
@@ -40,9 +43,10 @@ int pagedserve_cpu_limits(int64_t *max_g, int64_t *max_bs, int64_t *max_d)
 /* Returns 0, or -1 when a shape is outside the limits (nothing written then). */
 int pagedserve_decode_f32(const float *q, const float *k, const float *v, const int32_t *tables,
                           const int32_t *ctx, float *out, int64_t S, int64_t Hq, int64_t Hkv,
-                          int64_t D, int64_t bs, int64_t max_blocks, float scale, int num_threads)
+                          int64_t D, int64_t bs, int64_t max_blocks, float scale, int64_t window,
+                          int num_threads)
 {
-    if (Hkv <= 0 || Hq % Hkv != 0 || Hq / Hkv > PS_MAX_G || bs > PS_MAX_BS || D > PS_MAX_D)
+    if (Hkv <= 0 || Hq % Hkv != 0 || Hq / Hkv > PS_MAX_G || bs > PS_MAX_BS || D > PS_MAX_D || window < 0)
         return -1;
     const int64_t G = Hq / Hkv;
 
@@ -50,6 +54,7 @@ int pagedserve_decode_f32(const float *q, const float *k, const float *v, const 
     for (int64_t task = 0; task < S * Hkv; ++task) {
         const int64_t s = task / Hkv, h = task % Hkv;
         const int64_t L = ctx[s];
+        const int64_t k0 = (window > 0 && L > window) ? L - window : 0;   /* first visible key */
         const float *qs = q + (s * Hq + h * G) * D;           /* [G, D] */
         float acc[PS_MAX_G][PS_MAX_D];
         float m[PS_MAX_G], l[PS_MAX_G], sc[PS_MAX_BS];
@@ -60,15 +65,16 @@ int pagedserve_decode_f32(const float *q, const float *k, const float *v, const 
             for (int64_t i = 0; i < D; ++i)
                 acc[g][i] = 0.0f;
         }
-        for (int64_t b = 0; b * bs < L; ++b) {
+        for (int64_t b = k0 / bs; b * bs < L; ++b) {
             const int64_t blk = tables[s * max_blocks + b];
             const int64_t n = (L - b * bs < bs) ? L - b * bs : bs;
+            const int64_t t0 = (b * bs < k0) ? k0 - b * bs : 0;          /* keys t0 .. n-1 of this block */
             const float *kb = k + (blk * Hkv + h) * bs * D;    /* [bs, D] */
             const float *vb = v + (blk * Hkv + h) * bs * D;
             for (int64_t g = 0; g < G; ++g) {
                 const float *qg = qs + g * D;
                 float bmax = -FLT_MAX;
-                for (int64_t t = 0; t < n; ++t) {
+                for (int64_t t = t0; t < n; ++t) {
                     const float *kt = kb + t * D;
                     float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
@@ -82,7 +88,7 @@ int pagedserve_decode_f32(const float *q, const float *k, const float *v, const 
                 float *a = acc[g];
                 float bsum = 0.0f;
 #pragma omp simd reduction(+ : bsum)
-                for (int64_t t = 0; t < n; ++t) {
+                for (int64_t t = t0; t < n; ++t) {
                     sc[t] = expf(sc[t] - mnew);
                     bsum += sc[t];
                 }
@@ -90,7 +96,7 @@ int pagedserve_decode_f32(const float *q, const float *k, const float *v, const 
 #pragma omp simd
                 for (int64_t i = 0; i < D; ++i)
                     a[i] *= corr;
-                for (int64_t t = 0; t < n; ++t) {
+                for (int64_t t = t0; t < n; ++t) {
                     const float p = sc[t];
                     const float *vt = vb + t * D;
 #pragma omp simd

@@ -32,6 +32,10 @@
 // context_lens[b] counts the cached tokens AFTER this step's write, new tokens included, so
 // with n_new = cu_seqlens_q[b+1] - cu_seqlens_q[b] new tokens, new token i has absolute position
 // prefix + i, prefix = context_lens[b] - n_new, and sees keys [0, prefix + i].
+// Sliding window (window > 0): it sees keys [max(0, prefix + i - window + 1), prefix + i] only
+// (transformers' `kv_idx > q_idx - sliding_window`); window = 0 is full causal attention. A CTA's
+// keys start at the first row's window start (its rows' positions grow with j), and the mask
+// holds each row to its own [lo, pos] range.
 //
 // ---- Split-K -----------------------------------------------------------------------------------
 // partition_size == 0: single pass, the CTA walks all its keys and writes the final output.
@@ -39,14 +43,17 @@
 // the CTA writes, per row, the normalised partial output o_p and its running max m_p and sum
 // l_p (of exp(s - m_p)) to part_out / part_ml; paged_attention_reduce_* merges them:
 //     M = max_p m_p,  w_p = l_p * exp(m_p - M),  out = sum_p w_p * o_p / sum_p w_p.
-// Row with position pos has keys in partitions 0 .. pos / partition_size exactly, which is how
-// the reduce knows how many partials are valid (later slots are never written).
+// Row with position pos has keys in partitions lo / partition_size .. pos / partition_size
+// exactly (lo = 0, or its window start), which is how the reduce knows which partials are valid
+// (earlier and later slots are never written).
 //
 // ---- Inside a CTA (PA_NUM_THREADS = 128 threads) ------------------------------------------------
 // VEC = 16 / sizeof(element) elements per thread per load (one 16-byte load);
-// TPR = HEAD_DIM / VEC threads cooperate on one K/V row (8 or 16 for 16-bit types),
-// RPI = 128 / TPR rows are in flight per sweep. Thread tid owns columns
-// [col, col + VEC), col = (tid % TPR) * VEC, of row group grp = tid / TPR.
+// TPR = min(HEAD_DIM / VEC, 32) threads cooperate on one K/V row (8, 16 or 32 for 16-bit types),
+// RPI = 128 / TPR rows are in flight per sweep, NV = HEAD_DIM / (TPR * VEC) loads per thread
+// per row (2 only for fp32 at HEAD_DIM 256, else 1). Thread tid owns the columns
+// [col + v * TPR * VEC, col + v * TPR * VEC + VEC), v < NV, col = (tid % TPR) * VEC, of row
+// group grp = tid / TPR (load v of a warp reads TPR * 16 contiguous bytes per row).
 // Keys are processed in tiles of PA_TILE tokens with an online softmax:
 //   phase 1  s[j][r] = q_j . k_r    (partial dot per thread, xor-shuffle sum over TPR lanes)
 //   phase 2  per row j (one warp per row): m_new = max(m, max_r s), p = exp(s - m_new),
@@ -76,20 +83,22 @@ __device__ __forceinline__ void paged_attention_impl(
     const int* __restrict__ context_lens,                 // [B]
     const int* __restrict__ cu_seqlens_q,                 // [B + 1]
     int num_heads, int num_kv_heads, int heads_per_cta, int num_head_chunks,
-    int q_per_cta, int num_partitions, int partition_size, float scale) {
+    int q_per_cta, int num_partitions, int partition_size, float scale, int window) {
     typedef typename Tr::storage S;
     typedef Vec16<Tr> V;
     constexpr int VEC = V::N;
-    constexpr int TPR = HEAD_DIM / VEC;           // threads per K/V row
+    constexpr int TPR = HEAD_DIM / VEC < 32 ? HEAD_DIM / VEC : 32;   // threads per K/V row
+    constexpr int NV = HEAD_DIM / (TPR * VEC);    // 16-byte loads per thread per row
     constexpr int RPI = PA_NUM_THREADS / TPR;     // rows per sweep
     constexpr int SWEEPS = PA_TILE / RPI;         // sweeps per tile
-    static_assert(HEAD_DIM % VEC == 0 && TPR <= 32 && (32 % TPR) == 0, "row must fit a warp");
+    static_assert(HEAD_DIM == NV * TPR * VEC && (32 % TPR) == 0, "row must fit a warp");
     static_assert(PA_TILE % RPI == 0, "tile must be whole sweeps");
 
     __shared__ __align__(16) float q_s[PA_MAX_ROWS][HEAD_DIM];  // scaled q, later the output
     __shared__ float s_s[PA_MAX_ROWS][PA_TILE];                 // scores, then probabilities
     __shared__ float m_s[PA_MAX_ROWS], l_s[PA_MAX_ROWS], alpha_s[PA_MAX_ROWS];
     __shared__ int pos_s[PA_MAX_ROWS];  // last visible key of row j; -1: row unused
+    __shared__ int lo_s[PA_MAX_ROWS];   // first visible key of row j (0 without a window)
 
     const int tid = threadIdx.x;
     const int warp = tid / 32, lane = tid % 32;
@@ -113,11 +122,12 @@ __device__ __forceinline__ void paged_attention_impl(
     const int n_tok = min(q_per_cta, n_new - i0);
     const int nrows = n_tok * heads_per_cta;
     const int key_end = prefix + i0 + n_tok;   // one past the last key any row here sees
+    const int key_lo = window > 0 ? max(0, prefix + i0 - window + 1) : 0;   // first key any row sees
 
     const bool split = partition_size > 0;
-    const int k_begin = split ? part * partition_size : 0;
-    const int k_end = split ? min(k_begin + partition_size, key_end) : key_end;
-    if (k_begin >= k_end) return;              // partition past this CTA's keys
+    const int k_begin = split ? max(part * partition_size, key_lo) : key_lo;
+    const int k_end = split ? min(part * partition_size + partition_size, key_end) : key_end;
+    if (k_begin >= k_end) return;              // partition outside this CTA's keys
 
     // ---- stage q (scaled, fp32) and per-row state
     for (int idx = tid; idx < PA_MAX_ROWS * HEAD_DIM; idx += PA_NUM_THREADS) {
@@ -135,6 +145,7 @@ __device__ __forceinline__ void paged_attention_impl(
         const int j = tid;
         const int g = chunk * heads_per_cta + j % heads_per_cta;
         pos_s[j] = (j < nrows && g < G) ? prefix + i0 + j / heads_per_cta : -1;
+        lo_s[j] = window > 0 ? max(0, prefix + i0 + j / heads_per_cta - window + 1) : 0;
         m_s[j] = PS_NEG_INF;
         l_s[j] = 0.f;
         alpha_s[j] = 1.f;
@@ -145,48 +156,58 @@ __device__ __forceinline__ void paged_attention_impl(
     const S* v_cache = kv + num_blocks * num_kv_heads * BLOCK_SIZE * HEAD_DIM;
     const int* table = block_tables + (long long)b * bt_stride;
 
-    float acc[PA_MAX_ROWS][VEC];
+    float acc[PA_MAX_ROWS][NV * VEC];          // column col + v * TPR * VEC + e at v * VEC + e
 #pragma unroll
     for (int j = 0; j < PA_MAX_ROWS; ++j)
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[j][e] = 0.f;
+        for (int e = 0; e < NV * VEC; ++e) acc[j][e] = 0.f;
 
     for (int t0 = k_begin; t0 < k_end; t0 += PA_TILE) {
         const int tile_len = min(PA_TILE, k_end - t0);
 
         // ---- phase 1: scores. Issue all of this thread's K loads for the tile first
         // (SWEEPS independent 16-byte loads in flight), then reduce.
-        uint4 raw[SWEEPS];
+        uint4 raw[SWEEPS][NV];
 #pragma unroll
         for (int s = 0; s < SWEEPS; ++s) {
             const int r = s * RPI + grp;       // token t0 + r of the tile
-            raw[s] = zero_u4();
+#pragma unroll
+            for (int v = 0; v < NV; ++v) raw[s][v] = zero_u4();
             if (r < tile_len) {
                 const int t = t0 + r;
                 const long long blk = table[t / BLOCK_SIZE];
                 const long long off =
                     ((blk * num_kv_heads + kvh) * BLOCK_SIZE + t % BLOCK_SIZE) * HEAD_DIM + col;
-                raw[s] = *reinterpret_cast<const uint4*>(k_cache + off);
+#pragma unroll
+                for (int v = 0; v < NV; ++v)
+                    raw[s][v] = *reinterpret_cast<const uint4*>(k_cache + off + v * TPR * VEC);
             }
         }
 #pragma unroll
         for (int s = 0; s < SWEEPS; ++s) {
             const int r = s * RPI + grp;
             if (s * RPI >= tile_len) break;    // uniform over the CTA: shuffles stay converged
-            typename V::U u;
-            u.raw = raw[s];
-            float k[VEC];
+            float k[NV][VEC];
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) k[e] = Tr::to_float(u.e[e]);
+            for (int v = 0; v < NV; ++v) {
+                typename V::U u;
+                u.raw = raw[s][v];
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) k[v][e] = Tr::to_float(u.e[e]);
+            }
 #pragma unroll
             for (int j = 0; j < PA_MAX_ROWS; ++j) {
                 if (j >= nrows) break;
                 float dot = 0.f;
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) dot = fmaf(q_s[j][col + e], k[e], dot);
+                for (int v = 0; v < NV; ++v)
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) dot = fmaf(q_s[j][col + v * TPR * VEC + e], k[v][e], dot);
                 dot = warp_sum(dot, TPR);      // xor within aligned TPR-lane groups
-                if ((tid % TPR) == 0 && r < tile_len)
-                    s_s[j][r] = (t0 + r <= pos_s[j]) ? dot : PS_NEG_INF;  // causal mask
+                if ((tid % TPR) == 0 && r < tile_len) {
+                    const int t = t0 + r;      // causal and window mask
+                    s_s[j][r] = (t <= pos_s[j] && t >= lo_s[j]) ? dot : PS_NEG_INF;
+                }
             }
         }
         __syncthreads();
@@ -222,33 +243,40 @@ __device__ __forceinline__ void paged_attention_impl(
 #pragma unroll
         for (int s = 0; s < SWEEPS; ++s) {
             const int r = s * RPI + grp;
-            raw[s] = zero_u4();
+#pragma unroll
+            for (int v = 0; v < NV; ++v) raw[s][v] = zero_u4();
             if (r < tile_len) {
                 const int t = t0 + r;
                 const long long blk = table[t / BLOCK_SIZE];
                 const long long off =
                     ((blk * num_kv_heads + kvh) * BLOCK_SIZE + t % BLOCK_SIZE) * HEAD_DIM + col;
-                raw[s] = *reinterpret_cast<const uint4*>(v_cache + off);
+#pragma unroll
+                for (int v = 0; v < NV; ++v)
+                    raw[s][v] = *reinterpret_cast<const uint4*>(v_cache + off + v * TPR * VEC);
             }
         }
 #pragma unroll
         for (int j = 0; j < PA_MAX_ROWS; ++j) {
             const float a = alpha_s[j];
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[j][e] *= a;
+            for (int e = 0; e < NV * VEC; ++e) acc[j][e] *= a;
         }
 #pragma unroll
         for (int s = 0; s < SWEEPS; ++s) {
             const int r = s * RPI + grp;
             if (r >= tile_len) break;          // per-thread guard; no shuffles in this loop
-            typename V::U u;
-            u.raw = raw[s];
 #pragma unroll
-            for (int j = 0; j < PA_MAX_ROWS; ++j) {
-                if (j >= nrows) break;
-                const float p = s_s[j][r];
+            for (int v = 0; v < NV; ++v) {
+                typename V::U u;
+                u.raw = raw[s][v];
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) acc[j][e] = fmaf(p, Tr::to_float(u.e[e]), acc[j][e]);
+                for (int j = 0; j < PA_MAX_ROWS; ++j) {
+                    if (j >= nrows) break;
+                    const float p = s_s[j][r];
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e)
+                        acc[j][v * VEC + e] = fmaf(p, Tr::to_float(u.e[e]), acc[j][v * VEC + e]);
+                }
             }
         }
         __syncthreads();                       // s_s / alpha_s are rewritten by the next tile
@@ -264,7 +292,9 @@ __device__ __forceinline__ void paged_attention_impl(
             for (int j = 0; j < PA_MAX_ROWS; ++j) {
                 if (j >= nrows) break;
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) q_s[j][col + e] += acc[j][e];
+                for (int v = 0; v < NV; ++v)
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) q_s[j][col + v * TPR * VEC + e] += acc[j][v * VEC + e];
             }
         }
         __syncthreads();
@@ -312,7 +342,7 @@ __device__ __forceinline__ void paged_attention_reduce_impl(
     const float* __restrict__ part_out,             // [T, Hq, P, D]
     const float* __restrict__ part_ml,              // [T, Hq, P, 2]
     const int* __restrict__ context_lens, const int* __restrict__ cu_seqlens_q,
-    int num_seqs, int num_heads, int num_partitions, int partition_size) {
+    int num_seqs, int num_heads, int num_partitions, int partition_size, int window) {
     extern __shared__ float w_s[];             // [num_partitions] merge weights
     __shared__ float red[PA_NUM_WARPS];
     const int h = blockIdx.x;
@@ -328,14 +358,15 @@ __device__ __forceinline__ void paged_attention_reduce_impl(
     const int i = row - cu_seqlens_q[lo];
     const int pos = context_lens[lo] - n_new + i;
     if (i < 0 || i >= n_new || pos < 0) return;
-    const int n_parts = min(pos / partition_size + 1, num_partitions);  // partials written
+    const int n_parts = min(pos / partition_size + 1, num_partitions);  // partials written: p0 .. n_parts-1
+    const int p0 = window > 0 ? max(0, pos - window + 1) / partition_size : 0;
 
     const long long base = ((long long)row * num_heads + h) * num_partitions;
     float mx = PS_NEG_INF;
-    for (int p = threadIdx.x; p < n_parts; p += PA_NUM_THREADS) mx = fmaxf(mx, part_ml[(base + p) * 2]);
+    for (int p = p0 + threadIdx.x; p < n_parts; p += PA_NUM_THREADS) mx = fmaxf(mx, part_ml[(base + p) * 2]);
     mx = block_reduce(mx, true, red);
     float sum = 0.f;
-    for (int p = threadIdx.x; p < n_parts; p += PA_NUM_THREADS) {
+    for (int p = p0 + threadIdx.x; p < n_parts; p += PA_NUM_THREADS) {
         const float m = part_ml[(base + p) * 2], l = part_ml[(base + p) * 2 + 1];
         const float w = (m == PS_NEG_INF) ? 0.f : l * expf(m - mx);  // every m <= mx: no overflow
         w_s[p] = w;
@@ -345,7 +376,7 @@ __device__ __forceinline__ void paged_attention_reduce_impl(
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
     for (int d = threadIdx.x; d < HEAD_DIM; d += PA_NUM_THREADS) {
         float o = 0.f;
-        for (int p = 0; p < n_parts; ++p) o = fmaf(w_s[p], part_out[(base + p) * HEAD_DIM + d], o);
+        for (int p = p0; p < n_parts; ++p) o = fmaf(w_s[p], part_out[(base + p) * HEAD_DIM + d], o);
         out[((long long)row * num_heads + h) * HEAD_DIM + d] = Tr::from_float(o * inv);
     }
 }
@@ -359,21 +390,22 @@ __device__ __forceinline__ void paged_attention_reduce_impl(
         long long q_stride_t, long long q_stride_h, const TR::storage* kv, long long num_blocks,  \
         const int* block_tables, int bt_stride, const int* context_lens, const int* cu_seqlens_q, \
         int num_heads, int num_kv_heads, int heads_per_cta, int num_head_chunks, int q_per_cta,   \
-        int num_partitions, int partition_size, float scale) {                                    \
+        int num_partitions, int partition_size, float scale, int window) {                        \
         paged_attention_impl<TR, D, BS>(out, part_out, part_ml, q, q_stride_t, q_stride_h, kv,   \
                                         num_blocks, block_tables, bt_stride, context_lens,        \
                                         cu_seqlens_q, num_heads, num_kv_heads, heads_per_cta,     \
                                         num_head_chunks, q_per_cta, num_partitions,               \
-                                        partition_size, scale);                                   \
+                                        partition_size, scale, window);                           \
     }
 
 #define PA_REDUCE_ENTRY(NAME, TR, D)                                                             \
     extern "C" __global__ void __launch_bounds__(PA_NUM_THREADS) paged_attention_reduce_##NAME##_d##D( \
         TR::storage* out, const float* part_out, const float* part_ml, const int* context_lens,  \
         const int* cu_seqlens_q, int num_seqs, int num_heads, int num_partitions,                \
-        int partition_size) {                                                                     \
+        int partition_size, int window) {                                                         \
         paged_attention_reduce_impl<TR, D>(out, part_out, part_ml, context_lens, cu_seqlens_q,   \
-                                           num_seqs, num_heads, num_partitions, partition_size); \
+                                           num_seqs, num_heads, num_partitions, partition_size,  \
+                                           window);                                               \
     }
 
 #define PA_ALL_FOR_DTYPE(NAME, TR)   \
@@ -381,8 +413,11 @@ __device__ __forceinline__ void paged_attention_reduce_impl(
     PA_ENTRY(NAME, TR, 64, 32)       \
     PA_ENTRY(NAME, TR, 128, 16)      \
     PA_ENTRY(NAME, TR, 128, 32)      \
+    PA_ENTRY(NAME, TR, 256, 16)      \
+    PA_ENTRY(NAME, TR, 256, 32)      \
     PA_REDUCE_ENTRY(NAME, TR, 64)    \
-    PA_REDUCE_ENTRY(NAME, TR, 128)
+    PA_REDUCE_ENTRY(NAME, TR, 128)   \
+    PA_REDUCE_ENTRY(NAME, TR, 256)
 
 PA_ALL_FOR_DTYPE(f16, F16)
 PA_ALL_FOR_DTYPE(bf16, BF16)

@@ -15,7 +15,7 @@ from services.executor.attention.base import NormKernel
 from services.executor.attention.cpu import CpuBackend
 from services.executor.attention.cpu_kernels import CpuKernelUnavailable, build_library, load_kernels
 from services.executor.attention.torch_ref import TorchBackend
-from tests.test_attention_ref import CASES, make_meta, naive_attention, random_case
+from tests.test_attention_ref import CASES, WINDOWS, make_meta, naive_attention, random_case
 
 needs_cc = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                               reason="needs a C compiler")
@@ -40,6 +40,73 @@ def test_cpu_backend_matches_the_reference_and_naive(hq, hkv, d, case, bs):
                                atol=1e-5, rtol=1e-5)
     if any(n == 1 for n in q_lens):                          # the decode rows went through the kernel:
         assert meta.scratch["torch_ref"]["decode"].kv_rows is None          # nothing was gathered
+
+
+@needs_cc
+@pytest.mark.parametrize("hq, hkv, d", [(4, 4, 16), (9, 3, 64), (8, 2, 256)])     # 256: Gemma 3
+@pytest.mark.parametrize("case", ["decode", "mixed", "chunked"])
+@pytest.mark.parametrize("bs", [4, 16])
+@pytest.mark.parametrize("window", WINDOWS)
+def test_cpu_backend_sliding_window_matches_the_reference_and_naive(hq, hkv, d, case, bs, window):
+    """Windows of 1, below a block, across blocks, above some contexts and above all of them."""
+    kv, query, _, _, q_lens, ctx_lens, tables, _ = random_case(8, hq, hkv, CASES[case], bs=bs, d=d, num_blocks=96)
+    scale = 1 / math.sqrt(d)
+    meta = make_meta(q_lens, ctx_lens, tables)
+    got = CpuBackend().attend(query, kv, meta, scale, window=window)
+    torch.testing.assert_close(got, TorchBackend().attend(query, kv, make_meta(q_lens, ctx_lens, tables), scale,
+                                                          window=window), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got, naive_attention(query, kv, q_lens, ctx_lens, tables, scale, window),
+                               atol=1e-5, rtol=1e-5)
+    assert meta.scratch["torch_ref"]["decode"].kv_rows is None             # the kernel took the decode rows
+
+
+@needs_cc
+@pytest.mark.parametrize("window", [1, 5, 16, 17, 40, 333])
+def test_decode_kernel_window_on_long_contexts(window):
+    """The kernel itself (no window shortcut): rows whose window starts mid-block, on a block edge,
+    at key 0, or covers the whole context; each row checked against the naive attention."""
+    hq, hkv, d, bs = 6, 2, 32, 16
+    specs = [(1, c) for c in (1, 5, 16, 17, 39, 40, 41, 200, 333, 700)]
+    kv, query, _, _, q_lens, ctx_lens, tables, _ = random_case(12, hq, hkv, specs, bs=bs, d=d, num_blocks=120)
+    meta = make_meta(q_lens, ctx_lens, tables)
+    dec = TorchBackend()._plan(meta, kv)["decode"]
+    got = load_kernels().decode(query, kv, dec.tables, dec.ctx, 0.2, window)
+    torch.testing.assert_close(got, naive_attention(query, kv, q_lens, ctx_lens, tables, 0.2, window),
+                               atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got[-1], load_kernels().decode(query, kv, dec.tables, dec.ctx, 0.2)[-1], atol=1e-3)
+    with pytest.raises(ValueError, match="window -1"):
+        load_kernels().decode(query, kv, dec.tables, dec.ctx, 0.2, -1)
+
+
+@needs_cc
+def test_cpu_backend_layers_with_different_windows_share_one_meta():
+    """Windowed and global layers alternating on one meta: the kernel's decode rows and the
+    reference's prefill masks each follow the layer's own window."""
+    kv, query, _, _, q_lens, ctx_lens, tables, _ = random_case(14, 6, 2, CASES["mixed"] + [(1, 28)])
+    meta = make_meta(q_lens, ctx_lens, tables)
+    backend = CpuBackend()
+    want = {w: naive_attention(query, kv, q_lens, ctx_lens, tables, 0.25, w) for w in (0, 3, 9)}
+    for w in (3, 0, 9, 3, 9, 0):
+        torch.testing.assert_close(backend.attend(query, kv, meta, 0.25, window=w), want[w], atol=1e-5, rtol=1e-5)
+    assert meta.scratch["torch_ref"]["decode"].kv_rows is None
+    assert not torch.allclose(want[3], want[9], atol=1e-3)
+
+
+@needs_cc
+def test_reference_fallback_of_the_cpu_backend_honours_the_window():
+    """bfloat16 and a GQA group past the kernel's limit take the reference path: same window."""
+    kernel = load_kernels()
+    for hq, hkv, dtype in ((4, 2, torch.bfloat16), (2 * kernel.max_group, 1, torch.float32)):
+        kv, query, _, _, q_lens, ctx_lens, tables, _ = random_case(13, hq, hkv, CASES["mixed"])
+        kv, query = kv.to(dtype), query.to(dtype)
+        meta = make_meta(q_lens, ctx_lens, tables)
+        got = CpuBackend().attend(query, kv, meta, 0.25, window=3)
+        assert meta.scratch["torch_ref"]["decode"].kv_rows is not None   # the reference gathered
+        want = naive_attention(query.float(), kv.float(), q_lens, ctx_lens, tables, 0.25, 3)
+        tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+        assert not torch.allclose(got.float(), naive_attention(query.float(), kv.float(), q_lens, ctx_lens,
+                                                               tables, 0.25), atol=0.1)
 
 
 @needs_cc

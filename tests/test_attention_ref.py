@@ -28,8 +28,9 @@ def make_meta(q_lens, ctx_lens, tables, with_host=True) -> AttentionMetadata:
         context_lens_host=list(ctx_lens) if with_host else None)
 
 
-def naive_attention(query, kv, q_lens, ctx_lens, tables, scale):
-    """query [T, Hq, D]; one token, one key position at a time."""
+def naive_attention(query, kv, q_lens, ctx_lens, tables, scale, window=0):
+    """query [T, Hq, D]; one token, one key position at a time. window > 0: the query at position
+    pos sees keys pos - window < k <= pos only."""
     hq, hkv, bs = query.shape[1], kv.shape[2], kv.shape[3]
     group = hq // hkv
     out = torch.zeros_like(query)
@@ -37,8 +38,9 @@ def naive_attention(query, kv, q_lens, ctx_lens, tables, scale):
     for n, c, table in zip(q_lens, ctx_lens, tables):
         for i in range(n):
             pos = c - n + i
-            keys = torch.stack([kv[0, table[j // bs], :, j % bs] for j in range(pos + 1)])   # [L, Hkv, D]
-            vals = torch.stack([kv[1, table[j // bs], :, j % bs] for j in range(pos + 1)])
+            visible = range(max(0, pos - window + 1) if window else 0, pos + 1)
+            keys = torch.stack([kv[0, table[j // bs], :, j % bs] for j in visible])   # [L, Hkv, D]
+            vals = torch.stack([kv[1, table[j // bs], :, j % bs] for j in visible])
             for h in range(hq):
                 s = (keys[:, h // group] @ query[row, h]) * scale                           # [L]
                 out[row, h] = s.softmax(0) @ vals[:, h // group]
@@ -150,3 +152,66 @@ def test_group_prefills_covers_each_sequence_once_within_the_padding_bound():
             if len(g) > 1:
                 padded = len(g) * max(q_lens[b] for b in g) * (-(-max(ctx_lens[b] for b in g) // bs) * bs)
                 assert padded <= PREFILL_PAD_LIMIT * sum(q_lens[b] * ctx_lens[b] for b in g)
+
+
+# ---------------------------------------------------------------- sliding windows
+
+# 1: each query sees itself only; 3: smaller than a block (bs 4); 6, 20: a few blocks, larger
+# than some contexts of a step but not all; 100: larger than every context (full attention)
+WINDOWS = [1, 3, 6, 20, 100]
+
+
+@pytest.mark.parametrize("hq, hkv", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("window", WINDOWS)
+def test_sliding_window_matches_naive(hq, hkv, case, window):
+    kv, query, _, _, q_lens, ctx_lens, tables, _ = random_case(4, hq, hkv, CASES[case])
+    scale = 1 / math.sqrt(query.shape[-1])
+    got = TorchBackend().attend(query, kv, make_meta(q_lens, ctx_lens, tables), scale, window=window)
+    want = naive_attention(query, kv, q_lens, ctx_lens, tables, scale, window)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    full = naive_attention(query, kv, q_lens, ctx_lens, tables, scale)
+    if window < max(ctx_lens):                  # some query has keys outside its window
+        assert not torch.allclose(got, full, atol=1e-3, rtol=1e-3)
+    else:
+        torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
+
+
+def test_layers_with_different_windows_share_one_meta():
+    """Gemma 3 style: global and windowed layers alternate within one step, one meta, one scratch.
+    Each layer gets its own window's masks, in any order, and the first layer's plan is reused."""
+    kv, query, _, _, q_lens, ctx_lens, tables, _ = random_case(9, 6, 2, CASES["mixed"] + [(4, 30)])
+    scale = 0.25
+    meta = make_meta(q_lens, ctx_lens, tables)
+    backend = TorchBackend()
+    want = {w: naive_attention(query, kv, q_lens, ctx_lens, tables, scale, w) for w in (0, 2, 7)}
+    for w in (0, 7, 2, 0, 2, 7):
+        torch.testing.assert_close(backend.attend(query, kv, meta, scale, window=w), want[w],
+                                   atol=1e-5, rtol=1e-5)
+    plan = meta.scratch["torch_ref"]
+    assert sorted(plan["decode"].windowed) == [2, 7]
+    assert all(sorted(p.windowed) == [2, 7] for p in plan["prefill"])
+    assert not torch.allclose(want[2], want[7], atol=1e-3) and not torch.allclose(want[0], want[7], atol=1e-3)
+
+
+def test_window_of_one_is_the_value_of_the_token_itself():
+    kv, query, _, _, q_lens, ctx_lens, tables, _ = random_case(5, 4, 2, CASES["chunked"])
+    got = TorchBackend().attend(query, kv, make_meta(q_lens, ctx_lens, tables), 0.5, window=1)
+    bs, row = kv.shape[3], 0
+    for n, c, table in zip(q_lens, ctx_lens, tables):
+        for pos in range(c - n, c):
+            v = kv[1, table[pos // bs], :, pos % bs]                     # [Hkv, D]
+            torch.testing.assert_close(got[row], v.repeat_interleave(2, 0), atol=1e-6, rtol=1e-6)
+            row += 1
+
+
+def test_window_at_least_the_context_is_full_attention_and_bad_windows_raise():
+    kv, query, _, _, q_lens, ctx_lens, tables, _ = random_case(6, 4, 2, CASES["mixed"])
+    meta = make_meta(q_lens, ctx_lens, tables)
+    full = TorchBackend().attend(query, kv, meta, 0.3)
+    for w in (max(ctx_lens), max(ctx_lens) + 1, 10 ** 9):
+        assert torch.equal(TorchBackend().attend(query, kv, meta, 0.3, window=w), full)
+    assert not meta.scratch["torch_ref"]["decode"].windowed          # the full-attention masks served
+    for bad in (-1, 2.5, True, None):
+        with pytest.raises(ValueError, match="window"):
+            TorchBackend().attend(query, kv, meta, 0.3, window=bad)

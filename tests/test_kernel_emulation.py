@@ -11,6 +11,10 @@ checked separately by ``test_thread_map_*``.
 The launch configuration comes from the real planner (``cuda.plan_attention``), so the grid the
 backend would launch is the grid emulated here. Unused cache slots and blocks are filled with NaN:
 any read outside a sequence's context, or any output/partial left unwritten, shows up as NaN.
+
+Sliding windows (the kernels' ``window`` argument) and head_dim 256 are emulated the same way; the
+kernels themselves were not run with them: no GPU at hand (tests/test_cuda_backend.py runs them
+where one is).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ NEG_INF = F32(-np.inf)
 
 # ---------------------------------------------------------------- emulation of paged_attention.cu
 
-def emulate_attention(q, kv, block_tables, context_lens, cu, scale, plan: cb.AttnPlan):
+def emulate_attention(q, kv, block_tables, context_lens, cu, scale, plan: cb.AttnPlan, window=0):
     """q [T, Hq, D] f32, kv [2, NB, Hkv, BS, D] f32 -> (out, part_out, part_ml) as the kernel writes."""
     T, Hq, D = q.shape
     _, NB, Hkv, BS, _ = kv.shape
@@ -61,14 +65,16 @@ def emulate_attention(q, kv, block_tables, context_lens, cu, scale, plan: cb.Att
                 n_tok = min(Tq, n_new - i0)
                 nrows = n_tok * Gc
                 key_end = prefix + i0 + n_tok
+                key_lo = max(0, prefix + i0 - window + 1) if window > 0 else 0
                 split = psize > 0
-                k_begin = part * psize if split else 0
-                k_end = min(k_begin + psize, key_end) if split else key_end
+                k_begin = max(part * psize, key_lo) if split else key_lo
+                k_end = min(part * psize + psize, key_end) if split else key_end
                 if k_begin >= k_end:
                     continue
                 # ---- rows: (token, head) pairs of one KV head
                 q_s = np.zeros((cb.MAX_ROWS, D), F32)
                 pos = np.full(cb.MAX_ROWS, -1)
+                lo = np.zeros(cb.MAX_ROWS, int)
                 rows, heads = np.zeros(cb.MAX_ROWS, int), np.zeros(cb.MAX_ROWS, int)
                 for j in range(cb.MAX_ROWS):
                     g = chunk * Gc + j % Gc
@@ -77,6 +83,7 @@ def emulate_attention(q, kv, block_tables, context_lens, cu, scale, plan: cb.Att
                         heads[j] = kvh * G + g
                         q_s[j] = q[rows[j], heads[j]] * F32(scale)
                         pos[j] = prefix + i0 + j // Gc
+                    lo[j] = max(0, prefix + i0 + j // Gc - window + 1) if window > 0 else 0
                 m = np.full(cb.MAX_ROWS, NEG_INF, F32)
                 l = np.zeros(cb.MAX_ROWS, F32)
                 acc = np.zeros((cb.MAX_ROWS, D), F32)
@@ -89,7 +96,8 @@ def emulate_attention(q, kv, block_tables, context_lens, cu, scale, plan: cb.Att
                     K = flat[row_off[:, None] + cols]
                     V = flat[v_plane + row_off[:, None] + cols]
                     s = q_s[:nrows] @ K.T                                # phase 1
-                    s = np.where(t[None, :] <= pos[:nrows, None], s, NEG_INF)
+                    visible = (t[None, :] <= pos[:nrows, None]) & (t[None, :] >= lo[:nrows, None])
+                    s = np.where(visible, s, NEG_INF)
                     alpha = np.ones(cb.MAX_ROWS, F32)
                     p = np.zeros_like(s)
                     for j in range(nrows):                              # phase 2
@@ -113,11 +121,11 @@ def emulate_attention(q, kv, block_tables, context_lens, cu, scale, plan: cb.Att
                     else:
                         out[rows[j], heads[j]] = o
     if plan.split:
-        emulate_reduce(out, part_out, part_ml, context_lens, cu, plan)
+        emulate_reduce(out, part_out, part_ml, context_lens, cu, plan, window)
     return out, part_out, part_ml
 
 
-def emulate_reduce(out, part_out, part_ml, context_lens, cu, plan):
+def emulate_reduce(out, part_out, part_ml, context_lens, cu, plan, window=0):
     """paged_attention_reduce_*: grid (Hq, T), one (row, head) per CTA."""
     T, Hq, P, D = part_out.shape
     num_seqs = len(cu) - 1
@@ -136,12 +144,13 @@ def emulate_reduce(out, part_out, part_ml, context_lens, cu, plan):
             if i < 0 or i >= n_new or pos < 0:
                 continue
             n_parts = min(pos // plan.partition_size + 1, P)
-            ms, ls = part_ml[row, h, :n_parts, 0], part_ml[row, h, :n_parts, 1]
+            p0 = max(0, pos - window + 1) // plan.partition_size if window > 0 else 0
+            ms, ls = part_ml[row, h, p0:n_parts, 0], part_ml[row, h, p0:n_parts, 1]
             mx = ms.max()
             w = np.where(ms == NEG_INF, F32(0), ls * np.exp(ms - mx)).astype(F32)
             tot = w.sum(dtype=F32)
             inv = F32(1) / tot if tot > 0 else F32(0)
-            out[row, h] = (w[:, None] * part_out[row, h, :n_parts]).sum(0) * inv
+            out[row, h] = (w[:, None] * part_out[row, h, p0:n_parts]).sum(0) * inv
 
 
 # ---------------------------------------------------------------- emulation of cache_ops.cu
@@ -204,8 +213,9 @@ def make_case(rng, seqs, hq, hkv, d, bs, extra_blocks=5):
     return q, kv, tables, lens, cu
 
 
-def reference_attention(q, kv, tables, lens, cu, scale):
-    """Plain softmax attention in float64 on K/V gathered by block table."""
+def reference_attention(q, kv, tables, lens, cu, scale, window=0):
+    """Plain softmax attention in float64 on K/V gathered by block table; window > 0: the query
+    at pos sees keys pos - window < k <= pos."""
     T, hq, d = q.shape
     _, _, hkv, bs, _ = kv.shape
     G = hq // hkv
@@ -217,10 +227,11 @@ def reference_attention(q, kv, tables, lens, cu, scale):
         V = kv[1, tables[b, t // bs], :, t % bs].astype(np.float64)
         for i in range(n):
             pos = c - n + i
+            lo = max(0, pos - window + 1) if window > 0 else 0
             for h in range(hq):
-                s = K[:pos + 1, h // G] @ q[cu[b] + i, h] * scale
+                s = K[lo:pos + 1, h // G] @ q[cu[b] + i, h] * scale
                 p = np.exp(s - s.max())
-                out[cu[b] + i, h] = p @ V[:pos + 1, h // G] / p.sum()
+                out[cu[b] + i, h] = p @ V[lo:pos + 1, h // G] / p.sum()
     return out
 
 
@@ -234,20 +245,22 @@ def torch_meta(tables, lens, cu, slots=None):
         max_context_len=int(lens.max()), is_decode=bool((q_lens == 1).all()))
 
 
-def run_case(rng, seqs, hq, hkv, d, bs, force_split, partition_size=cb.PARTITION_SIZE):
+def run_case(rng, seqs, hq, hkv, d, bs, force_split, partition_size=cb.PARTITION_SIZE, window=0):
     q, kv, tables, lens, cu = make_case(rng, seqs, hq, hkv, d, bs)
     scale = 1.0 / math.sqrt(d)
     plan = cb.plan_attention(len(seqs), hq, hkv, int(np.diff(cu).max()), int(lens.max()), len(q), d,
-                             force_split=force_split, partition_size=partition_size)
+                             force_split=force_split, partition_size=partition_size, window=window)
     assert plan.split == force_split
-    out, _, _ = emulate_attention(q, kv, tables, lens, cu, scale, plan)
+    out, _, _ = emulate_attention(q, kv, tables, lens, cu, scale, plan, window)
     assert not np.isnan(out).any(), "an output row was never written or read a NaN slot"
-    ref = reference_attention(q, kv, tables, lens, cu, scale)
+    ref = reference_attention(q, kv, tables, lens, cu, scale, window)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
     # the torch reference backend (the oracle the GPU test uses) agrees on the same data
     kv_t = torch.from_numpy(np.nan_to_num(kv))
-    o_t = TorchBackend().attend(torch.from_numpy(q), kv_t, torch_meta(tables, lens, cu), scale)
+    o_t = TorchBackend().attend(torch.from_numpy(q), kv_t, torch_meta(tables, lens, cu), scale, window=window)
     np.testing.assert_allclose(out, o_t.numpy(), rtol=1e-4, atol=1e-4)
+    if window and window < int(lens.max()):     # the window mattered for some row
+        assert not np.allclose(ref, reference_attention(q, kv, tables, lens, cu, scale), atol=1e-3)
     return plan
 
 
@@ -323,6 +336,96 @@ def test_reduce_skips_unwritten_partials():
                                rtol=2e-5, atol=2e-5)
 
 
+# ---------------------------------------------------------------- tests: sliding window, head_dim 256
+
+@pytest.mark.parametrize("hq,hkv", GQA, ids=lambda x: str(x))
+@pytest.mark.parametrize("split", [False, True], ids=["single", "splitk"])
+@pytest.mark.parametrize("window", [1, 10, 16, 100, 600, 2000])
+def test_decode_sliding_window(hq, hkv, split, window):
+    """Windows of one key, below a block (bs 16), one block, across tiles, across partitions of
+    512, and past every context (the kernel's own handling: the backend would pass 0 there)."""
+    rng = np.random.default_rng(hq * 100 + window + split)
+    seqs = [(1, c) for c in rng.permutation(DECODE_LENS)]
+    run_case(rng, seqs, hq, hkv, d=64, bs=16, force_split=split, window=window)
+
+
+@pytest.mark.parametrize("hq,hkv", GQA, ids=lambda x: str(x))
+@pytest.mark.parametrize("split,psize", [(False, 0), (True, 512), (True, 24)],
+                         ids=["single", "splitk512", "splitk24"])
+@pytest.mark.parametrize("window", [1, 5, 16, 40])
+def test_prefill_sliding_window(hq, hkv, split, psize, window):
+    """Prefill tiles whose rows have different window starts; chunks whose window starts inside
+    the cached prefix; partitions (24) smaller than the window and holding none of a row's keys."""
+    rng = np.random.default_rng(hq + psize + window)
+    seqs = [PREFILL[i] for i in rng.permutation(len(PREFILL))]
+    run_case(rng, seqs, hq, hkv, d=64, bs=16, force_split=split, partition_size=psize or cb.PARTITION_SIZE,
+             window=window)
+
+
+@pytest.mark.parametrize("split,psize", [(False, 0), (True, 512), (True, 40)], ids=["single", "splitk512", "splitk40"])
+@pytest.mark.parametrize("window", [0, 7, 300])
+def test_head_dim_256(split, psize, window):
+    """Gemma 3's head_dim, decode and prefill rows in one step, GQA 4 (fp32 at 256: two loads per
+    thread per row, covered by test_thread_map_covers_tile_once)."""
+    rng = np.random.default_rng(256 + window + psize)
+    seqs = [(1, 700), (9, 9), (1, 33), (12, 140), (1, 1)]
+    run_case(rng, seqs, 8, 2, d=256, bs=32, force_split=split, partition_size=psize or cb.PARTITION_SIZE,
+             window=window)
+
+
+def test_partials_before_the_window_are_neither_written_nor_read():
+    """Row at position 99 with window 30 sees keys 70..99: partitions of 16 number 4..6; 0..3
+    stay unwritten (NaN here) and the reduce must start at 4."""
+    rng = np.random.default_rng(4)
+    q, kv, tables, lens, cu = make_case(rng, [(1, 100), (1, 20)], 2, 1, 64, 16)
+    plan = cb.plan_attention(2, 2, 1, 1, 100, 2, 64, force_split=True, partition_size=16)
+    out, part_out, part_ml = emulate_attention(q, kv, tables, lens, cu, 0.125, plan, window=30)
+    assert np.isnan(part_ml[0, :, :4]).all() and not np.isnan(part_ml[0, :, 4:7]).any()
+    assert np.isnan(part_ml[1, :, :]).sum() == 2 * 2 * (plan.num_partitions - 2)   # 20 keys: partitions 0, 1
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, reference_attention(q, kv, tables, lens, cu, 0.125, 30), rtol=2e-5, atol=2e-5)
+
+
+def _fake_cuda_backend(launches):
+    """A CudaBackend without a GPU: tensors stay on the CPU and launches are recorded."""
+    backend = object.__new__(cb.CudaBackend)
+    backend.device, backend.num_sms, backend._layer_ptrs = torch.device("cpu"), 132, {}
+    backend._launch = lambda file, name, grid, block, args, shared_mem=0: launches.append((name, grid, args))
+    return backend
+
+
+@pytest.mark.parametrize("seqs", [[(1, 3000), (1, 40)], [(1, 90), (12, 140), (1, 700)]], ids=["decode", "mixed"])
+def test_backend_launches_carry_each_layers_window(seqs):
+    """CudaBackend.attend, launches recorded: layers with different windows on one meta each pass
+    their own window to the attention kernel and the reduce, under a plan cached per window; the
+    recorded launch, emulated, matches the reference for that window."""
+    rng = np.random.default_rng(len(seqs))
+    hq, hkv, d, bs = 8, 2, 256, 16
+    q, kv, tables, lens, cu = make_case(rng, seqs, hq, hkv, d, bs)
+    meta = torch_meta(tables, lens, cu)
+    launches = []
+    backend = _fake_cuda_backend(launches)
+    splits = []
+    for window in (0, 600, 64, 0, 5000, 600, 64):      # 5000 > every context: full attention, window 0
+        launches.clear()
+        backend.attend(torch.from_numpy(q), torch.from_numpy(np.nan_to_num(kv)), meta, 0.0625, window=window)
+        sent = 0 if window >= lens.max() else window
+        name, grid, args = launches[0]
+        assert name == f"paged_attention_f32_d{d}_bs{bs}" and int(args[-1]) == sent
+        plan = meta.scratch[("cuda_plan", hq, hkv, d, sent)]
+        assert grid == plan.grid and int(args[-3]) == plan.partition_size
+        splits.append((sent, plan.split))
+        if plan.split:
+            assert launches[1][0] == f"paged_attention_reduce_f32_d{d}" and int(launches[1][2][-1]) == sent
+        out, _, _ = emulate_attention(q, kv, tables, lens, cu, float(args[-2]), plan, int(args[-1]))
+        np.testing.assert_allclose(out, reference_attention(q, kv, tables, lens, cu, 0.0625, window),
+                                   rtol=2e-5, atol=2e-5)
+    assert (600, True) in splits and (64, False) in splits          # both kernels, windowed
+    assert sorted(k[-1] for k in meta.scratch if k[0] == "cuda_plan") == [0, 64, 600]
+    with pytest.raises(ValueError, match="window"):
+        backend.attend(torch.from_numpy(q), torch.from_numpy(np.nan_to_num(kv)), meta, 0.0625, window=-3)
+
+
 def test_split_is_safe_for_large_logits():
     """Scores around 80 overflow exp() in fp32 without the max subtraction."""
     rng = np.random.default_rng(5)
@@ -352,25 +455,35 @@ def test_planner_heuristic():
     # prefill rows per CTA
     p = cb.plan_attention(3, 9, 3, 100, 100, 150, 64)
     assert (p.heads_per_cta, p.q_per_cta, p.num_q_tiles) == (3, 2, 50)
+    # sliding window: the choice weighs the keys a row walks; partitions stay absolute when split
+    assert cb.plan_attention(128, 32, 8, 1, 32768, 128, 128, window=0).split
+    assert not cb.plan_attention(128, 32, 8, 1, 32768, 128, 128, window=4096).split
+    assert not cb.plan_attention(2, 32, 8, 1, 8192, 2, 128, window=512).split      # one partition's worth
+    p = cb.plan_attention(2, 32, 8, 1, 8192, 2, 128, window=2048)
+    assert p.split and p.num_partitions == 16
 
 
 # ---------------------------------------------------------------- tests: thread maps
 
-@pytest.mark.parametrize("elem,d", [(2, 64), (2, 128), (4, 64), (4, 128)])
+@pytest.mark.parametrize("elem,d", [(2, 64), (2, 128), (2, 256), (4, 64), (4, 128), (4, 256)])
 def test_thread_map_covers_tile_once(elem, d):
-    """Inside a CTA: row r = s*RPI + tid/TPR, columns (tid%TPR)*VEC + e. Every (row, column) of a
-    PA_TILE x HEAD_DIM tile is loaded by exactly one (thread, sweep, element); a row's TPR lanes
-    form an aligned group inside one warp (the xor-shuffle reduction stays inside it)."""
+    """Inside a CTA: row r = s*RPI + tid/TPR, columns (v*TPR + tid%TPR)*VEC + e for v < NV. Every
+    (row, column) of a PA_TILE x HEAD_DIM tile is loaded by exactly one (thread, sweep, load,
+    element); a row's TPR lanes form an aligned group inside one warp (the xor-shuffle reduction
+    stays inside it); load v of a warp's TPR lanes is one contiguous TPR*16-byte run per row."""
     vec = 16 // elem
-    tpr = d // vec
+    tpr = min(d // vec, 32)
+    nv = d // (tpr * vec)
     rpi = cb.NUM_THREADS // tpr
-    assert 32 % tpr == 0 and cb.TILE % rpi == 0
+    assert nv * tpr * vec == d and 32 % tpr == 0 and cb.TILE % rpi == 0
+    assert nv == (2 if (elem, d) == (4, 256) else 1)
     hits = np.zeros((cb.TILE, d), int)
     for tid in range(cb.NUM_THREADS):
         for s in range(cb.TILE // rpi):
             r = s * rpi + tid // tpr
-            c = (tid % tpr) * vec
-            hits[r, c:c + vec] += 1
+            for v in range(nv):
+                c = (tid % tpr) * vec + v * tpr * vec
+                hits[r, c:c + vec] += 1
         # xor partners (offsets < tpr) share the row and the warp
         for o in (1 << k for k in range(int(math.log2(tpr)))):
             assert (tid ^ o) // tpr == tid // tpr and (tid ^ o) // 32 == tid // 32

@@ -78,13 +78,13 @@ def random_hf_state(hf_config, seed: int, dtype) -> dict:
 
 def load_checkpoint(model: str, dtype, seed: int = 0):
     """(transformers config, HF-named state dict): from the model's files, or random for random:<preset>."""
-    from services.executor.model import ModelConfig
+    from services.executor.model import preset_hf_config
     from services.executor.weights import load_hf_checkpoint
     from shared.model_path import resolve_model
 
     src = resolve_model(model)
     if src.random_preset is not None:
-        hf_config = ModelConfig.from_preset(src.random_preset).to_hf()
+        hf_config = preset_hf_config(src.random_preset)
         return src.name, hf_config, random_hf_state(hf_config, seed, dtype)
     hf_config, state = load_hf_checkpoint(src, dtype=dtype)
     return src.name, hf_config, state

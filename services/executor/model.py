@@ -1,121 +1,47 @@
-"""Llama-family decoder for packed variable-length batches (gpt-fast style, one file).
+"""The decoder for packed variable-length batches (gpt-fast style, one file, config switches).
+
+One module tree serves every family in ``model_config.FAMILIES`` (Llama, Mistral, Qwen2/3,
+Qwen3-MoE, Mixtral, Phi-3, Gemma 3): the differences are switches of ``ModelConfig`` (q/k/v
+bias, q/k norm, (1+w) norms, sandwich norms, embedding scale, activation, a window and a RoPE
+per layer, a dense or an MoE MLP), not a class per family.
 
 Every forward pass takes one flat token axis: ``input_ids [T]``, ``positions [T]`` and the step's
 ``AttentionMetadata``, so prefills, prefill chunks and decodes of many sequences run together
 without padding. K/V go into the paged cache through the attention backend. The forward returns
 hidden states; ``compute_logits`` runs the LM head only on the rows that sample.
 
-Shapes: T tokens in the step, D hidden size, Hq / Hkv query / KV heads, Dh head dim, V vocab.
+Shapes: T tokens in the step, D hidden size, Hq / Hkv query / KV heads, Dh head dim, V vocab,
+E experts, K experts per token, I intermediate size.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from services.executor.attention.base import AttentionBackend, AttentionMetadata, NormKernel
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int = 49152
-    hidden_size: int = 576
-    intermediate_size: int = 1536
-    num_layers: int = 30
-    num_heads: int = 9
-    num_kv_heads: int = 3
-    head_dim: int = 64
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict[str, Any]] = None   # {"rope_type": "llama3"|"linear", ...} or None
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = True
-    attention_bias: bool = False
-    bos_token_id: Optional[int] = None
-    eos_token_ids: list[int] = field(default_factory=list)
-
-    @classmethod
-    def from_hf(cls, hf) -> "ModelConfig":
-        """From a transformers config object (or a dict of config.json)."""
-        get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, dict) else (lambda k, d=None: getattr(hf, k, d))
-        num_heads = get("num_attention_heads")
-        head_dim = get("head_dim") or get("hidden_size") // num_heads
-        # transformers 5 keeps theta and scaling in `rope_parameters`; older configs in two fields
-        rope = dict(get("rope_parameters") or {})
-        legacy = get("rope_scaling") or {}
-        rope_theta = rope.pop("rope_theta", None) or get("rope_theta") or 10000.0
-        rope.update({k: v for k, v in dict(legacy).items() if k not in rope and k != "rope_theta"})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3", "linear"):
-            raise ValueError(f"unsupported rope scaling {rope_type!r} (supported: default, llama3, linear)")
-        if get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported activation {get('hidden_act')!r}")
-        eos = get("eos_token_id")
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        return cls(
-            vocab_size=get("vocab_size"), hidden_size=get("hidden_size"),
-            intermediate_size=get("intermediate_size"), num_layers=get("num_hidden_layers"),
-            num_heads=num_heads, num_kv_heads=get("num_key_value_heads") or num_heads,
-            head_dim=head_dim, rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
-            rope_theta=float(rope_theta),
-            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
-            max_position_embeddings=get("max_position_embeddings", 2048) or 2048,
-            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            attention_bias=bool(get("attention_bias", False)),
-            bos_token_id=get("bos_token_id"), eos_token_ids=eos,
-        )
-
-    def to_hf(self):
-        """The transformers LlamaConfig of this shape (``from_hf`` inverts it): HF runs the same
-        random-weight presets in the side-by-side benchmark."""
-        from transformers import LlamaConfig
-
-        rope = {"rope_type": "default", "rope_theta": self.rope_theta} | (self.rope_scaling or {})
-        return LlamaConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                           intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-                           num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                           head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps, rope_parameters=rope,
-                           max_position_embeddings=self.max_position_embeddings,
-                           tie_word_embeddings=self.tie_word_embeddings, attention_bias=self.attention_bias,
-                           bos_token_id=self.bos_token_id, eos_token_id=list(self.eos_token_ids))
-
-    @classmethod
-    def from_preset(cls, name: str) -> "ModelConfig":
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        return replace(PRESETS[name])
-
-
-PRESETS: dict[str, ModelConfig] = {
-    "smollm2-135m": ModelConfig(rope_theta=100000.0, max_position_embeddings=8192,
-                                bos_token_id=1, eos_token_ids=[2]),
-    "llama-1b": ModelConfig(    # Llama-3.2-1B shape
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-        num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-        max_position_embeddings=131072, bos_token_id=128000, eos_token_ids=[128001, 128008, 128009]),
-    "tiny": ModelConfig(        # for fast tests
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
-        num_kv_heads=2, head_dim=32, max_position_embeddings=4096, eos_token_ids=[0]),
-}
+from services.executor.model_config import (  # noqa: F401 - re-exported
+    FAMILIES, HF_PRESETS, PRESETS, ModelConfig, Rope, UnsupportedModel, preset_hf_config,
+)
 
 
 # ------------------------------------------------------------------------------------------- RoPE
 
-def rope_inv_freq(cfg: ModelConfig) -> Tensor:
-    """[Dh/2] inverse frequencies, with llama3 / linear scaling as transformers computes them."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    sc = cfg.rope_scaling
+def rope_inv_freq(rope: Rope, head_dim: int) -> Tensor:
+    """[Dh/2] inverse frequencies, with llama3 / linear / longrope scaling as transformers computes them."""
+    dim = head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    sc = rope.scaling
     if sc is None:
         return inv_freq
     if sc["rope_type"] == "linear":
         return inv_freq / sc["factor"]
+    if sc["rope_type"] == "longrope":      # the short factors: contexts up to the original length
+        return 1.0 / (torch.tensor(sc["short_factor"], dtype=torch.float32) * rope.theta ** exponents)
     factor, low, high = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
     old_len = sc["original_max_position_embeddings"]
     low_wavelen, high_wavelen = old_len / low, old_len / high
@@ -127,13 +53,22 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
     return torch.where(medium, smoothed, inv_llama)
 
 
-def rope_cache(cfg: ModelConfig, max_len: int) -> Tensor:
+def rope_cache(rope: Rope, head_dim: int, max_len: int) -> Tensor:
     """[max_len, 2, Dh] float32: cos, and sin with its first half negated, per position.
 
     HF rotates as ``x * cos + cat(-x2, x1) * sin``; with the sign folded into the table that is
     ``x * cos + roll(x, Dh/2) * sin_signed``, one op less per layer and the same bits."""
-    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * rope_inv_freq(cfg)[None, :]
+    sc = rope.scaling or {}
+    if sc.get("rope_type") == "longrope" and max_len > sc["original_max_position_embeddings"]:
+        raise UnsupportedModel(
+            f"longrope past original_max_position_embeddings ({sc['original_max_position_embeddings']}) "
+            f"is not implemented (its long factors); max_model_len {max_len}: pass a --max-model-len "
+            "no longer than that")
+    freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * rope_inv_freq(rope, head_dim)[None, :]
     sin, cos = freqs.sin(), freqs.cos()                          # [L, Dh/2]
+    attn = sc.get("attention_factor", 1.0)
+    if attn != 1.0:
+        sin, cos = sin * attn, cos * attn
     return torch.stack((torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)), dim=1)   # [L, 2, Dh]
 
 
@@ -166,9 +101,11 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMSNorm scaling by ``weight`` (Llama) or by ``1 + weight`` (``offset`` 1: Gemma)."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None,
@@ -177,38 +114,55 @@ class RMSNorm(nn.Module):
         ``(norm(residual + x), residual + x)``, fused by ``kernel`` where it covers the tensors."""
         if residual is None:
             return self._norm(x)
-        fused = kernel.add_rms_norm(x, residual, self.weight, self.eps) if kernel is not None else None
-        if fused is not None:
-            return fused
+        if kernel is not None and x.dtype == torch.float32:
+            fused = kernel.add_rms_norm(x, residual, self._scale(), self.eps)
+            if fused is not None:
+                return fused
         residual = residual + x
         return self._norm(residual), residual
 
+    def _scale(self) -> Tensor:
+        return self.weight + self.offset if self.offset else self.weight
+
     def _norm(self, x: Tensor) -> Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, x.shape[-1:], self.weight, eps=self.eps)     # same bits, one op
-        # normalise in float32, scale in the input dtype: HF Llama's order
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+            return F.rms_norm(x, x.shape[-1:], self._scale(), eps=self.eps)     # same bits, one op
+        normed = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps)
+        if self.offset:     # Gemma: scale in float32, then cast
+            return (normed * (self.offset + self.weight.float())).to(x.dtype)
+        return self.weight * normed.to(x.dtype)     # Llama: cast, then scale in the input dtype
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.wqkv = Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.attention_bias)
-        self.wo = Linear(q_size, cfg.hidden_size)
-        self.scale = cfg.head_dim ** -0.5
+        self.wo = Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
+        self.window = cfg.window_of(layer)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: Tensor,
                 meta: AttentionMetadata, backend: AttentionBackend) -> Tensor:
         T = x.shape[0]
         qkv = self.wqkv(x).view(T, self.n_heads + 2 * self.n_kv, self.head_dim)   # [T, Hq+2Hkv, Dh]
-        qk = apply_rope(qkv[:, :self.n_heads + self.n_kv], cos, sin)             # one RoPE for q and k
+        if self.q_norm is None:
+            qk = apply_rope(qkv[:, :self.n_heads + self.n_kv], cos, sin)         # one RoPE for q and k
+        else:                                                                   # per-head norms first
+            q, k = qkv[:, :self.n_heads + self.n_kv].split((self.n_heads, self.n_kv), dim=1)
+            qk = apply_rope(torch.cat((self.q_norm(q), self.k_norm(k)), dim=1), cos, sin)
         q, k = qk.split((self.n_heads, self.n_kv), dim=1)                       # [T, Hq|Hkv, Dh]
         v = qkv[:, self.n_heads + self.n_kv:]                                   # [T, Hkv, Dh]
         backend.write_kv(kv, k, v, meta)
-        o = backend.attend(q, kv, meta, self.scale)                        # [T, Hq, Dh]
+        o = backend.attend(q, kv, meta, self.scale, window=self.window)    # [T, Hq, Dh]
         return self.wo(o.reshape(T, -1))                                   # [T, D]
+
+
+def _act(name: str):
+    return F.silu if name == "silu" else (lambda g: F.gelu(g, approximate="tanh"))
 
 
 class FeedForward(nn.Module):
@@ -217,19 +171,62 @@ class FeedForward(nn.Module):
         self.inter = cfg.intermediate_size
         self.w13 = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)   # gate | up
         self.w2 = Linear(cfg.intermediate_size, cfg.hidden_size)        # down
+        self.act = _act(cfg.hidden_act)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x).split(self.inter, dim=-1)          # [T, I] each
-        return self.w2(F.silu(gate).mul_(up))
+        return self.w2(self.act(gate).mul_(up))
+
+
+class MoE(nn.Module):
+    """Top-k routed experts (Mixtral, Qwen3-MoE), computed grouped: the (token, expert) pairs are
+    sorted by expert and each expert runs one GEMM over its rows, not a loop over tokens.
+
+    The per-expert row counts are read on the host (one sync per layer on a GPU); a grouped-GEMM
+    kernel would avoid it."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k, self.inter, self.norm_topk = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.norm_topk_prob
+        E, D, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.router = Linear(D, E)                                  # [D, E]
+        self.w13 = nn.Parameter(torch.empty(E, D, 2 * I))           # gate | up, per expert
+        self.w2 = nn.Parameter(torch.empty(E, I, D))                # down, per expert
+        self.act = _act(cfg.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x [T, D] -> [T, D]
+        T, K, E = x.shape[0], self.top_k, self.w13.shape[0]
+        probs = torch.softmax(self.router(x).float(), dim=-1)        # [T, E] float32
+        weights, experts = probs.topk(K, dim=-1)                     # [T, K]
+        if self.norm_topk:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        flat = experts.reshape(-1)                                   # [T*K]
+        order = flat.argsort(stable=True)                            # pairs grouped by expert
+        rows = order // K                                            # [T*K] token of each sorted pair
+        xs = x.index_select(0, rows)                                 # [T*K, D]
+        out = torch.empty_like(xs)
+        start = 0
+        for e, n in enumerate(torch.bincount(flat, minlength=E).tolist()):
+            if n:
+                gate, up = (xs[start:start + n] @ self.w13[e]).split(self.inter, dim=-1)   # [n, I] each
+                out[start:start + n] = self.act(gate).mul_(up) @ self.w2[e]
+                start += n
+        scaled = out * weights.reshape(-1)[order, None]              # [T*K, D] float32
+        return torch.zeros(x.shape, dtype=scaled.dtype, device=x.device).index_add_(0, rows, scaled).to(x.dtype)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attention = Attention(cfg)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        eps, off = cfg.rms_norm_eps, cfg.norm_offset
+        self.attention_norm = RMSNorm(cfg.hidden_size, eps, off)
+        self.attention = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, eps, off)
+        self.feed_forward = MoE(cfg) if cfg.is_moe_layer(layer) else FeedForward(cfg)
+        # Gemma 3's sandwich: each sublayer's output is normed before it joins the residual stream
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, eps, off) if cfg.sandwich_norms else None
+        self.post_ffn_norm = RMSNorm(cfg.hidden_size, eps, off) if cfg.sandwich_norms else None
 
     def forward(self, x, residual, cos, sin, kv, meta, backend, norm_kernel):
         # x [T, D]: the previous block's MLP output (the embeddings for the first block);
@@ -238,8 +235,14 @@ class Block(nn.Module):
             h, residual = self.attention_norm(x), x
         else:
             h, residual = self.attention_norm(x, residual, norm_kernel)
-        h, residual = self.ffn_norm(self.attention(h, cos, sin, kv, meta, backend), residual, norm_kernel)
-        return self.feed_forward(h), residual
+        h = self.attention(h, cos, sin, kv, meta, backend)
+        if self.post_attention_norm is not None:
+            h = self.post_attention_norm(h)
+        h, residual = self.ffn_norm(h, residual, norm_kernel)
+        h = self.feed_forward(h)
+        if self.post_ffn_norm is not None:
+            h = self.post_ffn_norm(h)
+        return h, residual
 
 
 class Transformer(nn.Module):
@@ -247,21 +250,32 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         self.output = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.register_buffer("rope", rope_cache(cfg, self.max_seq_len), persistent=False)  # [L, 2, Dh]
+        ropes = [cfg.rope_of(i) for i in range(cfg.num_layers)]
+        self.ropes = list(dict.fromkeys(ropes))                    # the distinct RoPEs (Gemma 3: two)
+        self.rope_index = [self.ropes.index(r) for r in ropes]     # layer -> its RoPE
+        self.build_rope()
+
+    def build_rope(self) -> None:
+        """(Re)build the RoPE tables, [R, L, 2, Dh] float32 (after loading onto meta, or a move)."""
+        self.register_buffer("rope", torch.stack([rope_cache(r, self.config.head_dim, self.max_seq_len)
+                                                  for r in self.ropes]), persistent=False)
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[Tensor],
                 meta: AttentionMetadata, backend: AttentionBackend) -> Tensor:
         # input_ids, positions [T] int64 -> hidden [T, D]
         x = self.tok_embeddings(input_ids)                         # [T, D]
-        cs = self.rope[positions].to(x.dtype)                      # [T, 2, Dh]
-        cos, sin = cs[:, 0:1], cs[:, 1:2]                          # [T, 1, Dh]; sin with its sign folded in
+        if self.config.embed_scale != 1.0:                         # Gemma; the scale rounded to the dtype, as HF
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        cs = self.rope[:, positions].to(x.dtype)                   # [R, T, 2, Dh]
+        tables = [(c[:, 0:1], c[:, 1:2]) for c in cs]              # cos, sin [T, 1, Dh]; sin's sign folded in
         norm_kernel = backend if isinstance(backend, NormKernel) else None   # the backend may provide one
         residual = None
-        for layer, kv in zip(self.layers, kv_caches):
+        for layer, kv, r in zip(self.layers, kv_caches, self.rope_index):
+            cos, sin = tables[r]
             x, residual = layer(x, residual, cos, sin, kv, meta, backend, norm_kernel)
         return self.norm(x, residual, norm_kernel)[0]
 

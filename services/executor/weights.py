@@ -10,13 +10,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from services.executor.model import ModelConfig, Transformer
+from services.executor.model import ModelConfig, Transformer, UnsupportedModel
 from shared.model_path import ModelSource
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,7 +67,11 @@ def load_hf_checkpoint(source: ModelSource, dtype: Optional[torch.dtype] = None)
     from safetensors.torch import load_file
 
     hf_config = AutoConfig.from_pretrained(source.directory, local_files_only=True)
-    files = sorted(glob.glob(os.path.join(source.directory, "*.safetensors")))
+    index = os.path.join(source.directory, "model.safetensors.index.json")
+    if os.path.isfile(index):       # sharded: the files the index names, no stray ones
+        files = sorted({os.path.join(source.directory, f) for f in _read_json(index)["weight_map"].values()})
+    else:
+        files = sorted(glob.glob(os.path.join(source.directory, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no .safetensors files in {source.directory}")
     state: dict[str, Tensor] = {}
@@ -81,26 +86,77 @@ def _transposed(*weights: Tensor) -> Tensor:
     return torch.cat(weights).t().contiguous()
 
 
+_EXPERT = re.compile(r"^(layers\.\d+\.)(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight$")
+_EXPERT_NAMES = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
+
+
+def fuse_experts(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-expert checkpoint tensors (``experts.N.gate_proj`` / Mixtral's ``block_sparse_moe.
+    experts.N.w1``) -> transformers' fused layout: ``mlp.experts.gate_up_proj [E, 2I, D]``,
+    ``mlp.experts.down_proj [E, D, I]``, ``mlp.gate.weight [E, D]``. Names without "model."."""
+    out, experts = {}, {}
+    for k, v in sd.items():
+        m = _EXPERT.match(k)
+        if m is None:
+            out[k.replace(".block_sparse_moe.", ".mlp.")] = v
+        elif m.group(3) not in _EXPERT_NAMES:
+            raise UnsupportedModel(f"unknown expert weight {k!r}")
+        else:
+            experts.setdefault(m.group(1), {}).setdefault(_EXPERT_NAMES[m.group(3)], {})[int(m.group(2))] = v
+    for prefix, parts in experts.items():
+        n = len(parts["gate"])
+        stack = [torch.stack([parts[p][e] for e in range(n)]) for p in ("gate", "up", "down")]
+        out[prefix + "mlp.experts.gate_up_proj"] = torch.cat(stack[:2], dim=1)     # [E, 2I, D]
+        out[prefix + "mlp.experts.down_proj"] = stack[2]                          # [E, D, I]
+    return out
+
+
 def convert_hf_state_dict(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """HF Llama names -> Transformer names (fusing q|k|v and gate|up; HF's ``[out, in]`` linear
-    weights become ``[in, out]`` ``weight_t``)."""
-    sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
-    out = {"tok_embeddings.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"]}
-    if not cfg.tie_word_embeddings:
-        out["output.weight"] = sd["lm_head.weight"]
+    """HF names -> Transformer names (fusing q|k|v and gate|up; HF's ``[out, in]`` linear weights
+    become ``[in, out]`` ``weight_t``; experts become ``[E, in, out]``). Phi-3's checkpoints come
+    with q|k|v and gate|up fused already, MoE ones per expert or fused."""
+    sd = fuse_experts({k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()})
+    out = {"tok_embeddings.weight": sd.pop("embed_tokens.weight"), "norm.weight": sd.pop("norm.weight")}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    else:
+        out["output.weight"] = sd.pop("lm_head.weight")
     for i in range(cfg.num_layers):
-        p = q = f"layers.{i}."          # HF prefix, our prefix (same after dropping "model.")
-        a, m = p + "self_attn.", p + "mlp."
-        out[q + "attention.wqkv.weight_t"] = _transposed(
-            sd[a + "q_proj.weight"], sd[a + "k_proj.weight"], sd[a + "v_proj.weight"])
+        p = f"layers.{i}."          # the HF prefix and ours (the same after dropping "model.")
+        a, m, q = p + "self_attn.", p + "mlp.", p + "attention."
+        if a + "qkv_proj.weight" in sd:
+            out[q + "wqkv.weight_t"] = _transposed(sd.pop(a + "qkv_proj.weight"))
+        else:
+            out[q + "wqkv.weight_t"] = _transposed(*(sd.pop(a + f"{x}_proj.weight") for x in "qkv"))
         if cfg.attention_bias:
-            out[q + "attention.wqkv.bias"] = torch.cat(
-                [sd[a + "q_proj.bias"], sd[a + "k_proj.bias"], sd[a + "v_proj.bias"]])
-        out[q + "attention.wo.weight_t"] = _transposed(sd[a + "o_proj.weight"])
-        out[q + "feed_forward.w13.weight_t"] = _transposed(sd[m + "gate_proj.weight"], sd[m + "up_proj.weight"])
-        out[q + "feed_forward.w2.weight_t"] = _transposed(sd[m + "down_proj.weight"])
-        out[q + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
-        out[q + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+            out[q + "wqkv.bias"] = torch.cat([sd.pop(a + f"{x}_proj.bias") for x in "qkv"])
+        out[q + "wo.weight_t"] = _transposed(sd.pop(a + "o_proj.weight"))
+        if cfg.o_bias:
+            out[q + "wo.bias"] = sd.pop(a + "o_proj.bias")
+        if cfg.qk_norm:
+            out[q + "q_norm.weight"], out[q + "k_norm.weight"] = sd.pop(a + "q_norm.weight"), sd.pop(a + "k_norm.weight")
+        f = p + "feed_forward."
+        if cfg.is_moe_layer(i):
+            out[f + "router.weight_t"] = _transposed(sd.pop(m + "gate.weight"))
+            out[f + "w13"] = sd.pop(m + "experts.gate_up_proj").transpose(1, 2).contiguous()   # [E, D, 2I]
+            out[f + "w2"] = sd.pop(m + "experts.down_proj").transpose(1, 2).contiguous()       # [E, I, D]
+        elif m + "gate_up_proj.weight" in sd:
+            out[f + "w13.weight_t"] = _transposed(sd.pop(m + "gate_up_proj.weight"))
+            out[f + "w2.weight_t"] = _transposed(sd.pop(m + "down_proj.weight"))
+        else:
+            out[f + "w13.weight_t"] = _transposed(sd.pop(m + "gate_proj.weight"), sd.pop(m + "up_proj.weight"))
+            out[f + "w2.weight_t"] = _transposed(sd.pop(m + "down_proj.weight"))
+        out[p + "attention_norm.weight"] = sd.pop(p + "input_layernorm.weight")
+        if cfg.sandwich_norms:      # Gemma 3: post_attention_layernorm norms the attention output
+            out[p + "post_attention_norm.weight"] = sd.pop(p + "post_attention_layernorm.weight")
+            out[p + "ffn_norm.weight"] = sd.pop(p + "pre_feedforward_layernorm.weight")
+            out[p + "post_ffn_norm.weight"] = sd.pop(p + "post_feedforward_layernorm.weight")
+        else:
+            out[p + "ffn_norm.weight"] = sd.pop(p + "post_attention_layernorm.weight")
+    leftover = sorted(k for k in sd if not k.endswith("rotary_emb.inv_freq"))
+    if leftover:      # a weight the model would not use: some part of the math is not implemented
+        raise UnsupportedModel(f"{cfg.architecture}: checkpoint tensors not used by the model: "
+                               f"{leftover[:8]}{' ...' if len(leftover) > 8 else ''}")
     return out
 
 
@@ -111,16 +167,18 @@ def build_model(cfg: ModelConfig, hf_state: dict[str, Tensor], *, dtype: torch.d
     """A Transformer holding the weights of an HF-named state dict (no random init is spent)."""
     with torch.device("meta"):
         model = Transformer(cfg, max_seq_len)
-    missing, unexpected = model.load_state_dict(convert_hf_state_dict(hf_state, cfg), strict=False,
-                                                assign=True)
+    try:
+        state = convert_hf_state_dict(hf_state, cfg)
+    except KeyError as e:
+        raise ValueError(f"checkpoint does not match {cfg.architecture}: no tensor {e.args[0]!r}") from None
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected or missing:
         raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
     return _finish(model, cfg, dtype, device)
 
 
 def _finish(model: Transformer, cfg: ModelConfig, dtype, device) -> Transformer:
-    from services.executor.model import rope_cache
-    model.rope = rope_cache(cfg, model.max_seq_len)
+    model.build_rope()          # built on meta with the rest
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -166,8 +224,16 @@ def build_hf_reference(hf_config, hf_state: dict[str, Tensor]):
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    model.load_state_dict(hf_state, strict=False, assign=True)
+    stripped = {k[len("model."):] if k.startswith("model.") else k: v for k, v in hf_state.items()}
+    state = {k if k.startswith("lm_head.") else "model." + k: v for k, v in fuse_experts(stripped).items()}
+    missing, _ = model.load_state_dict(state, strict=False, assign=True)
+    if [k for k in missing if k != "lm_head.weight"]:
+        raise ValueError(f"the HF reference lacks weights: {missing[:8]}")
     model.tie_weights()
-    # non-persistent buffers (rotary inverse frequencies) were created on meta: rebuild them
+    # non-persistent buffers were created on meta: rebuild them (rotary inverse frequencies, Gemma's
+    # embedding scale)
     model.model.rotary_emb = type(model.model.rotary_emb)(hf_config)
+    embed = model.model.embed_tokens
+    if hasattr(embed, "scalar_embed_scale"):
+        embed.embed_scale = torch.tensor(embed.scalar_embed_scale)
     return model.eval().requires_grad_(False)

@@ -11,6 +11,7 @@ per-step derived tensors (built on the first layer, reused by the others).
 from __future__ import annotations
 
 import abc
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -43,6 +44,19 @@ class AttentionMetadata:
         return self.query_lens_host, self.context_lens_host
 
 
+def check_window(window: int, max_context_len: int) -> int:
+    """The window a backend attends with: ``window`` checked, and 0 (full causal attention, the
+    fast path) where every key of the step is inside it (a query at p <= max_context_len - 1 sees
+    keys k > p - window, i.e. all of 0 .. p, once window >= max_context_len)."""
+    try:
+        w = operator.index(window)
+    except TypeError:
+        w = -1
+    if isinstance(window, bool) or w < 0:
+        raise ValueError(f"window must be an int >= 0 (0 = full attention), got {window!r}")
+    return 0 if w >= max_context_len else w
+
+
 class AttentionBackend(abc.ABC):
     name: str = "?"
 
@@ -51,8 +65,13 @@ class AttentionBackend(abc.ABC):
         """key, value [T, Hkv, D] into kv[0] / kv[1] at meta.slot_mapping (slot -1 = skip)."""
 
     @abc.abstractmethod
-    def attend(self, query: Tensor, kv: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
-        """query [T, Hq, D] -> [T, Hq, D]; causal within the new tokens, full over the cached prefix."""
+    def attend(self, query: Tensor, kv: Tensor, meta: AttentionMetadata, scale: float,
+               window: int = 0) -> Tensor:
+        """query [T, Hq, D] -> [T, Hq, D]; causal within the new tokens, full over the cached prefix.
+
+        ``window`` > 0: sliding-window attention, a query at position p sees only the keys at
+        positions k with p - window < k <= p (transformers' ``sliding_window``); 0: full causal.
+        Layers of one step may pass different windows with the same ``meta``."""
 
     @abc.abstractmethod
     def copy_blocks(self, caches: list[Tensor], pairs: Tensor) -> None:

@@ -5,8 +5,9 @@ model's residual add + RMSNorm fused by another).
 the paged cache; the reference gathers them into a padded copy first and runs SDPA over the copy
 (the gather and the SDPA were 15% of a 32-row decode step, see docs/BENCHMARKS.md). Prefills, cache
 writes and block copies stay the reference's. The kernel covers float32 caches (the CPU default);
-other dtypes, and shapes past the kernel's stack buffers, take the reference path. How the kernel
-is built and loaded: ``cpu_kernels.py`` beside this file.
+other dtypes, and shapes past the kernel's stack buffers, take the reference path. A sliding window
+is honoured on both paths (the kernel skips the keys before a row's window, the reference masks
+them). How the kernel is built and loaded: ``cpu_kernels.py`` beside this file.
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ class CpuBackend(TorchBackend, NormKernel):
         self.kernel = kernels or load_kernels()
 
     def _attend_decode(self, q: Tensor, kv: Tensor, meta: AttentionMetadata, dec: _DecodePlan,
-                       scale: float) -> Tensor:
+                       scale: float, window: int = 0) -> Tensor:
         if q.dtype != torch.float32 or not self.kernel.supports(kv, q.shape[1]):
-            return super()._attend_decode(q, kv, meta, dec, scale)
-        return self.kernel.decode(q, kv, dec.tables, dec.ctx, scale)
+            return super()._attend_decode(q, kv, meta, dec, scale, window)     # honours the window too
+        return self.kernel.decode(q, kv, dec.tables, dec.ctx, scale, window)
 
     def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float
                      ) -> Optional[tuple[Tensor, Tensor]]:

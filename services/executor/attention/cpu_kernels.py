@@ -87,7 +87,7 @@ class CpuKernels:
         except OSError as e:
             raise CpuKernelUnavailable(f"could not load {path}: {e}") from e
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.pagedserve_decode_f32.argtypes = [ptr] * 6 + [i64] * 6 + [ctypes.c_float, ctypes.c_int]
+        lib.pagedserve_decode_f32.argtypes = [ptr] * 6 + [i64] * 6 + [ctypes.c_float, i64, ctypes.c_int]
         lib.pagedserve_decode_f32.restype = ctypes.c_int
         lib.pagedserve_add_rms_norm_f32.argtypes = [ptr] * 4 + [i64] * 2 + [ctypes.c_float, ctypes.c_int]
         lib.pagedserve_add_rms_norm_f32.restype = None
@@ -104,17 +104,19 @@ class CpuKernels:
                 and num_q_heads % hkv == 0 and num_q_heads // hkv <= self.max_group
                 and bs <= self.max_block_size and d <= self.max_head_dim)
 
-    def decode(self, q: Tensor, kv: Tensor, tables: Tensor, ctx: Tensor, scale: float) -> Tensor:
+    def decode(self, q: Tensor, kv: Tensor, tables: Tensor, ctx: Tensor, scale: float, window: int = 0) -> Tensor:
         # q [S, Hq, D] float32; kv [2, N, Hkv, bs, D]; tables [S, nb] int32; ctx [S] int32 -> [S, Hq, D]
+        # window > 0: row s sees keys ctx[s] - window .. ctx[s] - 1 only; 0: all ctx[s] keys
         q, tables, ctx = q.contiguous(), tables.contiguous(), ctx.contiguous()
         S, hq, d = q.shape
         _, _, hkv, bs, _ = kv.shape
         out = torch.empty_like(q)
         rc = self._decode(q.data_ptr(), kv[0].data_ptr(), kv[1].data_ptr(), tables.data_ptr(),
                           ctx.data_ptr(), out.data_ptr(), S, hq, hkv, d, bs, tables.shape[1],
-                          scale, torch.get_num_threads())
+                          scale, window, torch.get_num_threads())
         if rc != 0:
-            raise ValueError(f"shape outside the CPU kernel's limits: Hq {hq}, Hkv {hkv}, bs {bs}, D {d}")
+            raise ValueError(f"shape outside the CPU kernel's limits: Hq {hq}, Hkv {hkv}, bs {bs}, D {d}, "
+                             f"window {window}")
         return out
 
     def add_rms_norm(self, x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,15 @@ of ``kernels/paged_attention.cu`` for what a CTA does:
   provided the fp32 partials fit in ``SPLIT_MAX_PARTIAL_BYTES`` (long prefills with many query
   rows keep the single pass: they have plenty of CTAs anyway). In short: small batches with long
   contexts split; large batches of short contexts do not. Same spirit as vLLM's v1/v2 choice.
+  With a sliding window the partitions stay absolute (partition p holds keys [512p, 512p + 512));
+  those before a row's window return at once, and the choice weighs only the keys a row walks
+  (at most window + max_seqlen_q - 1).
+
+Sliding windows (``attend(..., window=W)``): the kernels take W (0 = full attention) and each CTA
+starts its key loop at its first row's window start; see the kernel header. Head dims 64, 128 and
+256 (Gemma 3); fp32 at 256 has each thread make two 16-byte loads per row. Not run: no GPU at hand
+when the window and head_dim 256 were added; tests/test_kernel_emulation.py checks their index
+logic on the CPU and tests/test_cuda_backend.py covers them where a GPU is present.
 """
 from __future__ import annotations
 
@@ -39,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from services.executor.attention.base import AttentionBackend, AttentionMetadata
+from services.executor.attention.base import AttentionBackend, AttentionMetadata, check_window
 from services.executor.attention.kernel_dir import KERNEL_DIR
 
 # ---- constants mirrored from kernels/paged_attention.cu (tests check they agree) -------------
@@ -54,7 +63,7 @@ COPY_THREADS = 256
 GRID_YZ_MAX = 65535            # CUDA limit on gridDim.y and gridDim.z
 CACHE_THREADS = 128
 
-HEAD_DIMS = (64, 128)
+HEAD_DIMS = (64, 128, 256)
 BLOCK_SIZES = (16, 32)
 DTYPE_TAGS = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 
@@ -112,7 +121,7 @@ class AttnPlan:
 def plan_attention(num_seqs: int, num_heads: int, num_kv_heads: int, max_seqlen_q: int,
                    max_context_len: int, num_tokens: int, head_dim: int, num_sms: int = 132,
                    force_split: bool | None = None,
-                   partition_size: int = PARTITION_SIZE) -> AttnPlan:
+                   partition_size: int = PARTITION_SIZE, window: int = 0) -> AttnPlan:
     if num_seqs > GRID_YZ_MAX or num_kv_heads * -(-num_heads // num_kv_heads) > GRID_YZ_MAX:
         raise ValueError("grid.y / grid.z limit (65535) exceeded")
     if num_heads % num_kv_heads:
@@ -124,10 +133,13 @@ def plan_attention(num_seqs: int, num_heads: int, num_kv_heads: int, max_seqlen_
     q_tiles = max(1, -(-max_seqlen_q // q_per_cta))
     ctas = q_tiles * num_kv_heads * chunks * num_seqs
     max_parts = max(1, -(-max_context_len // partition_size))
+    # keys one CTA walks: the whole context, or (sliding window) at most its rows' windows
+    span = max_context_len if window <= 0 else min(max_context_len, window + max_seqlen_q - 1)
+    work_parts = max(1, -(-span // partition_size))
     if force_split is None:
         partial_bytes = num_tokens * num_heads * max_parts * (head_dim + 2) * 4
-        single = max_parts == 1 or (ctas >= SPLIT_MIN_WAVES_CTAS * num_sms
-                                    and max_parts <= SPLIT_MAX_SINGLE_PARTS)
+        single = work_parts == 1 or (ctas >= SPLIT_MIN_WAVES_CTAS * num_sms
+                                     and work_parts <= SPLIT_MAX_SINGLE_PARTS)
         split = (not single and partial_bytes <= SPLIT_MAX_PARTIAL_BYTES
                  and num_tokens <= GRID_YZ_MAX)          # the reduce's grid.y is the token count
     else:
@@ -252,23 +264,25 @@ class CudaBackend(AttentionBackend):
             _ptr(kv), _ptr(slots), np.int64(nb), np.int32(hkv), np.int32(d), np.int32(bs)))
 
     def plan(self, meta: AttentionMetadata, num_heads: int, num_kv_heads: int, head_dim: int,
-             num_tokens: int) -> AttnPlan:
-        key = ("cuda_plan", num_heads, num_kv_heads, head_dim)
+             num_tokens: int, window: int = 0) -> AttnPlan:
+        key = ("cuda_plan", num_heads, num_kv_heads, head_dim, window)
         p = meta.scratch.get(key)
         if p is None:
             p = meta.scratch[key] = plan_attention(
                 meta.num_seqs, num_heads, num_kv_heads, meta.max_seqlen_q, meta.max_context_len,
-                num_tokens, head_dim, self.num_sms)
+                num_tokens, head_dim, self.num_sms, window=window)
         return p
 
     def attend(self, query: Tensor, kv: Tensor, meta: AttentionMetadata, scale: float,
-               plan: AttnPlan | None = None) -> Tensor:
+               window: int = 0, plan: AttnPlan | None = None) -> Tensor:
+        """``plan`` (tests, benchmarks) overrides the heuristic; any plan is correct for any window."""
         self._check_cache(kv)
         T, hq, d = query.shape
         _, nb, hkv, bs, dk = kv.shape
         if d != dk or d not in HEAD_DIMS or bs not in BLOCK_SIZES:
             raise ValueError(f"unsupported head_dim {d} / block_size {bs} "
                              f"(kernels: head_dim {HEAD_DIMS}, block_size {BLOCK_SIZES})")
+        window = check_window(window, meta.max_context_len)
         if T == 0 or meta.num_seqs == 0:
             return torch.empty_like(query)
         q = query.to(kv.dtype)
@@ -276,7 +290,7 @@ class CudaBackend(AttentionBackend):
             q = q.contiguous()
         tables, ctx, cu = self._step_tensors(meta)
         if plan is None:
-            plan = self.plan(meta, hq, hkv, d, T)
+            plan = self.plan(meta, hq, hkv, d, T, window)
         tag = DTYPE_TAGS[kv.dtype]
         out = torch.empty((T, hq, d), dtype=kv.dtype, device=self.device)
         part_out = part_ml = None
@@ -294,12 +308,12 @@ class CudaBackend(AttentionBackend):
             _ptr(tables), np.int32(tables.stride(0)), _ptr(ctx), _ptr(cu),
             np.int32(hq), np.int32(hkv), np.int32(plan.heads_per_cta), np.int32(plan.num_head_chunks),
             np.int32(plan.q_per_cta), np.int32(plan.num_partitions), np.int32(plan.partition_size),
-            np.float32(scale)))
+            np.float32(scale), np.int32(window)))
         if plan.split:
             self._launch("paged_attention.cu", f"paged_attention_reduce_{tag}_d{d}", (hq, T), NUM_THREADS, (
                 _ptr(out), _ptr(part_out), _ptr(part_ml), _ptr(ctx), _ptr(cu),
                 np.int32(meta.num_seqs), np.int32(hq), np.int32(plan.num_partitions),
-                np.int32(plan.partition_size)), shared_mem=4 * plan.num_partitions)
+                np.int32(plan.partition_size), np.int32(window)), shared_mem=4 * plan.num_partitions)
         return out if out.dtype == query.dtype else out.to(query.dtype)
 
     # ---- block copies

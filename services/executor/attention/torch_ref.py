@@ -6,17 +6,22 @@ prefill chunks) are attended in padded groups too: one gather and one masked SDP
 similar sizes (``group_prefills``), with the KV-head sharing of GQA left to SDPA (``enable_gqa``).
 Per-step index tensors and masks are built on the first layer and cached in ``meta.scratch``;
 they are built from per-sequence lists only, with no device sync.
+
+Sliding windows (``attend(..., window=W)``, W > 0): the gathers are the same as for full attention,
+only the masks differ (a query at position p sees keys p - W < k <= p). The plan holds the
+window-independent part; each window's masks are built by the first layer that uses that window and
+kept beside the full-attention ones, so layers with different windows share one plan per step.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from services.executor.attention.base import AttentionBackend, AttentionMetadata
+from services.executor.attention.base import AttentionBackend, AttentionMetadata, check_window
 
 # A prefill group is padded to (sequences x longest query x longest context); a sequence joins the
 # current group while that padded area stays within this factor of the area the group really needs.
@@ -85,6 +90,7 @@ class _DecodePlan:
     kv_rows: Optional[Tensor] = None    # [2 * S*Hkv*nb] from _kv_rows
     mask: Optional[Tensor] = None       # [S, 1, 1, nb*bs] additive
     buf: Optional[Tensor] = None        # gather output, shared by every layer
+    windowed: dict[int, Tensor] = field(default_factory=dict)   # window -> [S, 1, 1, nb*bs] additive
 
 
 @dataclass
@@ -98,6 +104,8 @@ class _PrefillPlan:
     n_max: int
     mask: Optional[Tensor]          # [P, 1, n_max, nb*bs] additive: query i of seq p sees keys <= c_p - n_p + i;
                                     # None: one sequence without cached prefix, plain causal
+    q_pos: Tensor                   # [P, n_max] position of each padded query (padding repeats the last real one)
+    windowed: dict[int, Tensor] = field(default_factory=dict)   # window -> [P, 1, n_max, nb*bs] additive
 
 
 class TorchBackend(AttentionBackend):
@@ -143,7 +151,7 @@ class TorchBackend(AttentionBackend):
         for n in q_lens:
             cu.append(cu[-1] + n)
         dec = [b for b in range(meta.num_seqs) if q_lens[b] == 1]
-        plan = {"decode": None, "prefill": []}
+        plan = {"decode": None, "prefill": [], "max_ctx": max(ctx_lens, default=0)}
         if dec:
             nb = -(-max(ctx_lens[b] for b in dec) // bs)
             if len(dec) == meta.num_seqs:
@@ -173,7 +181,9 @@ class TorchBackend(AttentionBackend):
         host = torch.tensor([[q_lens[b], ctx_lens[b], cu[b], b] for b in group], dtype=torch.long)
         n, c, start, seq = host.to(device, non_blocking=True).unbind(1)          # [P] each
         i = torch.arange(n_max, device=device)
-        q_rows = start[:, None] + torch.minimum(i[None, :], n[:, None] - 1)      # [P, n_max]
+        last = torch.minimum(i[None, :], n[:, None] - 1)                          # [P, n_max]
+        q_rows = start[:, None] + last                                           # [P, n_max]
+        q_pos = (c - n)[:, None] + last                                          # [P, n_max]
         # the group's real queries, seq by seq: padded position src -> token row dst (no sync)
         total = sum(q_lens[b] for b in group)
         seg = torch.repeat_interleave(torch.arange(P, device=device), n, output_size=total)   # [Tg]
@@ -181,25 +191,37 @@ class TorchBackend(AttentionBackend):
         dst, src = start[seg] + offset, seg * n_max + offset
         mask = None
         if P > 1 or q_lens[group[0]] != ctx_lens[group[0]]:
-            q_pos = (c - n)[:, None] + i[None, :]                                  # [P, n_max]
             allowed = torch.arange(nb * bs, device=device)[None, None, :] <= q_pos[:, :, None]   # [P, n_max, L]
             mask = _additive(allowed[:, None], kv.dtype)
         tables = meta.block_tables[seq, :nb]
         return _PrefillPlan(q_rows.reshape(-1), dst, src, _kv_rows(tables, num_blocks, hkv), (P, hkv, nb),
-                            n_max, mask)
+                            n_max, mask, q_pos)
 
-    def attend(self, query: Tensor, kv: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
+    @staticmethod
+    def _prefill_window_mask(pre: _PrefillPlan, window: int, kv: Tensor) -> Tensor:
+        """The group's mask for a sliding window (built once per step and window)."""
+        mask = pre.windowed.get(window)
+        if mask is None:
+            key_pos = torch.arange(pre.shape[2] * kv.shape[3], device=kv.device)[None, None, :]   # [1, 1, L]
+            q_pos = pre.q_pos[:, :, None]                                                     # [P, n_max, 1]
+            allowed = (key_pos <= q_pos) & (key_pos > q_pos - window)                        # [P, n_max, L]
+            mask = pre.windowed[window] = _additive(allowed[:, None], kv.dtype)
+        return mask
+
+    def attend(self, query: Tensor, kv: Tensor, meta: AttentionMetadata, scale: float,
+               window: int = 0) -> Tensor:
         # query [T, Hq, D]; kv [2, N, Hkv, bs, D]
         T, hq, d = query.shape
         hkv = kv.shape[2]
         group = hq // hkv
         plan = self._plan(meta, kv)
+        window = check_window(window, plan["max_ctx"])
         out = torch.empty_like(query)
 
         dec: Optional[_DecodePlan] = plan["decode"]
         if dec is not None:
             q = query if dec.rows is None else query[dec.rows]                  # [S, Hq, D]
-            o = self._attend_decode(q, kv, meta, dec, scale)                    # [S, Hq, D]
+            o = self._attend_decode(q, kv, meta, dec, scale, window)            # [S, Hq, D]
             if dec.rows is None:
                 out = o
             else:
@@ -210,15 +232,17 @@ class TorchBackend(AttentionBackend):
             P = pre.shape[0]
             q = query.index_select(0, pre.q_rows).view(P, pre.n_max, hq, d).transpose(1, 2)   # [P, Hq, n, D]
             k, v = _gather_kv(kv, pre.kv_rows, pre.shape)                        # [P, Hkv, L, D] each
-            o = F.scaled_dot_product_attention(q.to(kv.dtype), k, v, attn_mask=pre.mask, scale=scale,
-                                               is_causal=pre.mask is None, enable_gqa=group > 1)  # [P, Hq, n, D]
+            mask = pre.mask if window == 0 else self._prefill_window_mask(pre, window, kv)
+            o = F.scaled_dot_product_attention(q.to(kv.dtype), k, v, attn_mask=mask, scale=scale,
+                                               is_causal=mask is None, enable_gqa=group > 1)  # [P, Hq, n, D]
             o = o.transpose(1, 2).reshape(P * pre.n_max, hq, d)
             out.index_copy_(0, pre.dst, o.index_select(0, pre.src).to(query.dtype))
         return out
 
     def _attend_decode(self, q: Tensor, kv: Tensor, meta: AttentionMetadata, dec: _DecodePlan,
-                       scale: float) -> Tensor:
-        """The decode rows: q [S, Hq, D] -> [S, Hq, D], gathered K/V and one masked SDPA."""
+                       scale: float, window: int = 0) -> Tensor:
+        """The decode rows: q [S, Hq, D] -> [S, Hq, D], gathered K/V and one masked SDPA.
+        The query of a decode row sits at position ctx - 1: it sees keys ctx - window <= k < ctx."""
         s, hq, d = q.shape
         _, num_blocks, hkv, bs, _ = kv.shape
         nb, dtype = dec.tables.shape[1], q.dtype
@@ -227,7 +251,15 @@ class TorchBackend(AttentionBackend):
             key_pos = torch.arange(nb * bs, device=kv.device)
             dec.mask = _additive((key_pos[None, :] < dec.ctx[:, None].long())[:, None, None, :], kv.dtype)
             dec.buf = kv.new_empty(dec.kv_rows.numel(), bs * d)
+        mask = dec.mask
+        if window > 0:
+            mask = dec.windowed.get(window)
+            if mask is None:
+                key_pos = torch.arange(nb * bs, device=kv.device)[None, :]      # [1, L]
+                ctx = dec.ctx[:, None].long()                                   # [S, 1]
+                allowed = (key_pos < ctx) & (key_pos >= ctx - window)           # [S, L]
+                mask = dec.windowed[window] = _additive(allowed[:, None, None, :], kv.dtype)
         q = q.view(s, hkv, hq // hkv, d).to(kv.dtype)                          # [S, Hkv, G, D]: G as query length
         k, v = _gather_kv(kv, dec.kv_rows, (s, hkv, nb), dec.buf)               # [S, Hkv, L, D] each
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=dec.mask, scale=scale)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return o.reshape(s, hq, d).to(dtype)
