@@ -174,14 +174,17 @@ def make_checkpoint(family: str, directory, *, dtype: torch.dtype = torch.float3
                     seed: int = 0, head_scale: float = 16.0, **config_overrides) -> str:
     """Write a tiny random ``family`` checkpoint into ``directory`` (created); returns its path.
 
-    ``config_overrides`` go into the transformers config (e.g. ``mlp_bias=True``); the architecture
-    may be overridden too with ``architectures=[...]`` (written to config.json as given)."""
+    ``config_overrides`` go into the transformers config (e.g. ``mlp_bias=True``). Two of them are
+    written into config.json as given, after saving, instead: ``architectures=[...]``, and
+    ``config_json={...}`` (raw fields, e.g. a legacy top-level one transformers would move)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     directory = str(directory)
     os.makedirs(directory, exist_ok=True)
     tokenizer = build_tokenizer()
-    architectures = config_overrides.pop("architectures", None)
+    raw = dict(config_overrides.pop("config_json", None) or {})
+    if "architectures" in config_overrides:
+        raw["architectures"] = config_overrides.pop("architectures")
     config = _family_config(family, len(tokenizer), config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -192,11 +195,11 @@ def make_checkpoint(family: str, directory, *, dtype: torch.dtype = torch.float3
     GenerationConfig(bos_token_id=BOS_ID, eos_token_id=[EOS_ID, END_ID], pad_token_id=UNK_ID,
                      do_sample=False).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    if architectures is not None:
+    if raw:
         path = os.path.join(directory, "config.json")
         with open(path) as f:
             cfg = json.load(f)
-        cfg["architectures"] = architectures
+        cfg.update(raw)
         with open(path, "w") as f:
             json.dump(cfg, f, indent=2)
     return directory

@@ -142,11 +142,11 @@ def test_the_oracle_sees_the_family_details(name, wrong, checkpoints):
 
 # ---------------------------------------------------------------------------------------- engine
 
-def _engine(path: str, num_blocks: int = 0, dtype: str = "float32", **sched):
+def _engine(path: str, num_blocks: int = 0, dtype: str = "float32", backend: str = "auto", **sched):
     from services.offline import Engine
     from shared.config import CacheConfig, EngineConfig, SchedulerConfig
 
-    config = EngineConfig(model=path, dtype=dtype, device="cpu",
+    config = EngineConfig(model=path, dtype=dtype, device="cpu", attention_backend=backend,
                           cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks),
                           scheduler=SchedulerConfig(max_model_len=MAX_MODEL_LEN, **sched))
     return Engine(config.validate())
@@ -184,11 +184,13 @@ def assert_tokens(family: str, path: str, prompt: str, got: list[int], want: lis
     assert got == want, f"{family} via {path}, prompt {prompt!r}: {_first_difference(got, want)}"
 
 
-def test_engine_equals_hf_with_prefix_hits_and_forks(family):
+@pytest.mark.parametrize("backend", ["auto"])
+def test_engine_equals_hf_with_prefix_hits_and_forks(family, backend):
     """Short and long prompts, then the long one again and an extension of it (their prompt blocks
-    come from the prefix cache), then greedy forks: every sample equals HF."""
+    come from the prefix cache), then greedy forks: every sample equals HF. ``auto`` is the C
+    kernels on a CPU; the sliding-window families run on the torch reference backend too (below)."""
     f = family
-    engine = _engine(f.path, num_blocks=256)
+    engine = _engine(f.path, num_blocks=256, backend=backend)
     first = _run(engine, [("short", f.prompts["short"], 1), ("long", f.prompts["long"], 1)])
     for name in ("short", "long"):
         assert_tokens(f.name, "engine", name, first[name][0][0], f.expected[name])
@@ -206,6 +208,12 @@ def test_engine_equals_hf_with_prefix_hits_and_forks(family):
     for i, sample in enumerate(forks["chat"][0]):
         assert_tokens(f.name, f"engine (fork {i} of 3)", "chat", sample, f.expected["chat"])
     assert engine.scheduler.num_free_blocks == engine.ready.num_blocks      # every block came back
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma3"])
+def test_sliding_window_families_on_the_torch_backend(name, checkpoints):
+    """The windowed families on the torch attention backend as well (prefix hits and forks included)."""
+    test_engine_equals_hf_with_prefix_hits_and_forks(checkpoints[name], "torch")
 
 
 def test_engine_equals_hf_under_preemption(family):
@@ -333,6 +341,29 @@ def test_half_precision_checkpoint_loads(name, dtype, tmp_path):
     assert len(got["long"][0][0]) == MAX_NEW
 
 
+WINDOWED_VARIANTS = {
+    # variant: (family, config overrides) -- windows the default test checkpoints do not have
+    "qwen2-partial-window": ("qwen2", dict(use_sliding_window=True, sliding_window=mf.SLIDING_WINDOW,
+                                           max_window_layers=1)),       # layer 0 full, layer 1 windowed
+    "qwen3-window": ("qwen3", dict(use_sliding_window=True, sliding_window=mf.SLIDING_WINDOW, max_window_layers=0)),
+    "mixtral-window": ("mixtral", dict(sliding_window=mf.SLIDING_WINDOW)),
+    "phi3-window": ("phi3", dict(sliding_window=mf.SLIDING_WINDOW)),
+}
+
+
+@pytest.mark.parametrize("variant", WINDOWED_VARIANTS)
+def test_windowed_variants_equal_hf(variant, tmp_path):
+    """Sliding windows on families whose test checkpoints have none (Qwen2's max_window_layers
+    split, Qwen3, Mixtral, Phi-3): the window changes HF's output, and ours follows it."""
+    name, overrides = WINDOWED_VARIANTS[variant]
+    f = _build(name, tmp_path, **overrides)
+    unwindowed = mf.load_hf(mf.make_checkpoint(name, tmp_path / "no-window", seed=f.seed))   # same weights
+    assert mf.hf_greedy(unwindowed, f.prompts["long"], MAX_NEW, use_eos=False)[0] != f.expected["long"]
+    got = _run(_engine(f.path, num_blocks=64), [("long", f.prompts["long"], 1), ("extended", f.prompts["extended"], 1)])
+    for prompt in ("long", "extended"):
+        assert_tokens(variant, "engine", prompt, got[prompt][0][0], f.expected[prompt])
+
+
 def test_generation_config_eos_ids_stop_generation(checkpoints, tmp_path):
     """generation_config.json's EOS ids (not config.json's) stop a request where HF stops."""
     f = checkpoints["llama"]
@@ -373,8 +404,12 @@ REFUSALS = {
     "rope_type": (lambda d: mf.make_checkpoint("llama", d, rope_parameters={
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128}),
         "rope_type"),
+    # transformers 5 keeps it in rope_parameters (HF then rotates half of each head)
     "partial_rotary_factor": (lambda d: mf.make_checkpoint("phi3", d, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}), "partial_rotary_factor"),
+    # ... and moves a top-level one there (Phi-4-mini's config.json has it at the top level)
+    "partial_rotary_factor_top_level": (lambda d: mf.make_checkpoint("phi3", d, config_json={
+        "partial_rotary_factor": 0.75}), "partial_rotary_factor"),
 }
 
 
