@@ -142,19 +142,21 @@ def test_the_oracle_sees_the_family_details(name, wrong, checkpoints):
 
 # ---------------------------------------------------------------------------------------- engine
 
-def _engine(path: str, num_blocks: int = 0, dtype: str = "float32", backend: str = "auto", **sched):
+def _engine(path: str, num_blocks: int = 0, dtype: str = "float32", backend: str = "auto",
+            prefix_caching: bool = True, num_host_blocks: int = 0, **sched):
     from services.offline import Engine
     from shared.config import CacheConfig, EngineConfig, SchedulerConfig
 
     config = EngineConfig(model=path, dtype=dtype, device="cpu", attention_backend=backend,
-                          cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks),
+                          cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks,
+                                            num_host_blocks=num_host_blocks, enable_prefix_caching=prefix_caching),
                           scheduler=SchedulerConfig(max_model_len=MAX_MODEL_LEN, **sched))
     return Engine(config.validate())
 
 
 def _run(engine, jobs: list[tuple[str, list[int], int]], *, ignore_eos: bool = True):
     """Run (request id, prompt ids, n) to completion on ``engine``; returns {id: ([tokens per sample],
-    cached prompt tokens, [finish reasons])}."""
+    cached prompt tokens, [finish reasons])}; ``engine.max_swapped``: the most sequences swapped out at once."""
     from shared.messages import AddRequest, SamplingParams
 
     got = {rid: ([[] for _ in range(n)], 0, [None] * n) for rid, _, n in jobs}
@@ -162,8 +164,9 @@ def _run(engine, jobs: list[tuple[str, list[int], int]], *, ignore_eos: bool = T
         engine.add(AddRequest(request_id=rid, prompt_token_ids=list(ids),
                               sampling=SamplingParams(n=n, max_tokens=MAX_NEW, temperature=0.0,
                                                       ignore_eos=ignore_eos)))
-    steps = 0
+    steps, engine.max_swapped = 0, 0
     while engine.scheduler.has_unfinished():
+        engine.max_swapped = max(engine.max_swapped, len(engine.scheduler.swapped))
         steps += 1
         assert steps < 10_000, "the engine does not finish"
         for out in engine.step():
@@ -216,17 +219,31 @@ def test_sliding_window_families_on_the_torch_backend(name, checkpoints):
     test_engine_equals_hf_with_prefix_hits_and_forks(checkpoints[name], "torch")
 
 
-def test_engine_equals_hf_under_preemption(family):
-    """Six sequences of ~75 tokens on a pool of 24 blocks of 8 (192 tokens): sequences are preempted
-    and recomputed; each still equals HF."""
+PRESSURE = {
+    # setting: scheduler options of the small-pool engine
+    "recompute": dict(preemption_mode="recompute"),
+    "swap": dict(preemption_mode="swap"),
+    # 16-token prefill chunks: chunk boundaries fall inside windows and blocks
+    "chunked-prefill": dict(preemption_mode="recompute", max_num_batched_tokens=16),
+}
+
+
+@pytest.mark.parametrize("setting", PRESSURE)
+def test_engine_equals_hf_under_preemption(family, setting):
+    """Six sequences of ~75 tokens on a pool of 24 blocks of 8 (192 tokens), prefix caching off so
+    they cannot share: sequences are preempted (recomputed, or swapped to host blocks) and resumed;
+    each still equals HF."""
     f = family
-    engine = _engine(f.path, num_blocks=24, max_num_seqs=6)
+    engine = _engine(f.path, num_blocks=24, prefix_caching=False, num_host_blocks=64, max_num_seqs=6,
+                     **PRESSURE[setting])
     jobs = [(f"{name}-{i}", f.prompts[name], 1) for i in range(2) for name in ("long", "extended", "short")]
     got = _run(engine, jobs)
     assert engine.scheduler.num_preemptions > 0, "the small pool did not force a preemption"
+    if setting == "swap":
+        assert engine.max_swapped > 0, "no sequence was swapped out"
     for rid, _, _ in jobs:
         name = rid.rsplit("-", 1)[0]
-        assert_tokens(f.name, "engine (preemption)", name, got[rid][0][0], f.expected[name])
+        assert_tokens(f.name, f"engine (preemption, {setting})", name, got[rid][0][0], f.expected[name])
     assert engine.scheduler.num_free_blocks == engine.ready.num_blocks
 
 
