@@ -464,3 +464,17 @@ def test_unsupported_checkpoint_is_a_cli_error(refused):
         if proc.returncode == 0 or name not in err:
             failures.append(f"{kind}: exit {proc.returncode}, stderr tail {err[-600:]!r}")
     assert not failures, "\n".join(failures)
+
+
+def test_unsupported_checkpoint_stops_serve_with_the_field_in_its_log(refused, tmp_path):
+    """`pagedserve serve DIR` on a refused checkpoint exits non-zero during start-up, the field named
+    in its output (the executor's error), instead of serving."""
+    proc, _, log_path = start_serve([refused["attn_logit_softcapping"], "--device", "cpu"], tmp_path)
+    try:
+        rc = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = log_path.read_text()
+    assert rc != 0 and "attn_logit_softcapping" in log, log[-3000:]
