@@ -150,7 +150,7 @@ def _engine(path: str, num_blocks: int = 0, dtype: str = "float32", backend: str
     config = EngineConfig(model=path, dtype=dtype, device="cpu", attention_backend=backend,
                           cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks,
                                             num_host_blocks=num_host_blocks, enable_prefix_caching=prefix_caching),
-                          scheduler=SchedulerConfig(max_model_len=MAX_MODEL_LEN, **sched))
+                          scheduler=SchedulerConfig(**{"max_model_len": MAX_MODEL_LEN, **sched}))
     return Engine(config.validate())
 
 
@@ -379,6 +379,64 @@ def test_windowed_variants_equal_hf(variant, tmp_path):
     got = _run(_engine(f.path, num_blocks=64), [("long", f.prompts["long"], 1), ("extended", f.prompts["extended"], 1)])
     for prompt in ("long", "extended"):
         assert_tokens(variant, "engine", prompt, got[prompt][0][0], f.expected[prompt])
+
+
+_HALF = 8    # head_dim 16 / 2 rotary frequencies (llama, phi3)
+ROPE_VARIANTS = {
+    # variant: (family, config overrides, raw config.json fields): RoPE the default checkpoints lack
+    "llama-llama3-rope": ("llama", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}), {}),
+    "llama-linear-rope": ("llama", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                         "factor": 4.0}), {}),
+    # longrope: the short factors within original_max_position_embeddings (the engine refuses a longer
+    # context: test_longrope_past_its_original_context_is_refused), so the short prompt only
+    "phi3-longrope": ("phi3", dict(original_max_position_embeddings=64, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+        "short_factor": [1.0 + 0.25 * i for i in range(_HALF)], "long_factor": [1.0 + 2.0 * i for i in range(_HALF)],
+        "original_max_position_embeddings": 64}), {}),
+    # Gemma 3 as its published config.json has it: two top-level bases, no rope_parameters
+    "gemma3-legacy-rope-fields": ("gemma3", {}, {"rope_parameters": None, "rope_theta": 1000000.0,
+                                                 "rope_local_base_freq": 10000.0, "rope_scaling": None}),
+}
+
+
+@pytest.mark.parametrize("variant", ROPE_VARIANTS)
+def test_rope_variants_equal_hf(variant, checkpoints, tmp_path):
+    """RoPE scaling types (llama3, linear, Phi-3 longrope) and Gemma 3's legacy rope fields: ours
+    equals HF (which reads the same config.json), for a prompt that stays short and long ones."""
+    name, overrides, raw = ROPE_VARIANTS[variant]
+    tok = mf.build_tokenizer()
+    prompts = {k: tok.encode(v) for k, v in TEXTS.items()}
+    sched = {}
+    if variant == "phi3-longrope":
+        prompts, sched = {"short": prompts["short"]}, {"max_model_len": 64}
+        assert len(prompts["short"]) + MAX_NEW <= 64
+    path = mf.make_checkpoint(name, tmp_path / variant, seed=checkpoints[name].seed, config_json=raw, **overrides)
+    if raw:
+        with open(os.path.join(path, "config.json")) as fh:
+            written = json.load(fh)
+        assert {k: written.get(k) for k in raw} == raw
+    expected, margin = _oracle(path, prompts)
+    assert margin >= mf.MIN_MARGIN / 5, f"{variant}: greedy margin {margin} too small to compare"
+    if variant == "gemma3-legacy-rope-fields":
+        assert expected == {k: checkpoints[name].expected[k] for k in prompts}     # the same model, old fields
+    else:
+        changed = [k for k in prompts if expected[k] != checkpoints[name].expected[k]]
+        assert changed, "the scaling does not change HF's output"
+    got = _run(_engine(path, num_blocks=64, **sched), [(k, ids, 1) for k, ids in prompts.items()])
+    for prompt in prompts:
+        assert_tokens(variant, "engine", prompt, got[prompt][0][0], expected[prompt])
+
+
+def test_longrope_past_its_original_context_is_refused(checkpoints, tmp_path):
+    """Phi-3 longrope with a context past original_max_position_embeddings (its long factors, not
+    implemented) is refused at load, naming longrope, instead of served with the short factors."""
+    from services.executor.model import UnsupportedModel
+    name, overrides, _ = ROPE_VARIANTS["phi3-longrope"]
+    path = mf.make_checkpoint(name, tmp_path / "longrope", seed=checkpoints[name].seed, **overrides)
+    with pytest.raises(UnsupportedModel, match="longrope"):
+        _engine(path, num_blocks=64)
 
 
 def test_generation_config_eos_ids_stop_generation(checkpoints, tmp_path):
