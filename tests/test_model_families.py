@@ -381,6 +381,27 @@ def test_windowed_variants_equal_hf(variant, tmp_path):
         assert_tokens(variant, "engine", prompt, got[prompt][0][0], f.expected[prompt])
 
 
+CONFIG_VARIANTS = {
+    # variant: (family, config overrides): switches real checkpoints set that the defaults do not
+    "llama-attention-bias": ("llama", dict(attention_bias=True)),             # q, k, v and o biases
+    "llama-mqa": ("llama", dict(num_key_value_heads=1)),
+    "qwen2-untied": ("qwen2", dict(tie_word_embeddings=False)),
+    "qwen3_moe-mlp-only-layer": ("qwen3_moe", dict(mlp_only_layers=[0])),     # layer 0 dense
+    "qwen3_moe-sparse-step-2": ("qwen3_moe", dict(decoder_sparse_step=2)),    # layer 0 dense, 1 sparse
+    "qwen3_moe-unnormalised-topk": ("qwen3_moe", dict(norm_topk_prob=False)),
+    "mixtral-top1": ("mixtral", dict(num_experts_per_tok=1)),
+}
+
+
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS)
+def test_config_variants_equal_hf(variant, tmp_path):
+    name, overrides = CONFIG_VARIANTS[variant]
+    f = _build(name, tmp_path, **overrides)
+    got = _run(_engine(f.path, num_blocks=64), [(k, f.prompts[k], 1) for k in ("short", "long", "chat")])
+    for prompt in ("short", "long", "chat"):
+        assert_tokens(variant, "engine", prompt, got[prompt][0][0], f.expected[prompt])
+
+
 _HALF = 8    # head_dim 16 / 2 rotary frequencies (llama, phi3)
 ROPE_VARIANTS = {
     # variant: (family, config overrides, raw config.json fields): RoPE the default checkpoints lack
