@@ -245,3 +245,18 @@ def test_a_long_windowed_generation_holds_a_bounded_number_of_blocks():
     assert max(trace.used) <= 5 * 16
     unbounded, _ = run_paged([req], sched, CacheConfig(block_size=16, num_blocks=512).validate())
     assert unbounded["peak_memory_slots"] == 16 * -(-4039 // 16)      # without a window: all of it
+
+
+def test_the_sliding_window_flag_reaches_the_paged_run(capsys):
+    import argparse
+    from services.scheduler.sim.simulate import add_arguments, run
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    peaks = {}
+    for window in ("0", "32"):
+        argv = ["--num-requests", "4", "--num-blocks", "512", "--seed", "3", "--strict", "--sliding-window", window]
+        assert run(p.parse_args(argv)) == 0
+        paged = json.loads(capsys.readouterr().out)["paged"]
+        assert paged["free_blocks_at_end"] == 512
+        peaks[window] = paged["peak_memory_slots"]
+    assert peaks["32"] < peaks["0"]
