@@ -249,18 +249,20 @@ class BlockManager:
             table.append(pool.allocate())
         return changed
 
-    def release_out_of_window(self, seq_id: int, num_computed: int) -> None:
+    def release_out_of_window(self, seq_id: int, num_computed: int) -> int:
         """Free the leading blocks no query from position ``num_computed`` on reads (those whose
-        positions are all ``<= num_computed - W``); O(1) per block, nothing when none left."""
-        end = self.first_readable(num_computed)
+        positions are all ``<= num_computed - W``), O(1) per block. Returns the ``num_computed``
+        at which the next block leaves the window: until then a call would free nothing."""
+        w, bs = self.sliding_window, self.block_size
+        end = max((num_computed - w + 1) // bs, 0)
         start = self._released.get(seq_id, 0)
-        if end <= start:
-            return
-        table, free = self.tables[seq_id], self.pool.free
-        for i in range(start, end):
-            free(table[i])
-            table[i] = NULL_BLOCK
-        self._released[seq_id] = end
+        if end > start:
+            table, free = self.tables[seq_id], self.pool.free
+            for i in range(start, end):
+                free(table[i])
+                table[i] = NULL_BLOCK
+            self._released[seq_id] = end
+        return max(end, start) * bs + bs + w - 1
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child's table shares every block the parent's holds (ref counts raised)."""

@@ -402,6 +402,7 @@ class Scheduler:
         if num_new == 0 or bm.blocks_to_admit(prefix, prefix.num_tokens + num_new) > free_blocks:
             return False
         seq.num_computed = bm.allocate(seq.seq_id, len(seq.token_ids), prefix)
+        seq.release_at = 0                     # a new table (first time, or after a recompute)
         if not request.admitted:
             request.admitted = True
             request.num_cached_tokens = seq.num_computed
@@ -469,8 +470,8 @@ class Scheduler:
             if seq.status != RUNNING:
                 continue                                   # aborted while the step ran
             seq.num_computed += num_tokens
-            if window:                                     # blocks no later query reads: free now
-                bm.release_out_of_window(seq.seq_id, seq.num_computed)
+            if window and seq.num_computed >= seq.release_at:     # blocks no later query reads
+                seq.release_at = bm.release_out_of_window(seq.seq_id, seq.num_computed)
             token_ids = seq.token_ids
             if seq.num_computed < len(token_ids):
                 continue                                   # mid-prompt chunk: no sample
