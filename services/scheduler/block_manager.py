@@ -253,8 +253,7 @@ class BlockManager:
         """Free the leading blocks no query from position ``num_computed`` on reads (those whose
         positions are all ``<= num_computed - W``), O(1) per block. Returns the ``num_computed``
         at which the next block leaves the window: until then a call would free nothing."""
-        w, bs = self.sliding_window, self.block_size
-        end = max((num_computed - w + 1) // bs, 0)
+        end = self.first_readable(num_computed)
         start = self._released.get(seq_id, 0)
         if end > start:
             table, free = self.tables[seq_id], self.pool.free
@@ -262,7 +261,7 @@ class BlockManager:
                 free(table[i])
                 table[i] = NULL_BLOCK
             self._released[seq_id] = end
-        return max(end, start) * bs + bs + w - 1
+        return (max(end, start) + 1) * self.block_size + self.sliding_window - 1
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """The child's table shares every block the parent's holds (ref counts raised)."""

@@ -25,7 +25,7 @@ forking step, so every sample keeps its index and seeded stream).
 With a sliding window (every layer windowed, ``cache_config.sliding_window`` W > 0, the model's),
 ``update`` frees, for every sequence the step computed, the blocks that left its window
 (block_manager.py: their table entries become ``NULL_BLOCK``), so a long generation holds at most
-``ceil(W / block_size) + 1`` blocks between steps, plus what its next chunk grows into.
+``ceil((W - 1) / block_size) + 1`` blocks between steps, plus what its next chunk grows into.
 
 Preempted sequences are protected until they produce a token again, so the victim is another
 sequence whenever one is unprotected (anti-thrash). Plans are diffs: decodes are two int lists,
