@@ -71,7 +71,7 @@ def test_ready_and_random_model(worker):
 
 
 def test_ready_reports_the_models_uniform_sliding_window(worker, monkeypatch):
-    assert worker.ready().sliding_window == getattr(worker.model_config, "uniform_window", 0) == 0
+    assert worker.ready().sliding_window == worker.model_config.uniform_window == 0
     windowed = SimpleNamespace(vocab_size=worker.model_config.vocab_size, uniform_window=64)
     monkeypatch.setattr(worker, "model_config", windowed)      # a Mistral-like config
     assert worker.ready().sliding_window == 64

@@ -135,7 +135,7 @@ class Worker:
                              eos_token_ids=list(self.loaded.eos_token_ids), device=str(self.device),
                              max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
                              # W if every layer is windowed, else 0 (getattr: older ModelConfigs lack it)
-                             sliding_window=getattr(self.model_config, "uniform_window", 0))
+                             sliding_window=self.model_config.uniform_window)
 
     def limits(self) -> StepLimits:
         return StepLimits(block_size=self.block_size, num_blocks=self.num_blocks,
