@@ -1,6 +1,6 @@
 """Scheduler hot loop: schedule() + update() for N running decode sequences, without an executor.
 
-    python -m benchmarks.scheduler_step [--seqs 256] [--steps 2000]
+    python -m benchmarks.scheduler_step [--seqs 256] [--steps 2000] [--sliding-window W]
 
 Prints one JSON line: median / p90 microseconds per step and the encoded plan size in bytes.
 """
@@ -22,12 +22,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--sliding-window", type=int, default=0, help="W: blocks that leave it are freed")
     args = ap.parse_args()
 
     max_len = args.prompt_len + args.steps + 64
     blocks_per_seq = -(-max_len // args.block_size)
     sched = Scheduler(SchedulerConfig(max_num_seqs=args.seqs, max_num_batched_tokens=8192, max_model_len=max_len),
-                      CacheConfig(block_size=args.block_size, num_blocks=args.seqs * blocks_per_seq + 16))
+                      CacheConfig(block_size=args.block_size, num_blocks=args.seqs * blocks_per_seq + 16,
+                                  sliding_window=args.sliding_window))
     params = SamplingParams(max_tokens=args.steps + 32, ignore_eos=True)
     for i in range(args.seqs):
         prompt = [(i * 31 + j) % 30000 + 1 for j in range(args.prompt_len)]
@@ -56,6 +58,7 @@ def main() -> None:
     times.sort()
     print(json.dumps({
         "bench": "scheduler_step", "running_seqs": args.seqs, "steps": args.steps,
+        "sliding_window": args.sliding_window,
         "us_per_step_median": round(statistics.median(times), 1),
         "us_per_step_p90": round(times[int(0.9 * len(times))], 1),
         "plan_bytes_median": int(statistics.median(sizes)), "plan_bytes_max": max(sizes),

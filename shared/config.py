@@ -124,6 +124,9 @@ class CacheConfig:
     watermark: float = opt(0.01, "fraction of blocks kept free at admission for running sequences to grow",
                            "scheduler generate", type=fraction)
     enable_prefix_caching: bool = opt(True, "reuse the KV blocks of shared prompt prefixes", "scheduler generate")
+    # Not an option: the model's. W > 0 when every layer attends only to the last W positions
+    # (p - W < k <= p); taken from the executor's handshake (``resolve_with_executor``).
+    sliding_window: int = 0
 
     def validate(self) -> "CacheConfig":
         if self.block_size not in BLOCK_SIZES:
@@ -132,6 +135,8 @@ class CacheConfig:
             raise ConfigError("num_blocks and num_host_blocks must be >= 0")
         if not 0.0 <= self.watermark < 1.0:
             raise ConfigError(f"watermark must be in [0, 1), got {self.watermark}")
+        if self.sliding_window < 0:
+            raise ConfigError(f"sliding_window must be >= 0, got {self.sliding_window}")
         return self
 
 
@@ -359,7 +364,8 @@ def resolve_with_executor(sched: SchedulerConfig, cache: CacheConfig, ready) -> 
     enforces 2048``), as is a different block size. A smaller one is the scheduler's own, stricter
     limit. A limit the executor reports as 0 (the fake executor's batch and sequence caps) is not
     enforced there. ``max_model_len`` follows the same rule: a longer context than the executor
-    (whose own is capped by the model) is an error, never clamped."""
+    (whose own is capped by the model) is an error, never clamped. The sliding window is not a
+    limit but a property of the model: always the executor's."""
     if ready.block_size != cache.block_size:
         raise ConfigError(f"--block-size {cache.block_size} but the executor uses {ready.block_size}")
 
@@ -369,7 +375,8 @@ def resolve_with_executor(sched: SchedulerConfig, cache: CacheConfig, ready) -> 
         return mine or theirs
 
     cache = replace(cache, num_blocks=merged("num-blocks", cache.num_blocks, ready.num_blocks),
-                    num_host_blocks=merged("num-host-blocks", cache.num_host_blocks, ready.num_host_blocks))
+                    num_host_blocks=merged("num-host-blocks", cache.num_host_blocks, ready.num_host_blocks),
+                    sliding_window=ready.sliding_window)
     sched = replace(sched,
                     max_model_len=merged("max-model-len", sched.max_model_len, ready.max_model_len),
                     max_num_batched_tokens=merged("max-num-batched-tokens", sched.max_num_batched_tokens,

@@ -221,6 +221,9 @@ class ExecutorReady(Message, tag="ready"):
     device: str = "cpu"
     max_num_batched_tokens: NonNegInt = 0
     max_num_seqs: NonNegInt = 0
+    # W when every layer attends only to keys p - W < k <= p (Mistral), else 0 (some global layer):
+    # the scheduler then frees the blocks that left the window (block_manager.py)
+    sliding_window: NonNegInt = 0
 
 
 class StepResult(Message, tag="result"):

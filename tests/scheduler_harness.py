@@ -25,6 +25,7 @@ class CheckedFakeExecutor(FakeExecutor):
         bm = scheduler.block_manager
         super().__init__(block_size=scheduler.block_size, num_blocks=bm.num_blocks,
                          num_host_blocks=bm.host.num_blocks, max_model_len=scheduler.config.max_model_len,
+                         sliding_window=bm.sliding_window,
                          max_num_batched_tokens=scheduler.config.max_num_batched_tokens,
                          vocab_size=1 << 20,        # the tests' prompts take distinct ids up to ~256k
                          eos_token_ids=sorted(scheduler.eos_token_ids), strict=True)
@@ -42,7 +43,9 @@ class CheckedFakeExecutor(FakeExecutor):
         return self.token_fn(sid, s.num_tokens)
 
     def check_tables(self) -> None:
-        """Executor tables equal the scheduler's for every sequence resident on the device."""
+        """Executor tables equal the scheduler's for every sequence resident on the device, but
+        for the entries the scheduler released (out of the sliding window), which the executor is
+        not told about; and the scheduler never released an entry the executor may still read."""
         bm = self.scheduler.block_manager
         for sid, st in self.seqs.items():
             if sid not in self.scheduler.seqs:              # finished: dropped with the next plan
@@ -50,8 +53,11 @@ class CheckedFakeExecutor(FakeExecutor):
                 continue
             if bm.is_swapped_out(sid):                      # its table here is stale
                 continue
-            assert bm.block_ids(sid) == st.table, \
-                f"seq {sid}: executor table {st.table} != scheduler table {bm.block_ids(sid)}"
+            table, released = bm.block_ids(sid), bm.num_released(sid)
+            assert len(table) == len(st.table) and table[released:] == st.table[released:], \
+                f"seq {sid}: executor table {st.table} != scheduler table {table} (from {released})"
+            assert released <= st.live_from, \
+                f"seq {sid}: {released} entries released, the executor still reads from {st.live_from}"
 
 
 def _run_step(scheduler, executor, on_plan: Callable[[StepPlan], None] | None = None):

@@ -167,3 +167,14 @@ def test_a_cap_the_executor_does_not_enforce_is_the_schedulers():
     with pytest.raises(ConfigError, match="no limit to take"):
         resolve_with_executor(SchedulerConfig(max_num_batched_tokens=0), CacheConfig(),
                               _ready(max_num_batched_tokens=0))
+
+
+def test_the_sliding_window_is_the_models_always_the_executors():
+    _, cache = resolve_with_executor(SchedulerConfig(), CacheConfig(), _ready(sliding_window=4096))
+    assert cache.sliding_window == 4096
+    _, cache = resolve_with_executor(SchedulerConfig(), CacheConfig(sliding_window=64), _ready())
+    assert cache.sliding_window == 0                  # a model with a global layer frees nothing
+    assert _ready().sliding_window == 0               # an executor that does not report one
+    assert not [f for f in all_flags() if "window" in f.name]     # not a flag: it comes from the model
+    with pytest.raises(ConfigError, match="sliding_window"):
+        CacheConfig(sliding_window=-1).validate()

@@ -940,3 +940,170 @@ def test_real_engine_siblings_of_a_finished_sample_keep_their_exact_tokens(defau
     for key in (("a", 0), ("a", 2), ("b", 1), ("b", 2), ("late", 0)):
         assert got[key] == reference[key[0]][key[1]].token_ids, key
     assert e.scheduler.num_free_blocks == 22 and not e.scheduler.seqs
+
+
+# ------------------------------------------------------------------------------ sliding window
+# W = 8 over blocks of 4: a query at q reads keys q-7..q, so block i (positions 4i..4i+3) is never
+# read again once q >= 4i + 11; between steps a sequence holds at most ceil(7 / 4) + 1 = 3 blocks.
+
+from services.scheduler.block_manager import NULL_BLOCK, BlockManager  # noqa: E402
+
+
+def windowed(window=8, num_blocks=64, block_size=4, num_host_blocks=0, caching=True, **sched):
+    sched.setdefault("max_model_len", 256)
+    sched.setdefault("max_num_batched_tokens", 64)
+    s = Scheduler(SchedulerConfig(**sched).validate(),
+                  CacheConfig(block_size=block_size, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
+                              watermark=0.0, enable_prefix_caching=caching, sliding_window=window).validate())
+    return s, CheckedFakeExecutor(s)
+
+
+def check_window(s):
+    """Every resident sequence released exactly the blocks out of its window, and holds the rest."""
+    bm, w, bs = s.block_manager, s.block_manager.sliding_window, s.block_size
+    bm.check_invariants()
+    for sid, seq in s.seqs.items():
+        if seq.status == "running":
+            dead = max((seq.num_computed - w + 1) // bs, 0)
+            assert bm.num_released(sid) == dead, (sid, seq.num_computed, bm.num_released(sid))
+            assert bm.block_ids(sid)[:dead] == [NULL_BLOCK] * dead
+            assert bm.num_held(sid) <= -(-(w - 1) // bs) + 1
+
+
+def test_window_frees_each_block_once_it_left_and_keeps_table_positions():
+    s, ex = windowed(num_blocks=16)
+    add(s, "a", prompt_of(6), max_tokens=20)
+    bm, released = s.block_manager, {}
+    while s.has_unfinished():
+        step(s, ex)
+        check_window(s)
+        for sid, seq in s.seqs.items():
+            released[seq.num_computed] = bm.num_released(sid)
+            assert len(bm.block_ids(sid)) == -(-seq.num_computed // 4)       # positions unchanged
+            assert s.num_free_blocks == 16 - bm.num_held(sid)
+    assert (released[10], released[11], released[14], released[15], released[24]) == (0, 1, 1, 2, 4)
+    assert_drained(s)
+
+
+def test_window_zero_frees_nothing():
+    s, ex = windowed(window=0, num_blocks=16)
+    add(s, "a", prompt_of(6), max_tokens=20)
+    for _ in range(15):
+        step(s, ex)
+    ((sid, seq),) = s.seqs.items()
+    assert s.block_manager.num_released(sid) == 0 and seq.num_computed == 20 and s.num_free_blocks == 16 - 5
+
+
+def test_window_release_of_a_shared_block_waits_for_its_last_holder():
+    bm = BlockManager(8, 4, sliding_window=8)
+    bm.allocate(0, 12)
+    assert bm.append_slots(0, 0, 12, []) == 0
+    bm.cache_full_blocks(0, prompt_of(12), 12)
+    bm.fork(0, 1)
+    bm.release_out_of_window(0, 11)                    # block 0 of seq 0 left its window
+    first = bm.block_ids(1)[0]
+    assert bm.num_released(0) == 1 and bm.ref_count(first) == 1 and bm.num_free_blocks == 5
+    bm.fork(0, 2)                                      # a fork after a release shares what is held
+    assert bm.num_released(2) == 1 and bm.ref_count(first) == 1
+    bm.release_out_of_window(1, 11)
+    assert bm.ref_count(first) == 0 and bm.num_free_blocks == 6
+    assert first in bm.cached_block_ids().values()     # full and hashed: an evictable cached block
+    bm.check_invariants()
+    for sid in (0, 1, 2):
+        bm.free(sid)
+    assert bm.num_free_blocks == 8
+    bm.check_invariants()
+
+
+def test_window_swap_moves_only_held_blocks_and_restores_positions():
+    bm = BlockManager(8, 4, num_host_blocks=4, sliding_window=8)
+    bm.allocate(0, 16)
+    bm.append_slots(0, 0, 16, [])
+    bm.cache_full_blocks(0, prompt_of(16), 16)
+    bm.release_out_of_window(0, 16)                    # q = 16: blocks 0 and 1 are dead
+    held = bm.block_ids(0, 2)
+    assert bm.can_swap_out(0) and len(bm.swap_out(0)) == 2 and bm.num_free_blocks == 8
+    assert bm.blocks_to_swap_in(0, 16) == 2 and bm.blocks_to_swap_in(0, 17) == 3
+    pairs = bm.swap_in(0)
+    table = bm.block_ids(0)
+    assert len(pairs) == 2 and len(table) == 4 and table[:2] == [NULL_BLOCK] * 2 and bm.num_released(0) == 2
+    assert bm.num_free_blocks == 6 and held                    # 2 held again, positions unchanged
+    bm.check_invariants()
+    bm.free(0)
+    assert bm.num_free_blocks == 8 and bm.host.num_free == 4
+
+
+def test_window_prefix_hit_holds_only_the_window_of_the_cached_prefix():
+    s, ex = windowed(num_blocks=16)
+    add(s, "a", prompt_of(20), max_tokens=1)
+    run_to_completion(s, ex)                           # a's 5 full blocks stay cached, all free
+    bm = s.block_manager
+    assert len(bm.cached_block_ids()) == 5 and s.num_free_blocks == 16
+    prefix = bm.match_prefix(prompt_of(24))
+    assert prefix.num_tokens == 20 and len(prefix.blocks) == 5
+    assert prefix.num_free == 2                        # q = 20 reads 13..20: blocks 3, 4 only
+    add(s, "b", prompt_of(24), max_tokens=3)
+    plan = s.schedule()
+    (new,) = plan.new
+    assert new.num_computed == 20 and new.block_ids[:3] == [NULL_BLOCK] * 3
+    assert new.block_ids[3:5] == [b.block_id for b in prefix.blocks[3:]]
+    assert s.num_free_blocks == 16 - 3                 # hits 3, 4 and one new block for 20..23
+    s.update(plan, ex.execute(plan))
+    check_window(s)
+    run_to_completion(s, ex)
+    assert_drained(s)
+
+
+def test_window_prefix_whose_head_was_evicted_is_no_hit():
+    s, ex = windowed(num_blocks=8)
+    add(s, "a", prompt_of(20), max_tokens=1)
+    run_to_completion(s, ex)
+    add(s, "x", prompt_of(24, 500), max_tokens=1)      # takes a's head blocks off the free list
+    run_to_completion(s, ex)
+    assert s.block_manager.match_prefix(prompt_of(24)).num_tokens == 0
+    add(s, "b", prompt_of(24), max_tokens=2)
+    results = run_to_completion(s, ex)
+    assert len(results[("b", 0)][0]) == 2
+    assert_drained(s)
+
+
+def windowed_crowd(mode, num_host_blocks=0, **kw):
+    """4 sequences that each need 3 blocks to decode, on 10 blocks: someone is always preempted."""
+    s, ex = windowed(num_blocks=10, num_host_blocks=num_host_blocks, preemption_mode=mode, **kw)
+    prompts = {f"r{i}": prompt_of(6, 100 * i + 1) for i in range(4)}
+    for rid, p in prompts.items():
+        add(s, rid, p, max_tokens=30)
+    return s, ex, prompts
+
+
+@pytest.mark.parametrize("mode, host", [("recompute", 0), ("swap", 16)])
+def test_window_preemption_resumes_and_completes(mode, host):
+    s, ex, prompts = windowed_crowd(mode, host)
+    plans, got = [], {}
+    while s.has_unfinished():
+        plans.append(s.schedule())
+        for out in s.update(plans[-1], ex.execute(plans[-1])):
+            got[(out.request_id, out.index)] = got.get((out.request_id, out.index), []) + out.token_ids
+        check_window(s)
+    assert s.num_preemptions > 0
+    if mode == "swap":
+        assert any(p.swap_out for p in plans) and all(len(p.swap_out) <= 3 for p in plans)
+    s2, ex2 = windowed(num_blocks=64)                  # no memory pressure: the same tokens
+    for rid, p in prompts.items():
+        add(s2, rid, p, max_tokens=30)
+    reference = run_to_completion(s2, ex2)
+    assert got == {k: tokens for k, (tokens, _) in reference.items()} and len(got[("r0", 0)]) == 30
+    assert_drained(s)
+
+
+def test_window_forks_after_a_chunked_prompt_share_only_held_blocks():
+    s, ex = windowed(window=16, num_blocks=32, max_num_batched_tokens=8)
+    add(s, "a", prompt_of(30), n=3, max_tokens=40)
+    add(s, "b", prompt_of(30, 700), max_tokens=40)
+    plans = []
+    while s.has_unfinished():
+        plans.append(s.schedule())
+        s.update(plans[-1], ex.execute(plans[-1]))
+        check_window(s)
+    assert any(p.forks for p in plans) and any(p.copies for p in plans)
+    assert_drained(s)

@@ -1,6 +1,6 @@
 """Property test: random add / abort / abort-one-sample / step sequences on tiny pools keep the
 block accounting, the prefix cache and the step protocol consistent, and always drain to an empty
-pool."""
+pool; with a random sliding window, every sequence holds exactly the blocks its window reads."""
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -18,16 +18,19 @@ class SchedulerMachine(RuleBasedStateMachine):
     @initialize(block_size=st.sampled_from([1, 2, 4]), num_blocks=st.integers(4, 16),
                 num_host_blocks=st.sampled_from([0, 3, 16]), swap=st.booleans(),
                 budget=st.integers(3, 24), chunked=st.booleans(), caching=st.booleans(),
-                max_num_seqs=st.integers(1, 6), watermark=st.sampled_from([0.0, 0.2]))
+                max_num_seqs=st.integers(1, 6), watermark=st.sampled_from([0.0, 0.2]),
+                window=st.sampled_from([0, 0, 1, 2, 3, 5, 8]))
     def setup(self, block_size, num_blocks, num_host_blocks, swap, budget, chunked, caching,
-              max_num_seqs, watermark):
+              max_num_seqs, watermark, window):
         max_model_len = 24
         sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len, max_waiting=6,
                                 max_num_batched_tokens=budget if chunked else max(budget, max_model_len),
                                 preemption_mode="swap" if swap else "recompute",
                                 enable_chunked_prefill=chunked).validate()
         cache = CacheConfig(block_size=block_size, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
-                            watermark=watermark, enable_prefix_caching=caching).validate()
+                            watermark=watermark, enable_prefix_caching=caching, sliding_window=window).validate()
+        if window:
+            event("sliding window")
         self.s = Scheduler(sched, cache, eos_token_ids=[EOS])
         self.ex = CheckedFakeExecutor(self.s, roundtrip=False)
         self.cap = min(max_model_len, num_blocks * block_size)
@@ -113,7 +116,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.s.schedule()
         old = self.s.cache_config
         new = CacheConfig(block_size=old.block_size, num_blocks=num_blocks, num_host_blocks=old.num_host_blocks,
-                          watermark=old.watermark, enable_prefix_caching=old.enable_prefix_caching).validate()
+                          watermark=old.watermark, enable_prefix_caching=old.enable_prefix_caching,
+                          sliding_window=old.sliding_window).validate()
         errors = self.s.reset_for_new_executor(cache_config=new)
         self.ex = CheckedFakeExecutor(self.s, roundtrip=False)
         self.cap = min(self.s.config.max_model_len, num_blocks * old.block_size)
@@ -143,6 +147,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 event(f"plan has {name}")
         if any(n.num_computed for n in plan.new):
             event("prefix hit")
+        bm = self.s.block_manager
+        if any(bm.num_released(s) for s in plan.run_seq_ids):
+            event("runs with released blocks")
         result = self.ex.execute(plan)
         if abort is not None:
             self.s.abort_request(abort)
@@ -197,6 +204,24 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert st_.prompt + st_.outputs == seq.token_ids
                 assert st_.computed == seq.num_computed
 
+    @invariant()
+    def windowed_sequences_hold_just_their_window(self):
+        """Between steps a sequence has released every block wholly before ``num_computed - W + 1``
+        (the executor agrees on where its window starts) and holds the others: at most
+        ``ceil((W - 1) / block_size) + 1`` blocks."""
+        if not hasattr(self, "s") or not self.s.block_manager.sliding_window:
+            return
+        bm, bs = self.s.block_manager, self.s.block_size
+        w = bm.sliding_window
+        for sid, seq in self.s.seqs.items():
+            if seq.status not in ("running", "swapped"):
+                assert bm.num_released(sid) == 0
+                continue
+            dead = max((seq.num_computed - w + 1) // bs, 0)
+            assert bm.num_released(sid) == dead == self.ex.seqs[sid].live_from
+            held = len(bm.host_block_ids(sid)) if seq.status == "swapped" else bm.num_held(sid)
+            assert held <= -(-(w - 1) // bs) + 1, (sid, seq.num_computed, held)
+
     def _check_drained(self):
         s = self.s
         assert not s.has_unfinished()
@@ -219,3 +244,20 @@ class SchedulerMachine(RuleBasedStateMachine):
 SchedulerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
                                               suppress_health_check=[HealthCheck.too_slow])
 TestSchedulerMachine = SchedulerMachine.TestCase
+
+
+class WindowedSchedulerMachine(SchedulerMachine):
+    """The same machine, always with a sliding window, on longer sequences (so blocks leave it)."""
+
+    @initialize(block_size=st.sampled_from([1, 2, 4]), num_blocks=st.integers(4, 16),
+                num_host_blocks=st.sampled_from([0, 3, 16]), swap=st.booleans(),
+                budget=st.integers(3, 24), chunked=st.booleans(), caching=st.booleans(),
+                max_num_seqs=st.integers(1, 6), watermark=st.sampled_from([0.0, 0.2]),
+                window=st.integers(1, 9))
+    def setup(self, **kw):
+        SchedulerMachine.setup(self, **kw)
+
+
+WindowedSchedulerMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None,
+                                                      suppress_health_check=[HealthCheck.too_slow])
+TestWindowedSchedulerMachine = WindowedSchedulerMachine.TestCase

@@ -170,6 +170,20 @@ def test_add_streams_tokens_until_finished(make):
     h.assert_drained()
 
 
+def test_the_executors_sliding_window_reaches_the_scheduler_over_the_handshake(make):
+    h = make()
+    h.fake.sliding_window = 8                        # a Mistral-like model, W = 8 over blocks of 4
+    gw = h.ready_gateway()
+    assert h.service.scheduler.block_manager.sliding_window == 8
+    add(gw, "long", max_tokens=60)
+    most_held = []
+    h.pump(lambda: most_held.append(64 - h.service.scheduler.num_free_blocks) or
+           not h.service.scheduler.has_unfinished())
+    assert h.fake.tokens_computed == 10 + 59 and h.service.scheduler.stats().generation_tokens == 60
+    assert max(most_held) <= 3 < -(-70 // 4)          # ceil(8 / 4) + 1, not the whole sequence
+    h.assert_drained()
+
+
 def test_outputs_are_routed_to_the_gateway_that_owns_the_request(make):
     h = make()
     g1, g2 = h.gateway(), h.gateway()

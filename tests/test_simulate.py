@@ -200,3 +200,63 @@ def test_strict_checking_is_proportional_to_the_work(mode):
                  preemption_mode=mode, num_host_blocks=64 if mode == "swap" else 0, strict=True)["paged"]
     assert s["finished_sequences"] == 120 and s["preemptions"] > 0 and s["free_blocks_at_end"] == 96
     assert s["strict_positions_checked"] <= 3 * s["tokens_computed"]
+
+
+# ------------------------------------------------------------------ sliding window
+
+def _windowed_fake() -> FakeExecutor:
+    # W = 4: a query at p reads keys p-3..p, so block i (positions 4i..4i+3) is dead from p = 4i + 7
+    return FakeExecutor(block_size=4, num_blocks=4, strict=True, sliding_window=4)
+
+
+def test_strict_fake_neither_reads_nor_owns_entries_out_of_the_window():
+    fake = _windowed_fake()
+    assert fake.ready().sliding_window == 4
+    _ok(fake, StepPlan(step_id=0, new=[NewSeq(0, list(range(10, 18)), [], [0, 1], 0, 8, SamplingParams())]))
+    assert fake.seqs[0].live_from == 1                 # next query at 8 reads 5..8: block 0 is dead
+    # block 0 goes (unannounced) to another sequence, which overwrites it; seq 0 decodes unharmed,
+    # and a write into block 0 is no write into a block seq 0 shares
+    _ok(fake, StepPlan(step_id=1, new=[NewSeq(1, [20, 21, 22], [], [0], 0, 3, SamplingParams())],
+                       run_seq_ids=[0], run_num_tokens=[1], table_updates=[TableUpdate(0, 2, [2])]))
+    assert fake.kv[0][:3] == [20, 21, 22] and fake.tokens_stored() == 3 + 5
+
+
+def test_strict_fake_accepts_placeholder_entries_and_still_reads_the_window():
+    fake = _windowed_fake()
+    _ok(fake, StepPlan(step_id=0, new=[NewSeq(0, list(range(10, 18)), [], [2, 1], 0, 8, SamplingParams())]))
+    # a whole new table (as at swap-in) whose dead entry is the placeholder 0, a block seq 1 owns
+    _ok(fake, StepPlan(step_id=1, new=[NewSeq(1, [20, 21, 22], [], [0], 0, 3, SamplingParams())],
+                       run_seq_ids=[0], run_num_tokens=[1], table_updates=[TableUpdate(0, 0, [0, 1, 3])]))
+    # an in-window entry naming a block without the sequence's tokens is still caught
+    result = fake.execute(StepPlan(step_id=2, run_seq_ids=[0], run_num_tokens=[1],
+                                   table_updates=[TableUpdate(0, 1, [0, 3])]))
+    assert not isinstance(result, StepResult) and "position 4" in result.message
+
+
+def test_a_long_windowed_generation_holds_a_bounded_number_of_blocks():
+    from services.scheduler.sim.simulate import SimRequest, run_paged
+    from shared.config import CacheConfig, SchedulerConfig
+    req = SimRequest("r0", 0, list(range(3, 43)), [4000], 4000)       # 40 prompt tokens, 4000 out
+    sched = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=8192).validate()
+    cache = CacheConfig(block_size=16, num_blocks=512, sliding_window=64).validate()
+    summary, trace = run_paged([req], sched, cache, strict=True)
+    assert summary["output_tokens"] == 4000 and summary["free_blocks_at_end"] == 512
+    # W = 64 over blocks of 16: ceil(64 / 16) + 1 = 5 blocks while a token is computed
+    assert max(trace.used) <= 5 * 16
+    unbounded, _ = run_paged([req], sched, CacheConfig(block_size=16, num_blocks=512).validate())
+    assert unbounded["peak_memory_slots"] == 16 * -(-4039 // 16)      # without a window: all of it
+
+
+def test_the_sliding_window_flag_reaches_the_paged_run(capsys):
+    import argparse
+    from services.scheduler.sim.simulate import add_arguments, run
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    peaks = {}
+    for window in ("0", "32"):
+        argv = ["--num-requests", "4", "--num-blocks", "512", "--seed", "3", "--strict", "--sliding-window", window]
+        assert run(p.parse_args(argv)) == 0
+        paged = json.loads(capsys.readouterr().out)["paged"]
+        assert paged["free_blocks_at_end"] == 512
+        peaks[window] = paged["peak_memory_slots"]
+    assert peaks["32"] < peaks["0"]

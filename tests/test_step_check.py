@@ -138,3 +138,19 @@ def test_good_plan_is_accepted(executor, name):
     result = executor.execute(good)
     assert isinstance(result, StepResult), result
     assert result.seq_ids == sampled
+
+
+def test_placeholder_entries_of_blocks_out_of_the_window_pass_the_rules(tiny_worker):
+    """A table whose released leading entries are the placeholder block 0 (the scheduler's
+    NULL_BLOCK, also a block another sequence holds) is a valid table; the worker runs it."""
+    from services.scheduler.block_manager import NULL_BLOCK
+    from shared.step_check import validate_plan
+    assert NULL_BLOCK == 0
+    placeholder = plan(new=[new(2, range(1, 11), [NULL_BLOCK, NULL_BLOCK, 3], computed=8)], **DECODE,
+                       table_updates=[TableUpdate(1, 0, [NULL_BLOCK, 1])])
+    worker = Worker.from_loaded(tiny_worker.loaded, tiny_worker.config)
+    assert isinstance(worker.execute(StepPlan(step_id=0, new=[new(1, PROMPT, [0, 1])])), StepResult)
+    checked = validate_plan(placeholder, worker.seqs, worker.limits())
+    assert checked.work == [(2, 2), (1, 1)]
+    result = worker.execute(placeholder)
+    assert isinstance(result, StepResult) and result.seq_ids == [2, 1]

@@ -4,6 +4,7 @@ Uses random weights (``random:tiny``): fast, and exercises the random-weights pa
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -67,6 +68,13 @@ def test_ready_and_random_model(worker):
     assert (ready.block_size, ready.num_blocks, ready.num_host_blocks) == (BS, 16, 4)
     assert ready.max_model_len == 64 and ready.vocab_size == 512 and ready.eos_token_ids == [0]
     assert ready.model == "random:tiny" and ready.device == "cpu"
+
+
+def test_ready_reports_the_models_uniform_sliding_window(worker, monkeypatch):
+    assert worker.ready().sliding_window == worker.model_config.uniform_window == 0
+    windowed = SimpleNamespace(vocab_size=worker.model_config.vocab_size, uniform_window=64)
+    monkeypatch.setattr(worker, "model_config", windowed)      # a Mistral-like config
+    assert worker.ready().sliding_window == 64
 
 
 def test_same_seed_same_random_weights(tiny_config, worker):

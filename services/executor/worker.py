@@ -133,7 +133,9 @@ class Worker:
                              max_model_len=self.max_model_len,
                              vocab_size=self.model_config.vocab_size,
                              eos_token_ids=list(self.loaded.eos_token_ids), device=str(self.device),
-                             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs)
+                             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
+                             # W if every layer is windowed, else 0: the scheduler frees what left it
+                             sliding_window=self.model_config.uniform_window)
 
     def limits(self) -> StepLimits:
         return StepLimits(block_size=self.block_size, num_blocks=self.num_blocks,

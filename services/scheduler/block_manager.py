@@ -12,6 +12,16 @@ or generated tokens), as vLLM does: a request admitted later in the same step ca
 because every backend writes a layer's K/V for all tokens of the step before any token attends.
 ``published`` lists the blocks the step being planned made visible; if that plan never runs,
 ``unpublish_step`` takes them back so no later prompt hits a block whose content never arrived.
+
+Sliding window (``sliding_window`` W > 0: every layer attends only to keys ``p - W < k <= p``):
+once a sequence's next query position is ``q``, blocks whose positions all lie at or before
+``q - W`` are never read again. ``release_out_of_window`` frees them (a full hashed block whose
+ref count drops to 0 stays cached, as when a sequence finishes) and puts ``NULL_BLOCK`` in their
+table entries, so a table keeps its length and ``table[p // block_size]`` stays the block of
+position ``p``. Released entries are always a table's leading ones; ``_released`` counts them,
+which tells a placeholder from a real block 0. The executor is not told (no ``TableUpdate``): its
+copy of those entries may name the freed blocks or ``NULL_BLOCK``, both readable ids whose keys
+its window mask hides.
 """
 from __future__ import annotations
 
@@ -26,6 +36,13 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# The table entry of a block that left the sliding window. A real block id (possibly held by
+# another sequence) so the executor can index with it unchanged: block 0, which is also what the
+# executor pads block tables with; its keys are masked, and the KV cache is zero-initialised, so
+# a masked read never meets NaN.
+NULL_BLOCK = 0
+
+
 @dataclass(frozen=True, slots=True)
 class PrefixMatch:
     """The cached blocks a prompt's prefix hits (after vLLM's ``KVCacheBlocks``): what admitting
@@ -33,7 +50,7 @@ class PrefixMatch:
 
     blocks: list[Block]         # in prefix order
     num_tokens: int             # tokens they hold (whole blocks)
-    num_free: int               # of the blocks, those with no holder (ref 0, on the free list)
+    num_free: int               # of the blocks admission holds (not out of the window), those free now
 
 
 NO_PREFIX = PrefixMatch([], 0, 0)
@@ -41,15 +58,17 @@ NO_PREFIX = PrefixMatch([], 0, 0)
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, num_host_blocks: int = 0,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, sliding_window: int = 0):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.sliding_window = sliding_window           # W, or 0: every block stays readable
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.host = HostPool(num_host_blocks)
         self.tables: dict[int, list[int]] = {}         # seq id -> device block ids
         self.host_tables: dict[int, list[int]] = {}    # seq id -> host block ids (swapped out)
         self._hashes: dict[int, list[int]] = {}        # seq id -> chained hashes of its full blocks
         self._extra: dict[int, Hashable] = {}          # seq id -> extra hash keys (adapter, ...)
+        self._released: dict[int, int] = {}            # seq id -> leading entries out of the window
         self.published: list[Block] = []               # blocks the step being planned publishes
         self.prefix_queries = 0                        # prefix-cache lookups, in prompt tokens
         self.prefix_hits = 0                           # of which served from the cache, in tokens
@@ -80,14 +99,35 @@ class BlockManager:
     def ref_count(self, block_id: int) -> int:
         return self.pool.ref_count(block_id)
 
+    def num_released(self, seq_id: int) -> int:
+        """Leading table entries that left the sliding window (``NULL_BLOCK``, no block held)."""
+        return self._released.get(seq_id, 0)
+
+    def num_held(self, seq_id: int) -> int:
+        """Device blocks the sequence's table holds (a reference each)."""
+        return len(self.tables[seq_id]) - self._released.get(seq_id, 0)
+
+    def first_readable(self, num_computed: int) -> int:
+        """The first table index a query at position ``num_computed`` (or later) may read."""
+        w = self.sliding_window
+        return max((num_computed - w + 1) // self.block_size, 0) if w else 0
+
     def cached_block_ids(self) -> dict[int, int]:
         return self.pool.cached_block_ids()
 
     def check_invariants(self) -> None:
         """AssertionError unless the pool is consistent, every device block's ref count is the
-        number of table entries naming it, and host blocks are each held once."""
+        number of (not released) table entries naming it, and host blocks are each held once."""
         self.pool.check_invariants()
-        refs = Counter(b for table in self.tables.values() for b in table)
+        for sid, f in self._released.items():
+            table = self.tables.get(sid)
+            assert table is not None or sid in self.host_tables, f"seq {sid}: released entries, no table"
+            if table is not None:
+                assert 0 < f <= len(table) and all(b == NULL_BLOCK for b in table[:f]), \
+                    f"seq {sid}: {f} released entries, table {table}"
+            if self.enable_prefix_caching:       # released blocks were published before they left
+                assert len(self._hashes[sid]) >= f, f"seq {sid}: released an unpublished block"
+        refs = Counter(b for sid, table in self.tables.items() for b in table[self._released.get(sid, 0):])
         for block_id in range(self.num_blocks):
             assert self.ref_count(block_id) == refs[block_id], \
                 f"block {block_id}: ref count {self.ref_count(block_id)}, {refs[block_id]} table entries"
@@ -113,7 +153,8 @@ class BlockManager:
                 break
             hits.append(block)
             parent = block.hash
-        return PrefixMatch(hits, len(hits) * bs, sum(b.ref_cnt == 0 for b in hits))
+        keep = self.first_readable(len(hits) * bs)     # hits before it are left out of the table
+        return PrefixMatch(hits, len(hits) * bs, sum(b.ref_cnt == 0 for b in hits[keep:]))
 
     def blocks_to_admit(self, prefix: PrefixMatch, num_tokens: int) -> int:
         """Free blocks that admitting a sequence with this prefix hit, holding ``num_tokens``
@@ -122,13 +163,17 @@ class BlockManager:
 
     def allocate(self, seq_id: int, num_prompt_tokens: int, prefix: PrefixMatch = NO_PREFIX,
                  extra_keys: Hashable = None) -> int:
-        """Register a sequence whose table starts with the prefix-hit blocks; returns the number
-        of cached tokens. Growth for the tokens to compute comes from ``append_slots``."""
+        """Register a sequence whose table starts with the prefix-hit blocks (those already out of
+        the window as ``NULL_BLOCK``, not held); returns the number of cached tokens. Growth for
+        the tokens to compute comes from ``append_slots``."""
         if seq_id in self.tables:
             raise RuntimeError(f"seq {seq_id} already has a block table")
-        for block in prefix.blocks:
+        keep = self.first_readable(prefix.num_tokens)
+        for block in prefix.blocks[keep:]:
             self.pool.touch(block)
-        self.tables[seq_id] = [b.block_id for b in prefix.blocks]
+        self.tables[seq_id] = [NULL_BLOCK] * keep + [b.block_id for b in prefix.blocks[keep:]]
+        if keep:
+            self._released[seq_id] = keep
         self._hashes[seq_id] = [b.hash for b in prefix.blocks]
         if extra_keys is not None:
             self._extra[seq_id] = extra_keys
@@ -204,11 +249,28 @@ class BlockManager:
             table.append(pool.allocate())
         return changed
 
+    def release_out_of_window(self, seq_id: int, num_computed: int) -> int:
+        """Free the leading blocks no query from position ``num_computed`` on reads (those whose
+        positions are all ``<= num_computed - W``), O(1) per block. Returns the ``num_computed``
+        at which the next block leaves the window: until then a call would free nothing."""
+        end = self.first_readable(num_computed)
+        start = self._released.get(seq_id, 0)
+        if end > start:
+            table, free = self.tables[seq_id], self.pool.free
+            for i in range(start, end):
+                free(table[i])
+                table[i] = NULL_BLOCK
+            self._released[seq_id] = end
+        return (max(end, start) + 1) * self.block_size + self.sliding_window - 1
+
     def fork(self, parent_id: int, child_id: int) -> None:
-        """The child's table shares every block of the parent's (ref counts raised)."""
+        """The child's table shares every block the parent's holds (ref counts raised)."""
         table = self.tables[parent_id]
-        for block_id in table:
+        released = self._released.get(parent_id, 0)
+        for block_id in table[released:]:
             self.pool.blocks[block_id].ref_cnt += 1
+        if released:
+            self._released[child_id] = released
         self.tables[child_id] = list(table)
         self._hashes[child_id] = list(self._hashes[parent_id])
         if parent_id in self._extra:
@@ -218,8 +280,9 @@ class BlockManager:
         """Release a sequence's device and host blocks; tail blocks first, so the free list
         evicts a prefix's tail before its head."""
         table = self.tables.pop(seq_id, None)
+        released = self._released.pop(seq_id, 0)
         if table is not None:
-            for block_id in reversed(table):
+            for block_id in reversed(table[released:]):
                 self.pool.free(block_id)
         host_table = self.host_tables.pop(seq_id, None)
         if host_table is not None:
@@ -230,26 +293,30 @@ class BlockManager:
     # ---------------------------------------------------------------------------- swap
 
     def can_swap_out(self, seq_id: int) -> bool:
-        return len(self.tables[seq_id]) <= self.host.num_free
+        return self.num_held(seq_id) <= self.host.num_free
 
     def swap_out(self, seq_id: int) -> list[tuple[int, int]]:
-        """Move a sequence's blocks to the host pool; returns ``(device, host)`` copy pairs."""
-        table = self.tables.pop(seq_id)
+        """Move the blocks a sequence holds to the host pool (released entries stay released);
+        returns ``(device, host)`` copy pairs."""
+        table = self.tables.pop(seq_id)[self._released.get(seq_id, 0):]
         host_table = self.host.allocate(len(table))
         for block_id in reversed(table):
             self.pool.free(block_id)
         self.host_tables[seq_id] = host_table
         return list(zip(table, host_table))
 
-    def blocks_to_swap_in(self, seq_id: int) -> int:
-        return len(self.host_tables[seq_id])
+    def blocks_to_swap_in(self, seq_id: int, num_tokens: int = 0) -> int:
+        """Free blocks that swapping the sequence in and growing it to ``num_tokens`` take."""
+        held = len(self.host_tables[seq_id])
+        return held + max(cdiv(num_tokens, self.block_size) - self._released.get(seq_id, 0) - held, 0)
 
     def swap_in(self, seq_id: int) -> list[tuple[int, int]]:
         """Bring a swapped sequence back into fresh device blocks; returns ``(host, device)``."""
         host_table = self.host_tables.pop(seq_id)
-        table = [self.pool.allocate() for _ in host_table]
-        self.tables[seq_id] = table
+        released = self._released.get(seq_id, 0)
+        held = [self.pool.allocate() for _ in host_table]
+        self.tables[seq_id] = [NULL_BLOCK] * released + held
         self.host.free(host_table)
-        for block_id, h in zip(table, self._hashes[seq_id]):    # full blocks are cacheable again
+        for block_id, h in zip(held, self._hashes[seq_id][released:]):   # full blocks: cacheable again
             self._publish(self.pool.blocks[block_id], h)
-        return list(zip(host_table, table))
+        return list(zip(host_table, held))

@@ -22,6 +22,11 @@ the fork that drops its sequence like an abort; before it, the sample is struck 
 (sample 0, the parent, still computes the prompt for its siblings and is dropped right after the
 forking step, so every sample keeps its index and seeded stream).
 
+With a sliding window (every layer windowed, ``cache_config.sliding_window`` W > 0, the model's),
+``update`` frees, for every sequence the step computed, the blocks that left its window
+(block_manager.py: their table entries become ``NULL_BLOCK``), so a long generation holds at most
+``ceil((W - 1) / block_size) + 1`` blocks between steps, plus what its next chunk grows into.
+
 Preempted sequences are protected until they produce a token again, so the victim is another
 sequence whenever one is unprotected (anti-thrash). Plans are diffs: decodes are two int lists,
 and only tables that changed travel as ``TableUpdate``.
@@ -31,7 +36,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterable, Optional
 
-from services.scheduler.block_manager import BlockManager, cdiv
+from services.scheduler.block_manager import BlockManager
 from services.scheduler.sequence import FINISHED, RUNNING, SWAPPED, WAITING, Request, Sequence
 from services.scheduler.step_draft import StepDraft
 from shared.config import CacheConfig, SchedulerConfig
@@ -79,7 +84,8 @@ class Scheduler:
         self.config = scheduler_config
         self.cache_config = cache_config
         self.block_manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
-                                          cache_config.num_host_blocks, cache_config.enable_prefix_caching)
+                                          cache_config.num_host_blocks, cache_config.enable_prefix_caching,
+                                          cache_config.sliding_window)
         self.watermark_blocks = int(cache_config.watermark * cache_config.num_blocks)
         # A sequence may never hold more tokens than the model allows or the pool can store.
         self.max_len = min(scheduler_config.max_model_len, cache_config.num_blocks * cache_config.block_size)
@@ -379,8 +385,7 @@ class Scheduler:
         """Bring a swapped sequence back if all its blocks and its next chunk fit in ``free_blocks``."""
         bm = self.block_manager
         num_new = self._chunk_size(len(seq.token_ids) - seq.num_computed, draft.budget)
-        need = max(bm.blocks_to_swap_in(seq.seq_id), cdiv(seq.num_computed + num_new, self.block_size))
-        if num_new == 0 or need > free_blocks:
+        if num_new == 0 or bm.blocks_to_swap_in(seq.seq_id, seq.num_computed + num_new) > free_blocks:
             return False
         draft.swap_in.extend(bm.swap_in(seq.seq_id))
         self._start_running(seq, num_new, draft)
@@ -397,6 +402,7 @@ class Scheduler:
         if num_new == 0 or bm.blocks_to_admit(prefix, prefix.num_tokens + num_new) > free_blocks:
             return False
         seq.num_computed = bm.allocate(seq.seq_id, len(seq.token_ids), prefix)
+        seq.release_at = 0                     # a new table (first time, or after a recompute)
         if not request.admitted:
             request.admitted = True
             request.num_cached_tokens = seq.num_computed
@@ -458,10 +464,14 @@ class Scheduler:
         logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else None
         self._in_flight_step = -1
         outputs = []
+        bm = self.block_manager
+        window = bm.sliding_window
         for seq, num_tokens in self._in_flight.sequences():
             if seq.status != RUNNING:
                 continue                                   # aborted while the step ran
             seq.num_computed += num_tokens
+            if window and seq.num_computed >= seq.release_at:     # blocks no later query reads
+                seq.release_at = bm.release_out_of_window(seq.seq_id, seq.num_computed)
             token_ids = seq.token_ids
             if seq.num_computed < len(token_ids):
                 continue                                   # mid-prompt chunk: no sample

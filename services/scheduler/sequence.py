@@ -44,7 +44,7 @@ class Sequence:
     """One sample. ``token_ids`` is prompt + outputs; ``num_computed`` of them are in the cache."""
 
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt", "num_computed", "status",
-                 "protected")
+                 "protected", "release_at")
 
     def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int]):
         self.seq_id = seq_id
@@ -55,6 +55,9 @@ class Sequence:
         self.num_computed = 0
         self.status = WAITING
         self.protected = False                  # preempted and no token since: avoid as victim
+        # sliding window: num_computed from which its table has a block to release (0: ask the
+        # block manager at the next update); saves a call per sequence and step
+        self.release_at = 0
 
     @property
     def output_token_ids(self) -> list[int]:

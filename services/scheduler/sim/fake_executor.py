@@ -14,6 +14,12 @@ does not count as a reference until its swap-in ``TableUpdate(start=0)``. The ch
 incremental (each position is re-read only after its block changed), so a strict run costs about
 the same as the tokens it computes.
 
+Sliding window (``sliding_window`` W > 0, reported in ``ready()``): a query at position ``p`` reads
+keys ``p - W < k <= p`` only, so table entries whose block lies wholly before the next query's
+window are never read: the scheduler frees those blocks without a ``TableUpdate``, and whatever id
+such an entry holds (a stale one, or the scheduler's placeholder) is neither checked, nor counted
+as an owner of that block, nor read. ``live_from`` is the first table index still readable.
+
 Sampling: the token after position ``p`` is a hash of (last token, p, sample index) that avoids
 the EOS ids; when ``output_len(prompt, sample_index)`` is given, the sequence emits EOS as its
 ``output_len``-th token (the simulator's hidden output lengths, which the scheduler never sees).
@@ -43,6 +49,7 @@ class _Seq:
     sample_index: int = 0
     swapped: bool = False      # its table names device blocks it gave up (until swap-in rewrites it)
     verified: int = 0          # strict: positions [0, verified) checked since their blocks last changed
+    live_from: int = 0         # table entries before it left the sliding window (not owners, not read)
 
     def token(self, pos: int) -> int:
         n = len(self.prompt)
@@ -69,6 +76,7 @@ class FakeExecutor:
     fail_steps: set[int] = field(default_factory=set)   # step ids answered with ExecutorError
     max_num_batched_tokens: int = 0     # token budget, enforced and reported; 0 = none
     max_num_seqs: int = 0
+    sliding_window: int = 0             # W: a query at p reads keys p - W < k <= p; 0 = all
 
     def __post_init__(self):
         self.seqs: dict[int, _Seq] = {}
@@ -83,7 +91,8 @@ class FakeExecutor:
         return ExecutorReady(model="fake", block_size=self.block_size, num_blocks=self.num_blocks,
                              num_host_blocks=self.num_host_blocks, max_model_len=self.max_model_len,
                              vocab_size=self.vocab_size, eos_token_ids=list(self.eos_token_ids),
-                             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs)
+                             max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
+                             sliding_window=self.sliding_window)
 
     def limits(self) -> StepLimits:
         return StepLimits(block_size=self.block_size, num_blocks=self.num_blocks,
@@ -167,12 +176,13 @@ class FakeExecutor:
         for d, _ in swap_out:
             left[d] = left.get(d, 0) + 1
         candidates = [s for sid, s in self.seqs.items()
-                      if not s.swapped and s.table and sid not in run_ids and sid not in starts
-                      and all(b in left for b in s.table)]
-        candidates.sort(key=lambda s: -len(s.table))
+                      if not s.swapped and s.table[s.live_from:] and sid not in run_ids and sid not in starts
+                      and all(b in left for b in s.table[s.live_from:])]
+        candidates.sort(key=lambda s: -(len(s.table) - s.live_from))
         for s in candidates:
-            if all(left.get(b, 0) > 0 for b in s.table):
-                for b in s.table:
+            held = s.table[s.live_from:]       # the scheduler swaps out the blocks still held
+            if all(left.get(b, 0) > 0 for b in held):
+                for b in held:
                     left[b] -= 1
                 s.swapped = True
 
@@ -199,23 +209,40 @@ class FakeExecutor:
 
     def _set_table(self, sid: int, s: _Seq, start: int, block_ids) -> None:
         if self.strict:
+            self._disown(sid, s.table[max(start, s.live_from):])
             owners = self.owners
-            for b in s.table[start:]:
-                o = owners[b]
-                o[sid] -= 1
-                if not o[sid]:
-                    del o[sid]
             for b in block_ids:
                 o = owners.setdefault(b, {})
                 o[sid] = o.get(sid, 0) + 1
             s.verified = min(s.verified, start * self.block_size)
+        s.live_from = min(s.live_from, start)
         del s.table[start:]
         s.table.extend(block_ids)
+        self._slide(sid, s)
+
+    def _disown(self, sid: int, block_ids) -> None:
+        owners = self.owners
+        for b in block_ids:
+            o = owners[b]
+            o[sid] -= 1
+            if not o[sid]:
+                del o[sid]
+
+    def _slide(self, sid: int, s: _Seq) -> None:
+        """Entries wholly before the window of the next query (position ``computed``) are dead."""
+        w = self.sliding_window
+        if not w:
+            return
+        end = min(max((s.computed - w + 1) // self.block_size, 0), len(s.table))
+        if end > s.live_from:
+            if self.strict:
+                self._disown(sid, s.table[s.live_from:end])
+            s.live_from = end
 
     def _drop(self, sid: int) -> None:
         s = self.seqs.pop(sid)
         if self.strict:
-            self._set_table(sid, s, 0, [])
+            self._disown(sid, s.table[s.live_from:])
 
     def _overwritten(self, block: int, writer: int = -1) -> None:
         """Block content changed: other sequences naming it must re-verify from that block."""
@@ -224,7 +251,7 @@ class FakeExecutor:
         for sid in self.owners.get(block, ()):
             if sid != writer:
                 s = self.seqs[sid]
-                s.verified = min(s.verified, s.table.index(block) * self.block_size)
+                s.verified = min(s.verified, s.table.index(block, s.live_from) * self.block_size)
 
     def _refs(self, block: int) -> int:
         """Live (not swapped-out) sequences whose table names the block."""
@@ -252,7 +279,7 @@ class FakeExecutor:
             o = self.seqs[other]
             if other == sid or o.swapped:
                 continue
-            pos = o.table.index(block) * self.block_size + offset
+            pos = o.table.index(block, o.live_from) * self.block_size + offset
             if pos >= o.num_tokens or o.token(pos) != token:
                 raise PlanError(f"seq {sid}: write into block {block} shared by {self._refs(block)} "
                                 f"sequences (seq {other} holds other content there)")
@@ -261,14 +288,16 @@ class FakeExecutor:
         """Attend: every cached position before the new tokens must hold this sequence's token."""
         if self.strict:
             bs, kv, table = self.block_size, self.kv, s.table
-            self.positions_checked += s.computed - min(s.verified, s.computed)
-            for pos in range(min(s.verified, s.computed), s.computed):
+            lo = min(max(s.verified, s.live_from * bs), s.computed)     # the window's blocks only
+            self.positions_checked += s.computed - lo
+            for pos in range(lo, s.computed):
                 got = kv[table[pos // bs]][pos % bs]
                 if got != s.token(pos):
                     raise PlanError(f"seq {sid}: KV at position {pos} (block {table[pos // bs]}) holds "
                                     f"token {got}, expected {s.token(pos)}")
         s.computed += n
         s.verified = s.computed
+        self._slide(sid, s)
 
     def _sample(self, sid: int, s: _Seq) -> int:
         """The token after ``s``'s last one (``sid`` is for subclasses that sample by seq id)."""
@@ -289,7 +318,7 @@ class FakeExecutor:
             if s.swapped:
                 continue
             full = s.computed // bs
-            fill.update(dict.fromkeys(s.table[:full], bs))
+            fill.update(dict.fromkeys(s.table[s.live_from:full], bs))
             if s.computed % bs:
                 b = s.table[full]
                 fill[b] = max(fill.get(b, 0), s.computed % bs)

@@ -153,7 +153,7 @@ def run_paged(requests: list[SimRequest], sched_config: SchedulerConfig, cache: 
     lens = {tuple(r.prompt): r.output_lens for r in requests}
     fake = FakeExecutor(block_size=cache.block_size, num_blocks=cache.num_blocks,
                         num_host_blocks=cache.num_host_blocks, max_model_len=sched_config.max_model_len,
-                        vocab_size=VOCAB, eos_token_ids=[EOS], strict=strict,
+                        vocab_size=VOCAB, eos_token_ids=[EOS], strict=strict, sliding_window=cache.sliding_window,
                         output_len=lambda prompt, index: lens[tuple(prompt)][index])
     sched = Scheduler(sched_config, cache, eos_token_ids=[EOS])
     pending = sorted(requests, key=lambda r: r.arrival)[::-1]
@@ -271,12 +271,13 @@ def plot(traces: dict[str, Trace], capacity: int, title: str, path: str) -> None
 def simulate(workload: str, num_requests: int, num_blocks: int, block_size: int, max_model_len: int,
              seed: int, out_dir: str | None = None, arrival_rate: float = 0.0, max_num_seqs: int = 256,
              max_num_batched_tokens: int = 2048, preemption_mode: str = "recompute", num_host_blocks: int = 0,
-             strict: bool = False) -> dict:
+             strict: bool = False, sliding_window: int = 0) -> dict:
     """Run both allocators on one workload; returns the summary (and writes JSON + PNG to out_dir)."""
     sched_config = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    max_model_len=max_model_len, max_waiting=max(num_requests, 1),
                                    preemption_mode=preemption_mode).validate()
-    cache = CacheConfig(block_size=block_size, num_blocks=num_blocks, num_host_blocks=num_host_blocks).validate()
+    cache = CacheConfig(block_size=block_size, num_blocks=num_blocks, num_host_blocks=num_host_blocks,
+                        sliding_window=sliding_window).validate()
     capacity = num_blocks * block_size
     requests = make_workload(workload, num_requests, max_model_len, seed, arrival_rate)
     t0 = time.perf_counter()
@@ -319,6 +320,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arrival-rate", type=float, default=0.0,
                    help="Poisson arrivals, requests per step (0 = all at step 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sliding-window", type=int_at_least(0), default=0,
+                   help="a model whose every layer attends to the last W tokens: the paged side frees older "
+                        "blocks (the contiguous baselines still reserve whole sequences)")
     p.add_argument("--strict", action="store_true", help="fake executor checks the KV content every step (slow)")
     p.add_argument("--out", default="", help="directory for the JSON summary and the PNG plot")
 
@@ -330,7 +334,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = simulate(args.workload, args.num_requests, args.num_blocks, args.block_size, args.max_model_len,
                            args.seed, args.out or None, args.arrival_rate, args.max_num_seqs,
-                           args.max_num_batched_tokens, args.preemption_mode, args.num_host_blocks, args.strict)
+                           args.max_num_batched_tokens, args.preemption_mode, args.num_host_blocks, args.strict,
+                           args.sliding_window)
     except ConfigError as e:
         print(f"pagedserve simulate: error: {e}", file=sys.stderr)
         return 2
