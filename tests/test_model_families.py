@@ -45,10 +45,11 @@ MAX_MODEL_LEN = 256
 
 SHORT = "The paged cache keeps"
 LONG = ("Once upon a time there was a little paging system that kept its blocks in order, "
-        "and the blocks were shared")          # ~55 tokens: more than four 12-token windows
+        "and the blocks were shared")          # 83 tokens: about seven 12-token windows
 EXTENDED = LONG + " between the requests that"
 CHAT = [{"role": "user", "content": "Tell me about the sliding window."}]
-TEXTS = {"short": SHORT, "long": LONG, "extended": EXTENDED}
+TINY = "Pages"                  # grows from one block: under a window the footprint still grows at first
+TEXTS = {"tiny": TINY, "short": SHORT, "long": LONG, "extended": EXTENDED}
 
 SERVED_FAMILIES = ("gemma3", "qwen3_moe", "qwen2")
 
@@ -230,13 +231,16 @@ PRESSURE = {
 
 @pytest.mark.parametrize("setting", PRESSURE)
 def test_engine_equals_hf_under_preemption(family, setting):
-    """Six sequences of ~75 tokens on a pool of 24 blocks of 8 (192 tokens), prefix caching off so
-    they cannot share: sequences are preempted (recomputed, or swapped to host blocks) and resumed;
-    each still equals HF."""
+    """Fourteen sequences (six of 41-122 tokens with output, eight that start in one block) on a pool of 20
+    blocks of 8, prefix caching off so they cannot share: sequences are preempted (recomputed, or
+    swapped to host blocks) and resumed; each still equals HF. The tiny prompts are what forces it
+    under a sliding window too: there a long sequence's footprint stays at the window, but a new one
+    grows until it covers the window."""
     f = family
-    engine = _engine(f.path, num_blocks=24, prefix_caching=False, num_host_blocks=64, max_num_seqs=6,
+    engine = _engine(f.path, num_blocks=20, prefix_caching=False, num_host_blocks=64, max_num_seqs=12,
                      **PRESSURE[setting])
     jobs = [(f"{name}-{i}", f.prompts[name], 1) for i in range(2) for name in ("long", "extended", "short")]
+    jobs += [(f"tiny-{i}", f.prompts["tiny"], 1) for i in range(8)]
     got = _run(engine, jobs)
     assert engine.scheduler.num_preemptions > 0, "the small pool did not force a preemption"
     if setting == "swap":
