@@ -19,6 +19,12 @@ Paths, per family:
   with HF in float32 on the same (rounded) weights; a bfloat16 run is only checked to generate;
 - refusals: an unsupported architecture and each unimplemented math-changing field raise
   ``UnsupportedModel`` naming it at load, and ``pagedserve generate`` exits non-zero naming it.
+
+Planted faults these tests caught (each monkeypatched onto ``ModelConfig.from_hf`` in a throwaway
+run, nothing edited; only the family's engine / CLI tests were run): Gemma 3's attention scale
+1/sqrt(head_dim) instead of query_pre_attn_scalar (engine, preemption x3, CLI); Mistral's window
+dropped (engine, preemption x3); Gemma 3's local RoPE base set to the global one, Qwen3-MoE's
+norm_topk_prob flipped, Qwen3's q/k norm off (each: the prefix/fork engine test).
 """
 from __future__ import annotations
 
