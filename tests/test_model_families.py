@@ -154,7 +154,8 @@ def _engine(path: str, num_blocks: int = 0, dtype: str = "float32", backend: str
     from services.offline import Engine
     from shared.config import CacheConfig, EngineConfig, SchedulerConfig
 
-    config = EngineConfig(model=path, dtype=dtype, device="cpu", attention_backend=backend,
+    config = EngineConfig(model=path, dtype=dtype, device="cuda" if backend == "cuda" else "cpu",
+                          attention_backend=backend,
                           cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks,
                                             num_host_blocks=num_host_blocks, enable_prefix_caching=prefix_caching),
                           scheduler=SchedulerConfig(**{"max_model_len": MAX_MODEL_LEN, **sched}))
@@ -194,11 +195,13 @@ def assert_tokens(family: str, path: str, prompt: str, got: list[int], want: lis
     assert got == want, f"{family} via {path}, prompt {prompt!r}: {_first_difference(got, want)}"
 
 
-@pytest.mark.parametrize("backend", ["auto"])
+@pytest.mark.parametrize("backend", ["auto", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
 def test_engine_equals_hf_with_prefix_hits_and_forks(family, backend):
     """Short and long prompts, then the long one again and an extension of it (their prompt blocks
     come from the prefix cache), then greedy forks: every sample equals HF. ``auto`` is the C
-    kernels on a CPU; the sliding-window families run on the torch reference backend too (below)."""
+    kernels on a CPU (``cuda``: float32 on the GPU where there is one); the sliding-window families
+    run on the torch reference backend too (below)."""
     f = family
     engine = _engine(f.path, num_blocks=256, backend=backend)
     first = _run(engine, [("short", f.prompts["short"], 1), ("long", f.prompts["long"], 1)])
