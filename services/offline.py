@@ -205,7 +205,11 @@ def run(args: argparse.Namespace, worker=None, tokenizer=None) -> int:
         config.scheduler.max_waiting = 1 << 30            # every input is queued at once
     except (msgspec.ValidationError, ValueError) as e:
         raise _fail(str(e))
-    llm = LLM(config, worker=worker, tokenizer=tokenizer)
+    from services.executor.model_config import UnsupportedModel
+    try:
+        llm = LLM(config, worker=worker, tokenizer=tokenizer)
+    except (UnsupportedModel, FileNotFoundError) as e:     # a model that is not served: say which and why
+        raise _fail(str(e))
     prompts = [llm.encode_chat(it["messages"]) if "messages" in it else it["prompt"] for it in items]
     try:
         completions = llm.generate(prompts, params, progress=len(prompts) > 1)

@@ -107,3 +107,9 @@ def test_a_config_without_architectures_is_read_by_its_model_type():
     assert c.architecture == "Qwen2ForCausalLM" and c.attention_bias
     with pytest.raises(UnsupportedModel, match="falcon"):
         ModelConfig.from_hf({**BASE, "model_type": "falcon"})
+
+
+def test_partial_rotary_factor_inside_rope_parameters_is_refused():
+    with pytest.raises(UnsupportedModel, match="partial_rotary_factor"):
+        cfg("Phi3ForCausalLM", rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5})

@@ -204,7 +204,10 @@ def _rope(get, layer_type: Optional[str], arch: str) -> tuple[float, Optional[di
         raise UnsupportedModel(f"{arch}: config field rope_type={rope_type!r} is not implemented "
                                f"(supported: default, linear, llama3; longrope for Phi-3)")
     params.pop("type", None)
-    params.pop("partial_rotary_factor", None)
+    prf = params.pop("partial_rotary_factor", 1.0)       # transformers 5 keeps it here too
+    if prf != 1.0:
+        raise UnsupportedModel(f"{arch}: config field partial_rotary_factor={prf!r} (rope_parameters) is not "
+                               "implemented (RoPE over the whole head only)")
     if rope_type == "default":
         return float(theta), None
     scaling = {**params, "rope_type": rope_type}
