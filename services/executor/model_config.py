@@ -257,28 +257,26 @@ def _mistral(cfg: ModelConfig, get) -> ModelConfig:
     return cfg
 
 
-def _qwen2(cfg: ModelConfig, get) -> ModelConfig:
-    cfg.attention_bias = True                          # q, k, v always carry biases, o never
+def _qwen_window(cfg: ModelConfig, get) -> ModelConfig:
+    """Qwen2/Qwen3's optional window: with ``use_sliding_window``, the layers ``layer_types`` marks
+    (older configs: those from ``max_window_layers`` on)."""
     if get("use_sliding_window", False):
         cfg.sliding_window = _window(get)
         cfg.layer_types = _layer_types(cfg, get, cfg.architecture)
-        if cfg.layer_types is None:                   # older configs: windowed from max_window_layers on
+        if cfg.layer_types is None:
             first = get("max_window_layers", cfg.num_layers)
             cfg.layer_types = [SLIDING if i >= first else FULL for i in range(cfg.num_layers)]
     return cfg
 
 
+def _qwen2(cfg: ModelConfig, get) -> ModelConfig:
+    cfg.attention_bias = True                          # q, k, v always carry biases, o never
+    return _qwen_window(cfg, get)
+
+
 def _qwen3(cfg: ModelConfig, get) -> ModelConfig:
-    cfg = _qwen2_window_only(_llama(cfg, get), get)
+    cfg = _qwen_window(_llama(cfg, get), get)
     cfg.qk_norm = True
-    return cfg
-
-
-def _qwen2_window_only(cfg: ModelConfig, get) -> ModelConfig:
-    """Qwen3's optional window, configured as Qwen2's (use_sliding_window + layer_types)."""
-    bias = cfg.attention_bias
-    cfg = _qwen2(cfg, get)
-    cfg.attention_bias = bias
     return cfg
 
 
