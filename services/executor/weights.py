@@ -90,6 +90,10 @@ _EXPERT = re.compile(r"^(layers\.\d+\.)(?:mlp|block_sparse_moe)\.experts\.(\d+)\
 _EXPERT_NAMES = {"w1": "gate", "gate_proj": "gate", "w3": "up", "up_proj": "up", "w2": "down", "down_proj": "down"}
 
 
+def _without_model_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+
+
 def fuse_experts(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Per-expert checkpoint tensors (``experts.N.gate_proj`` / Mixtral's ``block_sparse_moe.
     experts.N.w1``) -> transformers' fused layout: ``mlp.experts.gate_up_proj [E, 2I, D]``,
@@ -115,7 +119,7 @@ def convert_hf_state_dict(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, 
     """HF names -> Transformer names (fusing q|k|v and gate|up; HF's ``[out, in]`` linear weights
     become ``[in, out]`` ``weight_t``; experts become ``[E, in, out]``). Phi-3's checkpoints come
     with q|k|v and gate|up fused already, MoE ones per expert or fused."""
-    sd = fuse_experts({k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()})
+    sd = fuse_experts(_without_model_prefix(sd))
     out = {"tok_embeddings.weight": sd.pop("embed_tokens.weight"), "norm.weight": sd.pop("norm.weight")}
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
@@ -224,8 +228,8 @@ def build_hf_reference(hf_config, hf_state: dict[str, Tensor]):
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
-    stripped = {k[len("model."):] if k.startswith("model.") else k: v for k, v in hf_state.items()}
-    state = {k if k.startswith("lm_head.") else "model." + k: v for k, v in fuse_experts(stripped).items()}
+    state = {k if k.startswith("lm_head.") else "model." + k: v
+             for k, v in fuse_experts(_without_model_prefix(hf_state)).items()}
     missing, _ = model.load_state_dict(state, strict=False, assign=True)
     if [k for k in missing if k != "lm_head.weight"]:
         raise ValueError(f"the HF reference lacks weights: {missing[:8]}")
