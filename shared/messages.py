@@ -3,7 +3,7 @@
 Channels (see docs/ARCHITECTURE.md):
   gateway  -> scheduler : AddRequest, AbortRequest, StatsRequest
   scheduler -> gateway  : RequestOutputs, RequestError, SchedulerStats
-  scheduler -> executor : ExecutorHello, StepPlan, Shutdown
+  scheduler -> executor : ExecutorHello, StepPlan, StepMasks, Shutdown
   executor -> scheduler : ExecutorReady, StepResult, ExecutorError
 
 Every frame is one msgpack map tagged by ``type`` and stamped with ``version``. Decoding validates
@@ -55,6 +55,19 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True):
         return self.temperature == 0.0
 
 
+GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "lark"]
+
+
+class GrammarSpec(Struct, array_like=True):
+    """A structured-output constraint (gateway -> scheduler). ``value``: the JSON Schema text
+    (json_schema), ignored (json_object: any JSON object), a regular expression (regex), a JSON
+    list of the allowed strings (choice), a Lark grammar (lark). shared/grammar.py turns it
+    into llguidance's grammar; the scheduler compiles it once per distinct spec (bounded cache)."""
+
+    kind: GrammarKind
+    value: str = ""
+
+
 # --------------------------------------------------------------------------------------------
 # Base class
 
@@ -72,6 +85,7 @@ class AddRequest(Message, tag="add"):
     prompt_token_ids: list[NonNegInt]
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     arrival_time: float = 0.0
+    grammar: Optional[GrammarSpec] = None    # structured output: every sample is constrained by it
 
 
 class AbortRequest(Message, tag="abort"):
@@ -197,6 +211,20 @@ class StepPlan(Message, tag="plan"):
     swap_in: list[tuple[NonNegInt, NonNegInt]] = []     # (host_block, device_block)
     finished: list[NonNegInt] = []                      # seq ids whose executor state can be dropped
     preempted: list[NonNegInt] = []                     # recompute-preempted: drop state too
+    # Structured outputs: these sampling seqs (fork children included) sample only tokens their
+    # grammar allows. ``masks`` holds one row per id, ceil(vocab_size / 32) little-endian int32
+    # words each; bit t % 32 of word t // 32 set = token t allowed. Empty while ``mask_seq_ids``
+    # is not: the masks follow in a StepMasks frame (computed while the forward pass runs).
+    mask_seq_ids: list[NonNegInt] = []
+    masks: bytes = b""
+
+
+class StepMasks(Message, tag="masks"):
+    """The token masks of step ``step_id`` when its plan was sent without them; the executor
+    needs them only after the forward pass, so the scheduler computes them meanwhile."""
+
+    step_id: NonNegInt
+    masks: bytes
 
 
 class Shutdown(Message, tag="shutdown"):
@@ -247,7 +275,7 @@ class ExecutorError(Message, tag="executor_error"):
 AnyMessage = Union[
     AddRequest, AbortRequest, StatsRequest,
     RequestOutputs, RequestError, SchedulerStats,
-    ExecutorHello, StepPlan, Shutdown,
+    ExecutorHello, StepPlan, StepMasks, Shutdown,
     ExecutorReady, StepResult, ExecutorError,
 ]
 

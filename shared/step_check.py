@@ -7,7 +7,7 @@ since the fake lives with the CPU-only scheduler.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Protocol
 
 from shared.messages import NewSeq, StepPlan
@@ -51,6 +51,8 @@ class CheckedPlan:
     work: list[tuple[int, int]]     # (seq id, new tokens) in forward order: ``new``, then ``run``
     num_tokens: int                 # tokens of the forward pass
     samplers: list[int]             # seq ids of ``work`` whose every token is computed after the step
+    mask_rows: list[int] = field(default_factory=list)   # per mask_seq_ids entry: its index in the
+                                                         # step's sampled rows (samplers, then fork children)
 
 
 def validate_plan(plan: StepPlan, seqs: Mapping[int, KnownSeq], limits: StepLimits) -> CheckedPlan:
@@ -64,7 +66,8 @@ def validate_plan(plan: StepPlan, seqs: Mapping[int, KnownSeq], limits: StepLimi
     num_tokens = _check_capacity(work, after, limits)
     samplers = [sid for sid, _ in work if after[sid].num_computed == after[sid].num_tokens]
     _check_forks(plan, known, after, samplers)
-    return CheckedPlan(work, num_tokens, samplers)
+    mask_rows = _check_masks(plan, samplers + [f.child for f in plan.forks], limits.vocab_size)
+    return CheckedPlan(work, num_tokens, samplers, mask_rows)
 
 
 def _check_dropped(plan: StepPlan, seqs: Mapping[int, KnownSeq]) -> set[int]:
@@ -163,6 +166,33 @@ def _check_forks(plan: StepPlan, known: set[int], after: dict[int, SeqShape], sa
         if f.child in known or f.child in after or f.child in children:
             raise PlanError(f"fork child {f.child} is already known")
         children.add(f.child)
+
+
+def mask_bytes(num_rows: int, vocab_size: int) -> int:
+    """Bytes of ``num_rows`` token masks (StepPlan.masks)."""
+    return num_rows * ((vocab_size + 31) // 32) * 4
+
+
+def check_masks_size(masks: bytes, num_rows: int, vocab_size: int) -> None:
+    """Masks sent with the plan or in a StepMasks frame: one row per constrained sampler."""
+    want = mask_bytes(num_rows, vocab_size)
+    if len(masks) != want:
+        raise PlanError(f"masks: {len(masks)} bytes, {num_rows} rows of a {vocab_size}-token "
+                        f"vocabulary take {want}")
+
+
+def _check_masks(plan: StepPlan, sampled: list[int], vocab_size: int) -> list[int]:
+    """Masked seqs sample in this step, once each; inline masks have one row per seq."""
+    _unique(plan.mask_seq_ids, "mask seq")
+    row_of = {sid: i for i, sid in enumerate(sampled)}
+    rows = []
+    for sid in plan.mask_seq_ids:
+        if sid not in row_of:
+            raise PlanError(f"mask for seq {sid}, which does not sample in this step")
+        rows.append(row_of[sid])
+    if plan.masks:
+        check_masks_size(plan.masks, len(rows), vocab_size)
+    return rows
 
 
 def _in_pool(ids: Iterable[int], limit: int, what: str) -> None:

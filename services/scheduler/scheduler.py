@@ -27,6 +27,13 @@ With a sliding window (every layer windowed, ``cache_config.sliding_window`` W >
 (block_manager.py: their table entries become ``NULL_BLOCK``), so a long generation holds at most
 ``ceil((W - 1) / block_size) + 1`` blocks between steps, plus what its next chunk grows into.
 
+Structured outputs (``AddRequest.grammar``, with a ``GrammarBackend``): each sequence holds a
+grammar matcher (grammar.py). Every plan lists the sampling sequences with one in
+``mask_seq_ids`` and carries their token masks, or, with ``schedule(defer_masks=True)`` (the
+service), leaves them to ``step_masks`` so they are computed while the executor runs the forward
+pass. ``update`` feeds each sampled token to its matcher; a complete grammar finishes the sample
+with "stop" (even before ``min_tokens``: nothing may follow it).
+
 Preempted sequences are protected until they produce a token again, so the victim is another
 sequence whenever one is unprotected (anti-thrash). Plans are diffs: decodes are two int lists,
 and only tables that changed travel as ``TableUpdate``.
@@ -37,11 +44,13 @@ from collections import deque
 from typing import Iterable, Optional
 
 from services.scheduler.block_manager import BlockManager
+from services.scheduler.grammar import GrammarBackend, advance
 from services.scheduler.sequence import FINISHED, RUNNING, SWAPPED, WAITING, Request, Sequence
 from services.scheduler.step_draft import StepDraft
 from shared.config import CacheConfig, SchedulerConfig
+from shared.grammar import GrammarError
 from shared.messages import (AddRequest, FinishReason, Fork, NewSeq, RequestError, RequestOutput,
-                             SchedulerStats, StepPlan, StepResult)
+                             SchedulerStats, StepMasks, StepPlan, StepResult)
 
 
 def victim_index(running: list[Sequence], i: int) -> int:
@@ -58,11 +67,12 @@ def victim_index(running: list[Sequence], i: int) -> int:
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig,
-                 eos_token_ids: Iterable[int] = ()):
+                 eos_token_ids: Iterable[int] = (), grammars: Optional[GrammarBackend] = None):
         if cache_config.num_blocks < 1:
             raise ValueError("cache_config.num_blocks must be set (> 0) before building the scheduler")
         self.block_size = cache_config.block_size
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.grammars = grammars
         self._set_pool(scheduler_config, cache_config)
         self.requests: dict[str, Request] = {}
         self.seqs: dict[int, Sequence] = {}          # live sequences by id
@@ -147,8 +157,18 @@ class Scheduler:
                                      f"so at most {self.max_len - 1} prompt tokens fit")
         if len(self.waiting) >= self.config.max_waiting:
             return error("queue_full", f"the waiting queue is full ({self.config.max_waiting} requests)")
+        matcher = None
+        if add.grammar is not None:
+            if self.grammars is None:
+                return error("invalid", "structured outputs are not available on this engine "
+                                        "(no grammar backend: the scheduler has no tokenizer)")
+            try:
+                matcher = self.grammars.matcher(add.grammar)
+            except GrammarError as e:
+                return error("invalid", f"the {add.grammar.kind} constraint does not compile: {e}")
         request = Request(add, self.eos_token_ids)
         seq = self._new_seq(request, 0, list(prompt))
+        seq.matcher = matcher
         self.requests[add.request_id] = request
         self.waiting.append(seq)
         return None
@@ -239,7 +259,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------- schedule
 
-    def schedule(self) -> Optional[StepPlan]:
+    def schedule(self, defer_masks: bool = False) -> Optional[StepPlan]:
+        """The next step's plan, or None when there is nothing to run. With ``defer_masks`` the
+        plan names its constrained samplers but leaves their masks to ``step_masks``."""
         if self._running_dirty:
             self.running = [s for s in self.running if s.status == RUNNING]
             self._running_dirty = False
@@ -254,13 +276,28 @@ class Scheduler:
         if not draft.scheduled and not draft.preempted_any:
             return None
         dropped_parents = self._sample_and_fork(draft)
+        if self.grammars is not None:
+            for sid in draft.samplers:
+                matcher = self.seqs[sid].matcher
+                if matcher is not None:
+                    draft.mask_seq_ids.append(sid)
+                    draft.matchers.append(matcher)
         plan = draft.to_plan(self._step_id, self.block_manager, self._finished_ids)
+        if draft.matchers and not defer_masks:
+            plan.masks = self.grammars.fill_masks(draft.matchers)
         self._finished_ids = []
         for parent in dropped_parents:     # its siblings sample from its logits in this plan
             self._drop(parent)             # after which the executor drops it (next plan)
         self._in_flight_step = self._step_id
         self._step_id += 1
         return plan
+
+    def step_masks(self, plan: StepPlan) -> StepMasks:
+        """The token masks of the plan in flight, sent without them (``defer_masks``)."""
+        if plan.step_id != self._in_flight_step:
+            raise ValueError(f"masks for step {plan.step_id}, but step {self._in_flight_step} is in flight")
+        matchers = self._in_flight.matchers
+        return StepMasks(step_id=plan.step_id, masks=self.grammars.fill_masks(matchers) if matchers else b"")
 
     def _schedule_decodes(self, draft: StepDraft) -> list[Sequence]:
         """One token for every running sequence that decodes, preempting from the tail when blocks
@@ -443,6 +480,8 @@ class Scheduler:
             child = self._new_seq(request, index, list(parent.token_ids))
             child.num_computed = parent.num_computed
             child.status = RUNNING
+            if parent.matcher is not None:
+                child.matcher = parent.matcher.deep_copy()
             self.block_manager.fork(parent.seq_id, child.seq_id)
             self.running.append(child)
             draft.forks.append(Fork(parent.seq_id, child.seq_id, index))
@@ -481,7 +520,9 @@ class Scheduler:
             request = seq.request
             num_out = len(token_ids) - seq.num_prompt
             reason = None
-            if token in request.stop_ids and num_out >= request.sampling.min_tokens:
+            if seq.matcher is not None and (done := advance(seq.matcher, token)) is not None:
+                reason = "stop" if done == "stop" else "abort"     # "error": a mask was not applied
+            elif token in request.stop_ids and num_out >= request.sampling.min_tokens:
                 reason = "stop"
             elif num_out >= request.sampling.max_tokens or len(token_ids) >= self.max_len:
                 reason = "length"

@@ -44,7 +44,7 @@ class Sequence:
     """One sample. ``token_ids`` is prompt + outputs; ``num_computed`` of them are in the cache."""
 
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt", "num_computed", "status",
-                 "protected", "release_at")
+                 "protected", "release_at", "matcher")
 
     def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int]):
         self.seq_id = seq_id
@@ -58,6 +58,7 @@ class Sequence:
         # sliding window: num_computed from which its table has a block to release (0: ask the
         # block manager at the next update); saves a call per sequence and step
         self.release_at = 0
+        self.matcher = None                     # structured output: its grammar's state (grammar.py)
 
     @property
     def output_token_ids(self) -> list[int]:

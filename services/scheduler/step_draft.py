@@ -33,6 +33,10 @@ class StepDraft:
     swap_in: list[tuple[int, int]] = field(default_factory=list)    # (host, device)
     preempted: list[int] = field(default_factory=list)         # recompute victims
     forks: list[Fork] = field(default_factory=list)
+    # structured outputs: the samplers with a grammar and their matchers (kept here, since a
+    # parent dropped after its fork leaves ``Scheduler.seqs`` before deferred masks are filled)
+    mask_seq_ids: list[int] = field(default_factory=list)
+    matchers: list = field(default_factory=list)
 
     def add(self, seq: Sequence, num_tokens: int) -> None:
         self.scheduled.append((seq, num_tokens))
@@ -58,4 +62,4 @@ class StepDraft:
             table_updates=[TableUpdate(sid, start, block_manager.block_ids(sid, start))
                            for sid, start in self.changed.items() if sid not in new_ids],
             forks=self.forks, copies=self.copies, swap_out=self.swap_out, swap_in=self.swap_in,
-            finished=finished, preempted=self.preempted)
+            finished=finished, preempted=self.preempted, mask_seq_ids=self.mask_seq_ids)
