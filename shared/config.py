@@ -155,9 +155,12 @@ class SchedulerConfig:
     preemption_mode: str = opt("recompute", "what preemption does with a sequence's KV blocks",
                                "scheduler generate", choices=("recompute", "swap"))
     enable_chunked_prefill: bool = opt(True, "split long prompts over several steps", "scheduler generate")
+    grammar_cache_size: int = opt(256, "compiled structured-output grammars kept (LRU); a bound, so "
+                                       "clients cannot fill memory with distinct schemas", "scheduler generate",
+                                  type=int_at_least(1))
 
     def validate(self) -> "SchedulerConfig":
-        for name in ("max_num_seqs", "max_waiting"):
+        for name in ("max_num_seqs", "max_waiting", "grammar_cache_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_num_batched_tokens", "max_model_len"):   # 0 = the executor's
@@ -175,7 +178,8 @@ class EngineConfig:
     """Everything one engine (scheduler + executor) needs."""
 
     model: str = opt("", "HF folder, .gguf file, random:<preset>, or '' for the bundled SmolLM2-135M-Instruct "
-                         "(the gateway loads its tokenizer)", "executor gateway generate compare",
+                         "(the gateway and the scheduler load its tokenizer)",
+                     "executor scheduler gateway generate compare",
                      positional_in=("serve",))
     dtype: str = opt("auto", "auto = bfloat16 on CUDA, float32 on CPU", "executor generate compare",
                      choices=DTYPES)

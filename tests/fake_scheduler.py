@@ -31,7 +31,7 @@ import uvicorn
 import zmq
 
 from services.gateway.cli import uvicorn_options
-from services.gateway.tokenizer import load_tokenizer
+from shared.tokenizer import load_tokenizer
 from shared import transport
 from tests.waits import wait_until
 from shared.messages import (

@@ -31,10 +31,10 @@ class CheckedFakeExecutor(FakeExecutor):
                          eos_token_ids=sorted(scheduler.eos_token_ids), strict=True)
         self.scheduler, self.token_fn, self.roundtrip = scheduler, token_fn, roundtrip
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, masks=None) -> StepResult:
         if self.roundtrip:
             plan = decode(encode(plan))
-        result = super().execute(plan)
+        result = super().execute(plan, masks)
         assert isinstance(result, StepResult), f"step {plan.step_id}: {result.message}"
         self.check_tables()
         return result

@@ -20,7 +20,7 @@ from services.bench.datasets import (  # noqa: E402
 from services.bench.metrics import RequestResult, compute_metrics, format_table  # noqa: E402
 from services.bench.serve import LoadShape, benchmark, run_requests  # noqa: E402
 from services.cli import main  # noqa: E402
-from services.gateway.tokenizer import load_tokenizer  # noqa: E402
+from shared.tokenizer import load_tokenizer  # noqa: E402
 from tests.gateway_harness import fake, sched, serve_gateway  # noqa: E402,F401 (fixtures)
 
 MODEL = "bench-test"

@@ -479,7 +479,7 @@ def test_client_disconnect_non_streaming_aborts(server, sched):
 
 
 def test_gateway_imports_no_torch():
-    code = ("import sys; import services.gateway.server; from services.gateway.tokenizer import load_tokenizer; "
+    code = ("import sys; import services.gateway.server; from shared.tokenizer import load_tokenizer; "
             "t = load_tokenizer(''); assert t.eos_token_id is not None; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,

@@ -31,8 +31,8 @@ class LocalChannel:
     def hello(self, block_size: int, timeout_s: float):
         return self.executor.ready()
 
-    def execute(self, plan: StepPlan):
-        return self.executor.execute(plan)
+    def execute(self, plan: StepPlan, masks=None):
+        return self.executor.execute(plan, (lambda: masks().masks) if masks else None)
 
     def lost(self) -> bool:
         return False
@@ -376,11 +376,11 @@ class Restartable(LocalChannel):
             self.executor, self.dead = self.replacement, False
         return self.executor.ready()
 
-    def execute(self, plan):
+    def execute(self, plan, masks=None):
         if plan.step_id == self.die_at and self.replacement is not None:
             self.dead, self.die_at = True, -1
             raise ExecutorLost(f"the executor disconnected during step {plan.step_id}")
-        return super().execute(plan)
+        return super().execute(plan, masks)
 
 
 @pytest.mark.parametrize("die_at", [0, 1, 4, 9])      # 0: the lost step admitted the requests
@@ -447,11 +447,11 @@ def test_step_timeout_counts_as_a_lost_executor(make):
     class Wedged(LocalChannel):
         fail = True
 
-        def execute(self, plan):
+        def execute(self, plan, masks=None):
             if self.fail:
                 self.fail = False
                 raise ExecutorTimeout("no reply to step 0 within 1s")
-            return super().execute(plan)
+            return super().execute(plan, masks)
 
     h = make(channel=Wedged(fake))
     gw = h.ready_gateway()

@@ -189,7 +189,7 @@ def run_system(system: str, opts: CompareOptions) -> dict:
     import torch
 
     from services.executor.worker import resolve_device, resolve_dtype
-    from services.gateway.tokenizer import load_tokenizer
+    from shared.tokenizer import load_tokenizer
 
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)

@@ -192,7 +192,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_pool(tokenizer: str) -> WordPool:
-    from services.gateway.tokenizer import load_tokenizer
+    from shared.tokenizer import load_tokenizer
 
     return WordPool(load_tokenizer(tokenizer))
 

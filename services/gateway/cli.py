@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from shared.model_path import resolve_model
     from shared.transport import check_address
 
-    from .tokenizer import load_tokenizer
+    from shared.tokenizer import load_tokenizer
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:

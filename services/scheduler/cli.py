@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"pagedserve scheduler: error: cannot bind/connect ({e})", file=sys.stderr)
         return 1
     service = SchedulerService(engine.scheduler, engine.cache, gateway, channel,
-                               shutdown_executor=proc.shutdown_executor, recovery_timeout=proc.recovery_timeout)
+                               shutdown_executor=proc.shutdown_executor, recovery_timeout=proc.recovery_timeout,
+                               model=engine.model)
     signal.signal(signal.SIGTERM, service.stop)
     signal.signal(signal.SIGINT, service.stop)
     log.info("scheduler serving gateways at %s, executor at %s", proc.gateway_addr, proc.executor_addr)

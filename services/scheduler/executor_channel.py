@@ -8,22 +8,26 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import zmq
 
 from shared import transport
 from shared.config import ConfigError
 from shared.messages import (
-    ExecutorError, ExecutorHello, ExecutorReady, ProtocolError, Shutdown, StepPlan, StepResult, encode,
+    ExecutorError, ExecutorHello, ExecutorReady, ProtocolError, Shutdown, StepMasks, StepPlan, StepResult,
+    encode,
 )
+
+MaskSource = Callable[[], StepMasks]
 
 log = logging.getLogger("pagedserve.scheduler")
 
 
 class ExecutorChannel(Protocol):
     def hello(self, block_size: int, timeout_s: float) -> Optional[ExecutorReady]: ...
-    def execute(self, plan: StepPlan) -> StepResult | ExecutorError: ...   # may raise ExecutorLost
+    # may raise ExecutorLost; ``masks`` (a plan sent without them) is called once the plan is out
+    def execute(self, plan: StepPlan, masks: Optional[MaskSource] = None) -> StepResult | ExecutorError: ...
     def lost(self) -> bool: ...
     def reset(self) -> None: ...          # after a loss: a fresh connection, no stale replies
     def shutdown(self) -> None: ...
@@ -93,8 +97,12 @@ class ZmqExecutorChannel:
             if isinstance(msg, ExecutorError):        # e.g. a block size mismatch: retrying cannot help
                 raise ConfigError(f"the executor refused the handshake: {msg.message}")
 
-    def execute(self, plan: StepPlan) -> StepResult | ExecutorError:
+    def execute(self, plan: StepPlan, masks: Optional[MaskSource] = None) -> StepResult | ExecutorError:
+        """Send the plan and wait for its result. With ``masks``, the plan went without its token
+        masks: they are computed now, while the executor runs the forward pass, and follow it."""
         transport.send(self.sock, plan)
+        if masks is not None:
+            transport.send(self.sock, masks())
         deadline = time.monotonic() + self.step_timeout
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)

@@ -9,15 +9,16 @@ executor restart (which keep every accepted token) never leave it out of step, a
 (no update) never advances it.
 
 Masks of one step are filled in one call, in parallel Rust threads without the GIL
-(``fill_next_token_bitmask_par``), into a reused buffer. Torch-free: numpy and llguidance.
+(``fill_next_token_bitmask_par``), into a reused buffer. Torch-free; numpy and llguidance are
+imported on the first structured request only (the scheduler's core imports neither).
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
+from copy import copy
 from typing import Callable, Iterable, Optional, Union
-
-import numpy as np
 
 from shared.grammar import GrammarError, to_llguidance
 from shared.messages import GrammarSpec
@@ -44,7 +45,7 @@ class GrammarBackend:
         self.words = words_per_mask(vocab_size)
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], object] = OrderedDict()
-        self._buffer = np.zeros((0, self.words), dtype=np.int32)
+        self._buffer = None                 # numpy int32 [rows, words], grown on demand
         self._executor = None
         self.num_compiles = 0
         self.num_cache_hits = 0
@@ -52,7 +53,7 @@ class GrammarBackend:
 
     @property
     def tokenizer(self):
-        if callable(self._tokenizer):
+        if callable(self._tokenizer):     # GrammarError (the tokenizer did not load) propagates
             self._tokenizer = self._tokenizer()
         return self._tokenizer
 
@@ -84,6 +85,7 @@ class GrammarBackend:
 
     def fill_masks(self, matchers: Iterable[object]) -> bytes:
         """The masks of ``matchers``, one row each (see StepPlan.masks), as wire bytes."""
+        import numpy as np
         from llguidance import LLExecutor
         from llguidance.numpy import fill_next_token_bitmask_par
 
@@ -91,13 +93,60 @@ class GrammarBackend:
         n = len(matchers)
         if n == 0:
             return b""
-        if self._buffer.shape[0] < n:
-            self._buffer = np.zeros((max(n, 2 * self._buffer.shape[0]), self.words), dtype=np.int32)
+        held = 0 if self._buffer is None else self._buffer.shape[0]
+        if held < n:
+            self._buffer = np.zeros((max(n, 2 * held), self.words), dtype=np.int32)
         if self._executor is None:
             self._executor = LLExecutor()
         rows = self._buffer[:n]
         fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)], rows)
         return rows.tobytes()
+
+
+def llguidance_tokenizer(tokenizer, vocab_size: int, eos_token_ids: Iterable[int]):
+    """An ``LLTokenizer`` over a fast HF tokenizer, with masks ``vocab_size`` wide (the model's
+    logits; ids past the tokenizer's are never allowed). GrammarError if the model's vocabulary
+    is smaller than the tokenizer's (a ``random:`` preset borrowing the default tokenizer)."""
+    from llguidance import LLTokenizer
+
+    if vocab_size < len(tokenizer):
+        raise GrammarError(f"the model's vocabulary ({vocab_size}) is smaller than its tokenizer's "
+                           f"({len(tokenizer)}): token masks cannot cover it")
+    backend = copy(tokenizer.backend_tokenizer)
+    backend.no_padding()
+    backend.no_truncation()
+    return LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=list(eos_token_ids))
+
+
+class TokenizerLoader:
+    """Loads ``model``'s tokenizer in a background thread from construction on (seconds, off the
+    scheduler loop); calling it waits for the load and returns the ``LLTokenizer``. A failure is
+    re-raised as GrammarError on every call (each structured request is then refused with it)."""
+
+    def __init__(self, model: str):
+        self._hf = None
+        self._error: Optional[Exception] = None
+        self._thread = threading.Thread(target=self._load, args=(model,), name="tokenizer-load", daemon=True)
+        self._thread.start()
+
+    def _load(self, model: str) -> None:
+        try:
+            from shared.tokenizer import load_tokenizer
+
+            self._hf = load_tokenizer(model)
+        except Exception as e:  # noqa: BLE001 - reported to each structured request
+            self._error = e
+
+    def bind(self, vocab_size: int, eos_token_ids: Iterable[int]) -> Callable[[], object]:
+        """The zero-argument tokenizer factory for a GrammarBackend of this model."""
+        eos = list(eos_token_ids)
+
+        def build():
+            self._thread.join()
+            if self._error is not None:
+                raise GrammarError(f"the tokenizer did not load: {self._error}")
+            return llguidance_tokenizer(self._hf, vocab_size, eos)
+        return build
 
 
 def advance(matcher, token: int) -> Optional[str]:

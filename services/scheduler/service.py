@@ -41,6 +41,7 @@ import msgspec
 import zmq
 
 from services.scheduler.executor_channel import ExecutorChannel, ExecutorLost
+from services.scheduler.grammar import GrammarBackend, TokenizerLoader
 from services.scheduler.scheduler import Scheduler
 from services.scheduler.step_loop import StepFailed, run_step
 from shared import transport
@@ -65,12 +66,14 @@ class SchedulerService:
 
     def __init__(self, sched_config: SchedulerConfig, cache_config: CacheConfig, gateway: zmq.Socket,
                  channel: ExecutorChannel, *, shutdown_executor: bool = False, idle_timeout: float = 0.05,
-                 recovery_timeout: float = 300.0):
+                 recovery_timeout: float = 300.0, model: Optional[str] = None):
         self.sched_config, self.cache_config = sched_config, cache_config
         self.gateway, self.channel = gateway, channel
         self.shutdown_executor = shutdown_executor
         self.idle_timeout = idle_timeout
         self.recovery_timeout = recovery_timeout
+        # structured outputs need the model's tokenizer: loaded in the background from now on
+        self.tokenizer = TokenizerLoader(model) if model is not None else None
         self.lost_at: Optional[float] = None     # monotonic time the executor was lost, until one is ready
         self.scheduler: Optional[Scheduler] = None
         self.ready: Optional[ExecutorReady] = None
@@ -114,7 +117,10 @@ class SchedulerService:
     def _on_ready(self, ready: ExecutorReady) -> None:
         sched, cache = resolve_with_executor(self.sched_config, self.cache_config, ready)  # ConfigError: fatal
         if self.scheduler is None:
-            self.scheduler = Scheduler(sched, cache, eos_token_ids=ready.eos_token_ids)
+            grammars = None if self.tokenizer is None else GrammarBackend(
+                self.tokenizer.bind(ready.vocab_size, ready.eos_token_ids), ready.vocab_size,
+                sched.grammar_cache_size)
+            self.scheduler = Scheduler(sched, cache, eos_token_ids=ready.eos_token_ids, grammars=grammars)
         else:                                    # a new executor after a lost one: recompute everything
             self.scheduler.eos_token_ids = frozenset(ready.eos_token_ids)
             resumed = len(self.scheduler.seqs)
@@ -135,10 +141,11 @@ class SchedulerService:
 
         def execute(plan: StepPlan):
             sent.append(self._reconciled(plan) if self._resync else plan)
-            return self.channel.execute(sent[0])
+            masks = (lambda: self.scheduler.step_masks(plan)) if plan.mask_seq_ids else None
+            return self.channel.execute(sent[0], masks)
 
         try:
-            outputs = run_step(self.scheduler, execute)
+            outputs = run_step(self.scheduler, execute, defer_masks=True)
         except ExecutorLost as e:
             self._on_lost(str(e))
             return True

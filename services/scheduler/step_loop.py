@@ -21,11 +21,12 @@ class StepFailed:
     message: str
 
 
-def run_step(scheduler, execute: Callable[[StepPlan], Union[StepResult, ExecutorError]]
-             ) -> Optional[Union[list[RequestOutput], StepFailed]]:
+def run_step(scheduler, execute: Callable[[StepPlan], Union[StepResult, ExecutorError]],
+             defer_masks: bool = False) -> Optional[Union[list[RequestOutput], StepFailed]]:
     """One step: None when there was nothing to schedule, else the outputs or a StepFailed.
-    Whatever ``execute`` raises (e.g. the service's ExecutorLost) reaches the caller."""
-    plan = scheduler.schedule()
+    Whatever ``execute`` raises (e.g. the service's ExecutorLost) reaches the caller. With
+    ``defer_masks``, ``execute`` sends the grammar masks itself (``scheduler.step_masks``)."""
+    plan = scheduler.schedule(defer_masks=defer_masks)
     if plan is None:
         return None
     result = execute(plan)

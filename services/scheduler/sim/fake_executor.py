@@ -21,22 +21,24 @@ such an entry holds (a stale one, or the scheduler's placeholder) is neither che
 as an owner of that block, nor read. ``live_from`` is the first table index still readable.
 
 Sampling: the token after position ``p`` is a hash of (last token, p, sample index) that avoids
-the EOS ids; when ``output_len(prompt, sample_index)`` is given, the sequence emits EOS as its
+the EOS ids; a sequence with a grammar mask takes the first allowed token from there on (EOS
+included, when it is the only one allowed); when ``output_len(prompt, sample_index)`` is given, the sequence emits EOS as its
 ``output_len``-th token (the simulator's hidden output lengths, which the scheduler never sees).
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
+import numpy as np
 import zmq
 
 from shared import transport
 from shared.messages import (
-    ExecutorError, ExecutorHello, ExecutorReady, ProtocolError, Shutdown, StepPlan, StepResult,
+    ExecutorError, ExecutorHello, ExecutorReady, ProtocolError, Shutdown, StepMasks, StepPlan, StepResult,
 )
-from shared.step_check import CheckedPlan, PlanError, SeqShape, StepLimits, validate_plan
+from shared.step_check import CheckedPlan, PlanError, SeqShape, StepLimits, check_masks_size, validate_plan
 
 
 @dataclass
@@ -102,15 +104,24 @@ class FakeExecutor:
 
     # ------------------------------------------------------------------------------------ step
 
-    def execute(self, plan: StepPlan) -> StepResult | ExecutorError:
+    def execute(self, plan: StepPlan, masks: Optional[Callable[[], bytes]] = None) -> StepResult | ExecutorError:
+        """``masks``: the deferred masks of a plan sent without them (as the real worker)."""
         if plan.step_id in self.fail_steps:
             return ExecutorError(step_id=plan.step_id, message="injected failure")
         try:
-            return self._apply(plan, validate_plan(plan, self.seqs, self.limits()))
+            checked = validate_plan(plan, self.seqs, self.limits())
+            data = plan.masks
+            if plan.mask_seq_ids and not data:
+                if masks is None:
+                    raise PlanError("the plan's masks were deferred but none came")
+                data = masks()
+            if plan.mask_seq_ids:
+                check_masks_size(data, len(plan.mask_seq_ids), self.vocab_size)
+            return self._apply(plan, checked, data)
         except PlanError as e:
             return ExecutorError(step_id=plan.step_id, message=str(e))
 
-    def _apply(self, plan: StepPlan, checked: CheckedPlan) -> StepResult:
+    def _apply(self, plan: StepPlan, checked: CheckedPlan, masks: bytes = b"") -> StepResult:
         for sid in plan.finished:
             self._drop(sid)
         for sid in plan.preempted:
@@ -154,6 +165,10 @@ class FakeExecutor:
             child.verified = p.verified
             sampled.append(f.child)
         tokens = [self._sample(sid, self.seqs[sid]) for sid in sampled]
+        if plan.mask_seq_ids:
+            rows = np.frombuffer(masks, dtype="<i4").reshape(len(plan.mask_seq_ids), -1)
+            for i, r in zip(checked.mask_rows, rows):
+                tokens[i] = self._allowed_from(tokens[i], r)
         for sid, tok in zip(sampled, tokens):
             self.seqs[sid].outputs.append(tok)
         self.num_steps += 1
@@ -309,6 +324,16 @@ class FakeExecutor:
             tok = (tok + 1) % self.vocab_size
         return tok
 
+    def _allowed_from(self, token: int, words: np.ndarray) -> int:
+        """The first token at or after ``token`` (cyclic) that the mask row allows, EOS last."""
+        allowed = np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little")[:self.vocab_size])
+        if allowed.size == 0:
+            raise PlanError("a grammar mask allows no token")
+        plain = allowed[~np.isin(allowed, self.eos_token_ids)]
+        pool = plain if plain.size else allowed
+        i = np.searchsorted(pool, token)
+        return int(pool[i % pool.size])
+
     # ------------------------------------------------------------------------------- observers
 
     def tokens_stored(self) -> int:
@@ -345,6 +370,15 @@ class FakeExecutorServer:
         self.thread.join(timeout=5)
         self.sock.close(linger=0)
 
+    def _recv_masks(self, plan: StepPlan) -> bytes:
+        """The StepMasks frame that follows a plan sent without its masks."""
+        if not self.sock.poll(10_000):
+            raise PlanError(f"no masks for step {plan.step_id}")
+        _, msg = transport.recv_routed(self.sock)
+        if not isinstance(msg, StepMasks) or msg.step_id != plan.step_id:
+            raise PlanError(f"expected the masks of step {plan.step_id}, got {type(msg).__name__}")
+        return msg.masks
+
     def _loop(self) -> None:
         while not self.stopped.is_set():
             if not self.sock.poll(20):
@@ -365,6 +399,6 @@ class FakeExecutorServer:
                     transport.send(self.sock, self.executor.ready(), identity)
             elif isinstance(msg, StepPlan):
                 self.plans.append(msg)
-                transport.send(self.sock, self.executor.execute(msg), identity)
+                transport.send(self.sock, self.executor.execute(msg, lambda: self._recv_masks(msg)), identity)
             elif isinstance(msg, Shutdown):
                 self.stopped.set()

@@ -1,6 +1,7 @@
 """Load the served model's tokenizer without importing torch.
 
-`transformers.AutoTokenizer` (and its GGUF reader) import torch, which the gateway must not load.
+`transformers.AutoTokenizer` (and its GGUF reader) import torch, which the gateway and the scheduler
+(structured outputs) must not load.
 For a GGUF file we read the tokenizer metadata with the `gguf` package (numpy only), then build the
 `tokenizers` backend with transformers' own GGUF converter and wrap it in `TokenizersBackend`
 (the fast tokenizer class, torch-free): same vocabulary, merges, special tokens and chat template
