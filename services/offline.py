@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from services.scheduler.step_loop import StepFailed, run_step
 from shared.config import EngineConfig, add_options, config_from_args, resolve_with_executor
-from shared.messages import AddRequest, RequestOutput, SamplingParams, TokenLogprobs
+from shared.messages import AddRequest, GrammarSpec, RequestOutput, SamplingParams, TokenLogprobs
 
 
 @dataclass
@@ -35,14 +35,19 @@ class Completion:
 class Engine:
     """One scheduler driving one in-process worker."""
 
-    def __init__(self, config: EngineConfig, worker=None):
+    def __init__(self, config: EngineConfig, worker=None, tokenizer=None):
+        """``tokenizer``: the model's (HF fast) tokenizer, for structured outputs; None: none."""
         from services.executor.worker import Worker
+        from services.scheduler.grammar import GrammarBackend, llguidance_tokenizer
         from services.scheduler.scheduler import Scheduler
 
         self.worker = worker if worker is not None else Worker(config)
-        self.ready = self.worker.ready()
+        self.ready = r = self.worker.ready()
         sched, cache = resolve_with_executor(config.scheduler, config.cache, self.ready)
-        self.scheduler = Scheduler(sched, cache, eos_token_ids=self.ready.eos_token_ids)
+        grammars = None if tokenizer is None else GrammarBackend(
+            lambda: llguidance_tokenizer(tokenizer, r.vocab_size, r.eos_token_ids), r.vocab_size,
+            sched.grammar_cache_size)
+        self.scheduler = Scheduler(sched, cache, eos_token_ids=self.ready.eos_token_ids, grammars=grammars)
 
     def add(self, request: AddRequest) -> None:
         error = self.scheduler.add_request(request)
@@ -93,23 +98,29 @@ class LLM:
 
     def __init__(self, config: EngineConfig | None = None, worker=None, tokenizer=None):
         self.config = (config or EngineConfig()).validate()
-        self.engine = Engine(self.config, worker)
         self.tokenizer = tokenizer
         if self.tokenizer is None and not self.config.model.startswith("random:"):
             self.tokenizer = load_tokenizer(self.config.model)
+        self.engine = Engine(self.config, worker, self.tokenizer)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                        return_dict=False))
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = False) -> list[Completion]:
+                 progress: bool = False, grammar: GrammarSpec | None = None) -> list[Completion]:
+        """``grammar``: a structured-output constraint for every prompt (shared/grammar.py
+        checks it; ValueError names what is wrong)."""
+        if grammar is not None:
+            from shared.grammar import check
+
+            check(grammar)
         params = params if params is not None else SamplingParams()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts")
         ids = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
-        requests = [AddRequest(request_id=str(i), prompt_token_ids=t, sampling=s)
+        requests = [AddRequest(request_id=str(i), prompt_token_ids=t, sampling=s, grammar=grammar)
                     for i, (t, s) in enumerate(zip(ids, per_prompt))]
         samples = self.engine.run(requests, progress=progress)
         completions = []
@@ -138,6 +149,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=1)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object per input, in input order")
+    constraint = p.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE", help="constrain every output to this JSON Schema")
+    constraint.add_argument("--regex", help="constrain every output to this regular expression")
+    constraint.add_argument("--grammar", metavar="FILE", help="constrain every output to this Lark grammar")
 
 
 INPUT_KEYS = ("prompt", "messages")
@@ -191,12 +206,36 @@ def read_inputs(args: argparse.Namespace) -> list[dict]:
     return items
 
 
+def read_grammar(args: argparse.Namespace) -> GrammarSpec | None:
+    """The --json-schema / --regex / --grammar constraint, checked (before any model loads)."""
+    from shared.grammar import GrammarError, check
+
+    if args.regex is not None:
+        spec = GrammarSpec("regex", args.regex)
+    elif args.json_schema or args.grammar:
+        path = args.json_schema or args.grammar
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise _fail(f"cannot read {path}: {e.strerror}")
+        spec = GrammarSpec("json_schema" if args.json_schema else "lark", text)
+    else:
+        return None
+    try:
+        check(spec)
+    except GrammarError as e:
+        raise _fail(f"{'--regex' if args.regex is not None else path}: {e}")
+    return spec
+
+
 def run(args: argparse.Namespace, worker=None, tokenizer=None) -> int:
     """`pagedserve generate`. ``worker`` / ``tokenizer``: already loaded ones (tests); by default
     both are loaded from ``--model``. Inputs are checked before anything is loaded."""
     import msgspec
 
     items = read_inputs(args)
+    grammar = read_grammar(args)
     try:
         params = msgspec.convert(dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                       top_k=args.top_k, seed=args.seed, n=args.n, ignore_eos=args.ignore_eos),
@@ -212,7 +251,7 @@ def run(args: argparse.Namespace, worker=None, tokenizer=None) -> int:
         raise _fail(str(e))
     prompts = [llm.encode_chat(it["messages"]) if "messages" in it else it["prompt"] for it in items]
     try:
-        completions = llm.generate(prompts, params, progress=len(prompts) > 1)
+        completions = llm.generate(prompts, params, progress=len(prompts) > 1, grammar=grammar)
     except ValueError as e:                  # a request the scheduler refuses (e.g. longer than the model)
         raise _fail(str(e))
     for item, c in zip(items, completions):

@@ -51,11 +51,11 @@ class Harness:
     """Fake executor server + service + gateway DEALERs, all on inproc:// in one context."""
 
     def __init__(self, *, num_blocks=64, max_waiting=64, max_num_seqs=16, loading_hellos=0, fail_steps=(),
-                 channel=None):
+                 channel=None, model=None, vocab_size=32000):
         self.ctx = zmq.Context()
         tag = uuid.uuid4().hex
         self.fake = FakeExecutor(block_size=4, num_blocks=num_blocks, max_model_len=256, strict=True,
-                                 fail_steps=set(fail_steps))
+                                 fail_steps=set(fail_steps), vocab_size=vocab_size)
         self.server = None
         if channel is None:
             self.server = FakeExecutorServer(self.fake, self.ctx, f"inproc://ex-{tag}", loading_hellos).start()
@@ -64,7 +64,8 @@ class Harness:
         self.service = SchedulerService(
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=64, max_model_len=0,
                             max_waiting=max_waiting),
-            CacheConfig(block_size=4), transport.router(self.ctx, self.gw_addr), channel, idle_timeout=0.005)
+            CacheConfig(block_size=4), transport.router(self.ctx, self.gw_addr), channel, idle_timeout=0.005,
+            model=model)
         self.gateways = []
 
     def gateway(self) -> zmq.Socket:
@@ -167,6 +168,34 @@ def test_add_streams_tokens_until_finished(make):
     assert finished == {("a", 0): "length", ("b", 0): "length", ("b", 1): "length"}
     assert len(tokens[("a", 0)]) == 5 and len(tokens[("b", 0)]) == 3 and len(tokens[("b", 1)]) == 3
     assert tokens[("b", 0)] != tokens[("b", 1)]          # the fork samples its own tokens
+    h.assert_drained()
+
+
+def test_structured_requests_get_their_masks_in_a_frame_after_the_plan(make):
+    """Over ZMQ the plan goes without its masks and a StepMasks frame follows (computed while
+    the executor runs); the outputs follow the grammar, and a grammar that does not compile is
+    refused at once with the request's id."""
+    import json
+
+    from shared.messages import GrammarSpec
+    from shared.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("")
+    h = make(model="", vocab_size=len(tok))
+    gw = h.ready_gateway()
+    for rid in ("a", "b"):
+        transport.send(gw, AddRequest(request_id=rid, prompt_token_ids=list(range(3, 13)),
+                                      sampling=SamplingParams(max_tokens=64, n=2),
+                                      grammar=GrammarSpec("choice", json.dumps(["alpha", "beta", "gamma"]))))
+    transport.send(gw, AddRequest(request_id="bad", prompt_token_ids=[3, 4],
+                                  grammar=GrammarSpec("lark", "start: nowhere")))
+    tokens, finished, errors = collect(h, gw, ["a", "b", "bad"])
+    assert [(e.request_id, e.code) for e in errors] == [("bad", "invalid")]
+    assert set(finished.values()) == {"stop"} and len(finished) == 4
+    for ids in tokens.values():
+        assert tok.decode(ids) in ("alpha", "beta", "gamma")
+    masked = [p for p in h.server.plans if p.mask_seq_ids]
+    assert masked and all(p.masks == b"" for p in masked)
     h.assert_drained()
 
 

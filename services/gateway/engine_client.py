@@ -26,7 +26,7 @@ import zmq
 import zmq.asyncio
 
 from shared.messages import (
-    AbortRequest, AddRequest, ProtocolError, RequestError, RequestOutput, RequestOutputs,
+    AbortRequest, AddRequest, GrammarSpec, ProtocolError, RequestError, RequestOutput, RequestOutputs,
     SamplingParams, SchedulerStats, StatsRequest, decode, encode,
 )
 from shared import transport
@@ -118,8 +118,8 @@ class EngineClient:
     def num_active(self) -> int:
         return len(self._streams)
 
-    async def add(self, request_id: str, prompt_ids: list[int],
-                  sampling: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                  grammar: Optional[GrammarSpec] = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and wait for its first reply.
 
         Raises ``EngineError`` right away when the scheduler refuses it (queue_full, too_long,
@@ -134,7 +134,8 @@ class EngineClient:
         conn.num_active += 1
         try:
             await conn.sock.send(encode(AddRequest(request_id=request_id, prompt_token_ids=prompt_ids,
-                                                   sampling=sampling, arrival_time=time.time())))
+                                                   sampling=sampling, arrival_time=time.time(),
+                                                   grammar=grammar)))
             first = await stream.queue.get()
         except BaseException:
             self.abort_nowait(request_id)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional, Sequence
 
-from shared.messages import RequestOutput, SamplingParams, TokenLogprobs
+from shared.messages import GrammarSpec, RequestOutput, SamplingParams, TokenLogprobs
 
 from .detokenizer import Decode, IncrementalDetokenizer, StopStringMatcher
 from .engine_client import EngineClient
@@ -40,8 +40,10 @@ class _Sample:
 
 class Generation:
     def __init__(self, engine: EngineClient, decode: Decode, request_id: str, prompt_ids: list[int],
-                 sampling: SamplingParams, stops: Sequence[str], timer: Optional[RequestTimer] = None):
+                 sampling: SamplingParams, stops: Sequence[str], timer: Optional[RequestTimer] = None,
+                 grammar: Optional[GrammarSpec] = None):
         self.engine, self.request_id = engine, request_id
+        self.grammar = grammar
         self.prompt_ids, self.sampling = prompt_ids, sampling
         self.timer = timer
         ctx = prompt_ids[-_CONTEXT_TOKENS:]
@@ -60,7 +62,7 @@ class Generation:
 
     async def start(self) -> None:
         """Submit; raises ``EngineError`` if the scheduler refuses (before any response is sent)."""
-        self._outputs = await self.engine.add(self.request_id, self.prompt_ids, self.sampling)
+        self._outputs = await self.engine.add(self.request_id, self.prompt_ids, self.sampling, self.grammar)
 
     async def deltas(self) -> AsyncIterator[SampleDelta]:
         assert self._outputs is not None, "call start() first"

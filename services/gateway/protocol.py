@@ -1,19 +1,24 @@
 """OpenAI API request and response models (msgspec Structs, validated on decode).
 
-Requests ignore unknown fields (clients send extras through ``extra_body``); known fields are
+A field no API defines is ignored with a logged warning (clients send extras through
+``extra_body``, as with vLLM); a field OpenAI or vLLM defines that pagedserve does not implement
+is a 400 naming it (``NOT_IMPLEMENTED``), never accepted and ignored. Known fields are
 range-checked here so a bad value is a 400 naming the parameter, never a scheduler error. The
 static limits below are part of the schema (and so of /openapi.json); limits that depend on the
 served model (vocabulary, context, KV blocks) and ``--max-n`` are checked by the server.
 """
 from __future__ import annotations
 
+import logging
 import re
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import msgspec
 from msgspec import Meta, Struct
 
 from shared.messages import SamplingParams
+
+log = logging.getLogger("pagedserve.gateway")
 
 MAX_STOP_STRINGS = 16          # stop strings per request
 MAX_STOP_STRING_CHARS = 256    # characters per stop string
@@ -34,6 +39,35 @@ LogitBias = Annotated[dict[TokenId, Annotated[float, Meta(ge=-LOGIT_BIAS_RANGE, 
 
 class StreamOptions(Struct):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(Struct):
+    name: str = "response"
+    schema: Optional[Union[dict, bool]] = None
+    description: Optional[str] = None
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(Struct):
+    """OpenAI's ``response_format``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputs(Struct):
+    """vLLM's ``structured_outputs`` (extra body): exactly one constraint."""
+
+    json: Optional[Union[dict, bool, str]] = None       # a JSON Schema (object, or its JSON text)
+    regex: Optional[str] = None
+    choice: Optional[Annotated[list[str], Meta(min_length=1)]] = None
+    grammar: Optional[str] = None                       # Lark / EBNF (GBNF is converted)
+    json_object: Optional[bool] = None
+    disable_fallback: bool = False                      # there is one backend: never falls back
+    disable_any_whitespace: Optional[bool] = None       # JSON is always compact here (True)
+    disable_additional_properties: Optional[bool] = None
+    whitespace_pattern: Optional[str] = None
+    structural_tag: Optional[str] = None
 
 
 class _SamplingFields(Struct, kw_only=True):
@@ -59,6 +93,8 @@ class _SamplingFields(Struct, kw_only=True):
     stop_token_ids: Optional[Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)]] = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Meta(ge=0)] = 0
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None
 
     @property
     def stop_strings(self) -> list[str]:
@@ -97,10 +133,49 @@ class ContentPart(Struct):
     text: Optional[str] = None
 
 
+class FunctionCall(Struct):
+    name: str
+    arguments: str                      # JSON text, as OpenAI sends and returns it
+
+
+class ToolCallIn(Struct):
+    """A tool call of an earlier assistant turn, sent back by the client."""
+
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class FunctionDef(Struct):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict] = None   # JSON Schema of the arguments
+    strict: Optional[bool] = None       # arguments always follow the schema when constrained
+
+
+class Tool(Struct):
+    type: str
+    function: FunctionDef
+
+
+class NamedFunction(Struct):
+    name: str
+
+
+class NamedToolChoice(Struct):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
+
+
 class ChatMessage(Struct):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallIn]] = None       # assistant turns
+    tool_call_id: Optional[str] = None                  # tool turns
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -112,6 +187,28 @@ class ChatMessage(Struct):
             parts.append(part.text)
         return "".join(parts)
 
+    def as_template_input(self) -> dict:
+        """The message as chat templates take it (transformers' convention: a tool call's
+        ``arguments`` as an object when they parse, else the text as sent)."""
+        out: dict = {"role": self.role, "content": self.text()}
+        if self.name:
+            out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function",
+                                  "function": {"name": c.function.name,
+                                               "arguments": _parsed_or_text(c.function.arguments)}}
+                                 for c in self.tool_calls]
+        return out
+
+
+def _parsed_or_text(arguments: str):
+    try:
+        return msgspec.json.decode(arguments)
+    except msgspec.DecodeError:
+        return arguments
+
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
@@ -120,6 +217,9 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     top_logprobs: Optional[Annotated[int, Meta(ge=0, le=20)]] = None
     add_generation_prompt: bool = True
     chat_template_kwargs: Optional[dict] = None
+    tools: Optional[Annotated[list[Tool], Meta(max_length=128)]] = None
+    tool_choice: Optional[ToolChoice] = None
+    parallel_tool_calls: bool = True
 
     def requested_max_tokens(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -157,16 +257,50 @@ class CompletionRequest(_SamplingFields, kw_only=True):
 
 _PARAM_RE = re.compile(r"`\$\.([A-Za-z_]\w*)")
 
+# Fields OpenAI or vLLM define that pagedserve does not implement: present and not null (nor
+# the value in the second slot, which changes nothing), a 400 naming the field.
+_STRUCTURED = "use response_format or structured_outputs"
+NOT_IMPLEMENTED: dict[str, tuple[str, Any]] = {
+    "functions": ("the legacy `functions` field is not supported; use tools", None),
+    "function_call": ("the legacy `function_call` field is not supported; use tool_choice", None),
+    "guided_json": (f"guided_json is not supported ({_STRUCTURED})", None),
+    "guided_regex": (f"guided_regex is not supported ({_STRUCTURED})", None),
+    "guided_choice": (f"guided_choice is not supported ({_STRUCTURED})", None),
+    "guided_grammar": (f"guided_grammar is not supported ({_STRUCTURED})", None),
+    "guided_decoding_backend": ("guided_decoding_backend is not supported (one backend: llguidance)", None),
+    "guided_whitespace_pattern": ("guided_whitespace_pattern is not supported", None),
+    "use_beam_search": ("beam search is not supported", False),
+    "best_of": ("best_of is not supported", 1),
+    "suffix": ("suffix is not supported", None),
+    "prediction": ("predicted outputs (`prediction`) are not supported", None),
+    "audio": ("audio output is not supported", None),
+    "modalities": ("only text output is supported", ["text"]),
+    "web_search_options": ("web search is not supported", None),
+    "reasoning_effort": ("reasoning_effort is not supported", None),
+    "structural_tag": ("structural_tag is not supported", None),
+}
+
 
 def decode_request(body: bytes, cls: type[Struct]):
-    """Decode and validate; raise ``InvalidRequest`` with the offending parameter named."""
+    """Decode and validate; raise ``InvalidRequest`` with the offending parameter named. Unknown
+    fields are logged and ignored; known but unimplemented ones are refused."""
+    try:
+        fields = msgspec.json.decode(body, type=dict[str, msgspec.Raw])     # top level, values unparsed
+    except msgspec.ValidationError:
+        raise InvalidRequest("the request body must be a JSON object") from None
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
+    for name, (message, harmless) in NOT_IMPLEMENTED.items():
+        if name in fields and msgspec.json.decode(fields[name]) not in (None, harmless):
+            raise InvalidRequest(message, param=name)
+    unknown = sorted(set(fields) - set(cls.__struct_fields__) - set(NOT_IMPLEMENTED))
+    if unknown:
+        log.warning("ignoring fields no API defines: %s", ", ".join(unknown[:16]))
     try:
         return msgspec.json.decode(body, type=cls)
     except msgspec.ValidationError as e:
         m = _PARAM_RE.search(str(e))
         raise InvalidRequest(str(e), param=m.group(1) if m else None) from None
-    except msgspec.DecodeError as e:
-        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
 
 
 class InvalidRequest(ValueError):
@@ -225,9 +359,16 @@ class CompletionLogprobs(Struct):
     text_offset: list[int] = []
 
 
-class ChatMessageOut(Struct):
+class ToolCallOut(Struct):
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
+class ChatMessageOut(Struct, omit_defaults=True):
     role: str
     content: Optional[str]
+    tool_calls: list[ToolCallOut] = []
 
 
 class ChatChoice(Struct):
@@ -246,9 +387,24 @@ class ChatCompletionResponse(Struct):
     object: str = "chat.completion"
 
 
+class FunctionDelta(Struct, omit_defaults=True):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCallDeltaOut(Struct, omit_defaults=True):
+    """One piece of a streamed tool call; the client joins the pieces of an ``index``."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[str] = None
+    function: Optional[FunctionDelta] = None
+
+
 class ChatDelta(Struct, omit_defaults=True):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallDeltaOut]] = None
 
 
 class ChatChunkChoice(Struct):
