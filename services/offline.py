@@ -108,20 +108,23 @@ class LLM:
                                                        return_dict=False))
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = False, grammar: GrammarSpec | None = None) -> list[Completion]:
-        """``grammar``: a structured-output constraint for every prompt (shared/grammar.py
-        checks it; ValueError names what is wrong)."""
-        if grammar is not None:
-            from shared.grammar import check
+                 progress: bool = False,
+                 grammar: GrammarSpec | list[GrammarSpec | None] | None = None) -> list[Completion]:
+        """``grammar``: a structured-output constraint for every prompt, or one per prompt
+        (shared/grammar.py checks each; ValueError names what is wrong)."""
+        from shared.grammar import check
 
-            check(grammar)
         params = params if params is not None else SamplingParams()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
-        if len(per_prompt) != len(prompts):
-            raise ValueError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts")
+        grammars = grammar if isinstance(grammar, list) else [grammar] * len(prompts)
+        if len(per_prompt) != len(prompts) or len(grammars) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} sampling params and {len(grammars)} grammars "
+                             f"for {len(prompts)} prompts")
+        for g in {g for g in grammars if g is not None}:
+            check(g)
         ids = [p if isinstance(p, list) else self.tokenizer.encode(p) for p in prompts]
-        requests = [AddRequest(request_id=str(i), prompt_token_ids=t, sampling=s, grammar=grammar)
-                    for i, (t, s) in enumerate(zip(ids, per_prompt))]
+        requests = [AddRequest(request_id=str(i), prompt_token_ids=t, sampling=s, grammar=g)
+                    for i, (t, s, g) in enumerate(zip(ids, per_prompt, grammars))]
         samples = self.engine.run(requests, progress=progress)
         completions = []
         for r in requests:

@@ -281,6 +281,10 @@ NOT_IMPLEMENTED: dict[str, tuple[str, Any]] = {
 }
 
 
+# OpenAI fields that change nothing in a reply from here (storage, billing and routing hints).
+NO_EFFECT = frozenset({"store", "metadata", "service_tier", "safety_identifier", "prompt_cache_key"})
+
+
 def decode_request(body: bytes, cls: type[Struct]):
     """Decode and validate; raise ``InvalidRequest`` with the offending parameter named. Unknown
     fields are logged and ignored; known but unimplemented ones are refused."""
@@ -293,7 +297,7 @@ def decode_request(body: bytes, cls: type[Struct]):
     for name, (message, harmless) in NOT_IMPLEMENTED.items():
         if name in fields and msgspec.json.decode(fields[name]) not in (None, harmless):
             raise InvalidRequest(message, param=name)
-    unknown = sorted(set(fields) - set(cls.__struct_fields__) - set(NOT_IMPLEMENTED))
+    unknown = sorted(set(fields) - set(cls.__struct_fields__) - set(NOT_IMPLEMENTED) - NO_EFFECT)
     if unknown:
         log.warning("ignoring fields no API defines: %s", ", ".join(unknown[:16]))
     try:
