@@ -7,20 +7,23 @@ in turning logprobs into wire objects (the result has to become Python objects a
 
 Pipeline of :meth:`Sampler.__call__` (the order is vLLM V1's):
 
-1. raw logprobs    ``log_softmax(logits)`` of the *raw model logits*, before penalties,
-                   temperature and truncation (vLLM's default ``raw_logprobs`` mode). Only when
-                   some row asked for logprobs.
-2. penalties       repetition (HF: over prompt + output tokens, divide positive logits and
+1. raw logprobs    ``log_softmax(logits)`` of the *raw model logits*, before the grammar mask,
+                   penalties, temperature and truncation (vLLM's default ``raw_logprobs`` mode):
+                   they describe the model's own distribution. Only when some row asked for them.
+2. grammar mask    structured outputs: rows with a token mask (``SamplingMetadata.build(masks=)``)
+                   get -inf on every token their grammar does not allow, so nothing below (greedy,
+                   sampling, the fast all-greedy argmax too) can pick one.
+3. penalties       repetition (HF: over prompt + output tokens, divide positive logits and
                    multiply negative ones by the penalty), then frequency and presence (OpenAI:
                    over output tokens, ``logit -= count * frequency + (count > 0) * presence``).
-3. greedy rows     ``argmax`` of the penalised logits (temperature < 1e-5 counts as greedy, as in
+4. greedy rows     ``argmax`` of the penalised logits (temperature < 1e-5 counts as greedy, as in
                    vLLM, so a tiny temperature never divides logits into inf/nan).
-4. temperature     ``logits / T``.
-5. min-p           drop tokens with ``p < min_p * p_max`` (done in logit space:
+5. temperature     ``logits / T``.
+6. min-p           drop tokens with ``p < min_p * p_max`` (done in logit space:
                    ``logit < max_logit + log(min_p)``).
-6. top-k, top-p    keep the k largest; then the smallest prefix of the sorted (top-k-renormalised)
+7. top-k, top-p    keep the k largest; then the smallest prefix of the sorted (top-k-renormalised)
                    distribution whose mass reaches ``top_p`` (the token that crosses is kept).
-7. sample          exponential race (Gumbel-max): ``argmax(probs / E)``, ``E ~ Exp(1)`` per
+8. sample          exponential race (Gumbel-max): ``argmax(probs / E)``, ``E ~ Exp(1)`` per
                    (row, vocab id), which samples exactly from ``probs`` without a cumsum/search.
 
 Seeds. For a row with ``params.seed`` the noise ``E`` is a pure function of (seed, sample_index,
@@ -28,6 +31,14 @@ step position = len(output_token_ids), vocab id): a counter-based hash (splitmix
 int64 torch ops, so the same request gives the same tokens across runs, batch compositions and
 row orders, on any device; ``sample_index`` makes the ``n > 1`` siblings differ. Rows without a
 seed draw ``E`` from torch's global RNG.
+
+Grammar masks. The scheduler sends one row per constrained row: ceil(V / 32) little-endian
+int32 words, bit t % 32 of word t // 32 set = token t allowed (shared/messages.py, StepPlan).
+Little-endian words are, byte for byte, a bit string where token t is bit t % 8 of byte t // 8,
+so the rows travel to the device as raw bytes (one copy, no byte swapping on any host) and are
+unpacked there with shifts (:func:`unpack_masks`); bits from V up to the row's padding are
+ignored. A row whose mask allows nothing gets token 0 or an arbitrary one; the scheduler's matcher
+then rejects it.
 
 Nothing else is masked here (min_tokens / EOS suppression is the scheduler's business).
 """
@@ -41,8 +52,8 @@ import torch
 
 from shared.messages import SamplingParams, TokenLogprobs
 
-__all__ = ["SamplingMetadata", "SamplerOutput", "Sampler", "apply_penalties", "process_logits",
-           "seeded_exponentials", "row_key"]
+__all__ = ["SamplingMetadata", "SamplerOutput", "Sampler", "apply_grammar_masks", "apply_penalties",
+           "process_logits", "seeded_exponentials", "row_key", "unpack_masks"]
 
 _GREEDY_EPS = 1e-5                 # temperature below this samples greedily
 _TOP_K_OFF = 1 << 62               # stored top_k of rows without top-k (clamped to V at use)
@@ -138,6 +149,8 @@ class SamplingMetadata:
     bias_rows: torch.Tensor            # [Nb] int64, row of each logit_bias entry
     bias_tokens: torch.Tensor          # [Nb] int64, its token id
     bias_values: torch.Tensor          # [Nb] float32, its bias
+    mask_rows: torch.Tensor            # [M] int64, rows with a grammar mask
+    mask_bytes: torch.Tensor           # [M, 4W] uint8, their masks as sent (W = ceil(V / 32) words)
     # --- host flags
     logprob_ks: list[Optional[int]]    # params.logprobs per row
     max_logprobs: int                  # max k over rows that asked (0 if none)
@@ -153,6 +166,7 @@ class SamplingMetadata:
     any_top_p: bool
     any_logprobs: bool
     any_logit_bias: bool
+    any_mask: bool
 
     @property
     def do_penalties(self) -> bool:
@@ -160,15 +174,18 @@ class SamplingMetadata:
 
     @property
     def fast_greedy(self) -> bool:
-        """Every row greedy, no penalties, no logit bias, no logprobs: the step is one argmax."""
+        """Every row greedy, no penalties, no logit bias, no logprobs: the step is one argmax (of
+        the grammar-masked logits when some row has a mask)."""
         return self.all_greedy and not self.do_penalties and not self.any_logprobs and not self.any_logit_bias
 
     @staticmethod
-    def build(rows: list[tuple[SamplingParams, list[int], list[int], int]],
-              device) -> "SamplingMetadata":
-        """rows[i] = (params, prompt_token_ids, output_token_ids, sample_index) of batch row i.
+    def build(rows: list[tuple[SamplingParams, list[int], list[int], int]], device,
+              masks: Optional[tuple[list[int], bytes]] = None) -> "SamplingMetadata":
+        """rows[i] = (params, prompt_token_ids, output_token_ids, sample_index) of batch row i;
+        masks = (row indices [M], M mask rows of the wire format, concatenated), or None.
 
-        Two host->device copies in all: one float32 pack, one int64 pack, sliced into views.
+        Host->device copies: one float32 pack, one int64 pack (sliced into views), and with masks
+        one more for their bytes.
         """
         B = len(rows)
         temp, top_p, min_p, rep, pres, freq = [], [], [], [], [], []
@@ -209,14 +226,20 @@ class SamplingMetadata:
                 btoks.extend(p.logit_bias)
                 bvals.extend(p.logit_bias.values())
 
-        S, Np, No, Nb = len(seeded), len(ptoks), len(otoks), len(brows)
+        mrows, mdata = masks if masks is not None and masks[0] else ([], b"")
+        S, Np, No, Nb, M = len(seeded), len(ptoks), len(otoks), len(brows), len(mrows)
+        if M and len(mdata) % (4 * M):
+            raise ValueError(f"{len(mdata)} mask bytes do not split into {M} rows of int32 words")
         floats = torch.tensor(temp + top_p + min_p + rep + pres + freq + bvals, dtype=torch.float32,
                               device=device)
         f, bvals_t = floats[:6 * B].view(6, B), floats[6 * B:]
-        ints = torch.tensor(top_k + greedy + plens + olens + seeded + keys + ptoks + otoks + brows + btoks,
+        ints = torch.tensor(top_k + greedy + plens + olens + seeded + keys + ptoks + otoks + brows + btoks + mrows,
                             dtype=torch.int64, device=device)
-        top_k_t, greedy_t, plens_t, olens_t, seeded_t, keys_t, ptoks_t, otoks_t, brows_t, btoks_t = ints.split(
-            [B, B, B, B, S, S, Np, No, Nb, Nb])
+        (top_k_t, greedy_t, plens_t, olens_t, seeded_t, keys_t, ptoks_t, otoks_t, brows_t, btoks_t,
+         mrows_t) = ints.split([B, B, B, B, S, S, Np, No, Nb, Nb, M])
+        # bytearray: torch wants a writable buffer (the wire's bytes are not), one host copy
+        mbytes_t = (torch.frombuffer(bytearray(mdata), dtype=torch.uint8).to(device).view(M, -1) if M
+                    else torch.empty(0, 0, dtype=torch.uint8, device=device))                # [M, 4W]
         asked = [k for k in ks if k is not None]
         return SamplingMetadata(
             num_rows=B,
@@ -225,6 +248,7 @@ class SamplingMetadata:
             top_k=top_k_t, is_greedy=greedy_t.bool(), seeded_rows=seeded_t, seed_keys=keys_t,
             prompt_tokens=ptoks_t, prompt_lens=plens_t, output_tokens=otoks_t, output_lens=olens_t,
             bias_rows=brows_t, bias_tokens=btoks_t, bias_values=bvals_t,
+            mask_rows=mrows_t, mask_bytes=mbytes_t,
             logprob_ks=ks, max_logprobs=max(asked, default=0), max_top_k=max_top_k,
             all_greedy=all(greedy), any_greedy=any(greedy),
             any_seeded=S > 0, all_seeded=S == B,
@@ -235,6 +259,7 @@ class SamplingMetadata:
             any_top_p=any(x < 1.0 for x in top_p),
             any_logprobs=bool(asked),
             any_logit_bias=Nb > 0,
+            any_mask=M > 0,
         )
 
 
@@ -263,6 +288,25 @@ def apply_logit_bias(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tens
     if not meta.any_logit_bias:
         return logits
     return logits.index_put((meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True)
+
+
+def unpack_masks(mask_bytes: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Wire mask rows [M, 4W] uint8 -> allowed [M, V] bool: token t is bit t % 8 of byte t // 8
+    (the bytes of little-endian int32 words); the padding bits past V are cut off."""
+    assert 8 * mask_bytes.shape[1] >= vocab_size, f"mask rows of {mask_bytes.shape[1]} bytes, {vocab_size} tokens"
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask_bytes.device)
+    bits = (mask_bytes[:, :, None] >> shifts) & 1                                      # [M, 4W, 8]
+    return bits.view(mask_bytes.shape[0], -1)[:, :vocab_size].bool()                  # [M, V]
+
+
+def apply_grammar_masks(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """logits [B, V] -> logits with -inf on the tokens each masked row's grammar forbids (a new
+    tensor, or ``logits`` itself when no row has a mask)."""
+    if not meta.any_mask:
+        return logits
+    allowed = unpack_masks(meta.mask_bytes, logits.shape[1])                          # [M, V]
+    masked = logits[meta.mask_rows].masked_fill_(~allowed, -math.inf)                 # [M, V], a copy
+    return logits.index_put((meta.mask_rows,), masked)
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -342,10 +386,11 @@ class Sampler:
         if B == 0:
             return SamplerOutput(torch.empty(0, dtype=torch.int64, device=logits.device), None)
         if meta.fast_greedy:
-            return SamplerOutput(first_argmax(logits), None)
+            return SamplerOutput(first_argmax(apply_grammar_masks(logits, meta)), None)
 
         logits = logits.float()
         raw_logprobs = logits.log_softmax(-1) if meta.any_logprobs else None    # [B, V]
+        logits = apply_grammar_masks(logits, meta)                               # after the logprobs
         logits = apply_penalties(apply_logit_bias(logits, meta), meta)
         greedy_tokens = first_argmax(logits) if meta.any_greedy else None          # [B]
         if meta.all_greedy:

@@ -4,6 +4,14 @@ Loop: receive a routed frame -> decode (a bad frame is answered with ExecutorErr
 goes on) -> ExecutorHello: forget all sequence state, ExecutorReady; StepPlan: ``Worker.execute`` -> StepResult or
 ExecutorError; Shutdown: exit 0. The socket is bound only once the weights are loaded and the KV
 cache allocated, so a TCP health check on the port means "ready".
+
+Deferred masks: a StepPlan with ``mask_seq_ids`` and no ``masks`` is followed by a StepMasks
+frame, which the scheduler computes while the forward pass runs. The worker asks for it after
+the forward (``deferred_masks``): the next frame, within ``MASKS_TIMEOUT_S``, must be the
+StepMasks of that step from the same peer; anything else (a timeout, another message or step, a
+bad frame, another peer) is consumed and fails the step with ExecutorError. A StepMasks met by
+the loop itself belongs to a plan that failed before asking for it (validation, the forward) and
+was answered already: it is dropped without a reply.
 """
 from __future__ import annotations
 
@@ -12,16 +20,19 @@ import logging
 import os
 import signal
 import sys
+from typing import Callable
 
 import zmq
 
 from shared import transport
 from shared.config import ConfigError, add_options, config_from_args
 from shared.messages import (
-    ExecutorError, ExecutorHello, ProtocolError, Shutdown, StepPlan,
+    ExecutorError, ExecutorHello, ProtocolError, Shutdown, StepMasks, StepPlan,
 )
 
 log = logging.getLogger("pagedserve.executor")
+
+MASKS_TIMEOUT_S = 60.0      # the wait for a deferred StepMasks after the forward pass
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +44,30 @@ def forget_sequences(worker) -> None:
     and knows nothing of the old ones, so their state (not the weights, not the KV memory) goes.
     Every hello comes before the first plan of its conversation, so nothing live is dropped."""
     worker.seqs.clear()
+
+
+class MasksFrameError(RuntimeError):
+    """The frame after a plan with deferred masks was not its StepMasks (the step fails)."""
+
+
+def deferred_masks(sock: zmq.Socket, identity: bytes, step_id: int,
+                   timeout_s: float = MASKS_TIMEOUT_S) -> Callable[[], bytes]:
+    """The ``masks`` callable of ``Worker.execute`` for step ``step_id``: receives the next frame."""
+    def receive() -> bytes:
+        want = f"the StepMasks of step {step_id}"
+        if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            raise MasksFrameError(f"no StepMasks for step {step_id} within {timeout_s:g}s")
+        sender, msg = transport.recv_routed(sock)
+        if sender != identity:
+            raise MasksFrameError(f"expected {want}, got a frame from another peer")
+        if isinstance(msg, ProtocolError):
+            raise MasksFrameError(f"expected {want}, got a bad frame: {msg}")
+        if not isinstance(msg, StepMasks):
+            raise MasksFrameError(f"expected {want}, got {type(msg).__name__}")
+        if msg.step_id != step_id:
+            raise MasksFrameError(f"expected {want}, got those of step {msg.step_id}")
+        return msg.masks
+    return receive
 
 
 def serve(worker, sock: zmq.Socket) -> int:
@@ -52,7 +87,10 @@ def serve(worker, sock: zmq.Socket) -> int:
                 forget_sequences(worker)
                 transport.send(sock, worker.ready(), identity)
         elif isinstance(msg, StepPlan):
-            transport.send(sock, worker.execute(msg), identity)
+            masks = deferred_masks(sock, identity, msg.step_id) if msg.mask_seq_ids and not msg.masks else None
+            transport.send(sock, worker.execute(msg, masks), identity)
+        elif isinstance(msg, StepMasks):       # its plan failed before asking for it: answered already
+            log.debug("dropping the masks of step %d, whose plan failed before using them", msg.step_id)
         elif isinstance(msg, Shutdown):
             log.info("shutdown requested")
             return 0

@@ -5,17 +5,24 @@ or behind ZMQ (``services/executor/service.py``):
 
     worker = Worker(engine_config)          # loads the model, allocates the cache
     worker.ready()   -> ExecutorReady
-    worker.execute(plan) -> StepResult | ExecutorError
+    worker.execute(plan, masks=None) -> StepResult | ExecutorError
 
 A plan is validated completely (shared/step_check.py) before anything is mutated, so a bad plan
 changes nothing.
+
+Structured outputs: the plan's ``mask_seq_ids`` sample only what their token masks allow. The
+masks come inline (``plan.masks``) or, when the scheduler computes them while the forward pass
+runs, from ``masks()``, called once after the forward and before sampling (the service receives
+the StepMasks frame there). A plan that defers its masks without a ``masks`` source is refused
+like a bad plan; deferred masks of the wrong size fail the step with the forward already run
+(see ``_masks``).
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -27,7 +34,7 @@ from services.executor.weights import LoadedModel, load_model
 from shared.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
 from shared.messages import ExecutorError, ExecutorReady, SamplingParams, StepPlan, StepResult
 from shared.model_path import resolve_model
-from shared.step_check import CheckedPlan, PlanError, SeqShape, StepLimits, validate_plan
+from shared.step_check import CheckedPlan, PlanError, SeqShape, StepLimits, check_masks_size, validate_plan
 
 log = logging.getLogger("pagedserve.executor")
 
@@ -144,19 +151,27 @@ class Worker:
                           max_num_batched_tokens=self.max_num_batched_tokens)
 
     # ------------------------------------------------------------------------------ one step
-    def execute(self, plan: StepPlan) -> StepResult | ExecutorError:
+    def execute(self, plan: StepPlan, masks: Optional[Callable[[], bytes]] = None) -> StepResult | ExecutorError:
+        """Run one plan. ``masks``: returns the step's token masks when the plan names
+        ``mask_seq_ids`` without carrying them (a StepMasks frame); called after the forward."""
         try:
             checked = validate_plan(plan, self.seqs, self.limits())
+            if plan.mask_seq_ids and not plan.masks and masks is None:
+                raise PlanError(f"step {plan.step_id}: the masks of {len(plan.mask_seq_ids)} seqs are deferred "
+                                f"to a StepMasks frame, but no source of masks was given")
         except PlanError as e:
             return ExecutorError(step_id=plan.step_id, message=str(e))
         try:
             with torch.inference_mode():
-                return self._apply(plan, checked)
+                return self._apply(plan, checked, masks)
+        except PlanError as e:          # deferred masks of the wrong size (_masks), after the forward
+            return ExecutorError(step_id=plan.step_id, message=str(e))
         except Exception as e:  # noqa: BLE001 - a failing step must not kill the service
             log.exception("step %d failed", plan.step_id)
             return ExecutorError(step_id=plan.step_id, message=f"step failed: {type(e).__name__}: {e}")
 
-    def _apply(self, plan: StepPlan, checked: CheckedPlan) -> StepResult:
+    def _apply(self, plan: StepPlan, checked: CheckedPlan,
+               masks: Optional[Callable[[], bytes]] = None) -> StepResult:
         for sid in plan.finished:
             del self.seqs[sid]
         for sid in plan.preempted:
@@ -197,13 +212,32 @@ class Worker:
 
         states = [self.seqs[sid] for sid in sampled]
         meta = SamplingMetadata.build([(s.params, s.prompt, s.output, s.sample_index) for s in states],
-                                      self.device)
+                                      self.device, self._masks(plan, checked, masks))
         out = self.sampler(logits, meta)
         tokens = out.token_ids.tolist()                                      # the step's one sync
         for s, t in zip(states, tokens):
             s.output.append(t)
         return StepResult(step_id=plan.step_id, seq_ids=sampled, token_ids=tokens,
                           logprobs=out.logprobs)
+
+    def _masks(self, plan: StepPlan, checked: CheckedPlan,
+               masks: Optional[Callable[[], bytes]]) -> Optional[tuple[list[int], bytes]]:
+        """(sampled row of each mask_seq_ids entry, the mask rows) for the sampler, or None.
+
+        Deferred masks arrive after the forward pass has run (KV written, num_computed advanced,
+        forks made), so a wrong size (or whatever ``masks()`` raises) cannot leave the state
+        unchanged as a validation error does: the step answers ExecutorError, and the scheduler
+        fails the step like any other executor error."""
+        if not plan.mask_seq_ids:
+            return None
+        data = plan.masks                       # inline: its size was checked with the plan
+        if not data:
+            data = masks()                      # execute checked that there is a source
+            try:
+                check_masks_size(data, len(checked.mask_rows), self.model_config.vocab_size)
+            except PlanError as e:
+                raise PlanError(f"step {plan.step_id}: deferred {e}") from None
+        return checked.mask_rows, data
 
     # ------------------------------------------------------------------------------ forward
     def _forward(self, work: list[tuple[int, int]], sample_rows: list[int]) -> Optional[Tensor]:
