@@ -58,7 +58,7 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True):
 GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "lark"]
 
 
-class GrammarSpec(Struct, array_like=True):
+class GrammarSpec(Struct, array_like=True, frozen=True):
     """A structured-output constraint (gateway -> scheduler). ``value``: the JSON Schema text
     (json_schema), ignored (json_object: any JSON object), a regular expression (regex), a JSON
     list of the allowed strings (choice), a Lark grammar (lark). shared/grammar.py turns it
