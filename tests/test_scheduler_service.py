@@ -16,7 +16,7 @@ from services.scheduler.executor_channel import ExecutorLost, ExecutorTimeout, Z
 from services.scheduler.service import SchedulerService
 from shared import transport
 from shared.config import CacheConfig, SchedulerConfig
-from shared.messages import (AbortRequest, AddRequest, NewSeq, RequestError, RequestOutputs, SamplingParams,
+from shared.messages import (AbortRequest, ExecutorError, AddRequest, NewSeq, RequestError, RequestOutputs, SamplingParams,
                              SchedulerStats, StatsRequest, StepPlan, StepResult, encode)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +33,10 @@ class LocalChannel:
 
     def execute(self, plan: StepPlan, masks=None):
         return self.executor.execute(plan, (lambda: masks().masks) if masks else None)
+
+    def forget(self, block_size: int, timeout_s: float) -> bool:
+        self.executor.forget()
+        return True
 
     def lost(self) -> bool:
         return False
@@ -386,6 +390,30 @@ def test_executor_error_fails_the_step_requests_and_the_service_recovers(make, f
     finishes_alone(h, gw, "later", max_tokens=4)     # strict fake: any state mismatch would error again
     h.assert_drained()
     assert set(h.fake.seqs) <= h.service.executor_known
+
+
+@pytest.mark.parametrize("fail_step", [0, 1, 3])
+def test_a_step_that_failed_after_running_in_part_leaves_no_stale_state(make, fail_step):
+    """The executor applied the step (drops, new sequences, forks, tokens) and then failed, as
+    one whose deferred masks never came would: after the hello that follows, it holds nothing,
+    so the next plans agree with it and later requests finish."""
+    class FailsAfterRunning(FakeExecutor):
+        def execute(self, plan, masks=None):
+            result = super().execute(plan, masks)
+            if plan.step_id == fail_step:
+                return ExecutorError(step_id=plan.step_id, message="failed after the forward")
+            return result
+
+    fake = FailsAfterRunning(block_size=4, num_blocks=64, max_model_len=256, strict=True)
+    h = make(channel=LocalChannel(fake))
+    gw = h.ready_gateway()
+    add(gw, "a", max_tokens=6, n=2)
+    add(gw, "b", max_tokens=6)
+    tokens, finished, errors = collect(h, gw, ["a", "b"])
+    assert {e.code for e in errors} == {"executor_error"} and not fake.seqs
+    for i in range(3):
+        finishes_alone(h, gw, f"later{i}", max_tokens=4)
+    h.assert_drained()
 
 
 class Restartable(LocalChannel):

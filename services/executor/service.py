@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def forget_sequences(worker) -> None:
     """A hello opens a new conversation: a restarted scheduler numbers its sequences from 0 again
     and knows nothing of the old ones, so their state (not the weights, not the KV memory) goes.
-    Every hello comes before the first plan of its conversation, so nothing live is dropped."""
+    A hello also follows a failed step (the scheduler failed every request with state here, and
+    the step may have run in part), so nothing the executor holds can disagree with the next plan."""
     worker.seqs.clear()
 
 

@@ -28,6 +28,7 @@ class ExecutorChannel(Protocol):
     def hello(self, block_size: int, timeout_s: float) -> Optional[ExecutorReady]: ...
     # may raise ExecutorLost; ``masks`` (a plan sent without them) is called once the plan is out
     def execute(self, plan: StepPlan, masks: Optional[MaskSource] = None) -> StepResult | ExecutorError: ...
+    def forget(self, block_size: int, timeout_s: float) -> bool: ...   # a hello now; False: no answer
     def lost(self) -> bool: ...
     def reset(self) -> None: ...          # after a loss: a fresh connection, no stale replies
     def shutdown(self) -> None: ...
@@ -96,6 +97,12 @@ class ZmqExecutorChannel:
                 return msg
             if isinstance(msg, ExecutorError):        # e.g. a block size mismatch: retrying cannot help
                 raise ConfigError(f"the executor refused the handshake: {msg.message}")
+
+    def forget(self, block_size: int, timeout_s: float) -> bool:
+        """A hello now (whatever the handshake interval), so the executor drops every sequence;
+        whether its ExecutorReady came within ``timeout_s``."""
+        self._last_hello = -float("inf")
+        return self.hello(block_size, timeout_s) is not None
 
     def execute(self, plan: StepPlan, masks: Optional[MaskSource] = None) -> StepResult | ExecutorError:
         """Send the plan and wait for its result. With ``masks``, the plan went without its token

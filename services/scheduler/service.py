@@ -17,9 +17,10 @@ Life of the loop (``SchedulerService.run_once``):
 
 An executor error (ExecutorError, or a reply ``update`` rejects) fails, with RequestError
 ``executor_error``, every request that has state on the executor or in the failed plan; waiting
-requests stay queued. The failed plan changed nothing on the executor while the Scheduler
-believes it did, so the next plan is reconciled: its drop lists keep only ids the executor holds,
-plus every id it still holds (all of them belong to failed requests).
+requests stay queued. The failed plan may have run in part on the executor (a failure after its
+forward pass), so a hello makes the executor forget every sequence (``channel.forget``; no answer
+within ``FORGET_TIMEOUT_S``: the executor is lost), and the next plan is reconciled: its drop
+lists name no sequence, since the executor holds none.
 
 A *lost* executor (its connection drops: a socket monitor sees EVENT_DISCONNECTED within
 milliseconds of a kill on ipc:// and tcp://; ZMTP heartbeats catch a silent peer on tcp://; no
@@ -52,6 +53,8 @@ from shared.messages import (
 )
 
 log = logging.getLogger("pagedserve.scheduler")
+
+FORGET_TIMEOUT_S = 30.0      # after a failed step: the executor's answer to the hello that resets it
 
 
 @dataclass
@@ -263,6 +266,10 @@ class SchedulerService:
             affected |= {rid for rid in self.owners if not self.scheduler.has_request(rid)}
         self._fail(sorted(affected), message)
         self._resync = True
+        if self.channel.forget(self.cache_config.block_size, FORGET_TIMEOUT_S):
+            self.executor_known.clear()
+        else:
+            self._on_lost("the executor did not answer the hello after a failed step")
 
     def _on_lost(self, message: str) -> None:
         """The executor is gone with its KV cache: handshake again on a fresh socket; requests

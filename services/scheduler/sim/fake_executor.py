@@ -254,6 +254,11 @@ class FakeExecutor:
                 self._disown(sid, s.table[s.live_from:end])
             s.live_from = end
 
+    def forget(self) -> None:
+        """Drop every sequence (what the real executor does on a hello); the KV content stays."""
+        for sid in list(self.seqs):
+            self._drop(sid)
+
     def _drop(self, sid: int) -> None:
         s = self.seqs.pop(sid)
         if self.strict:
@@ -395,7 +400,8 @@ class FakeExecutorServer:
                     transport.send(self.sock, ExecutorError(step_id=-1, message=(
                         f"block size mismatch: scheduler {msg.block_size}, executor {self.executor.block_size}")),
                         identity)
-                else:
+                else:                   # the real executor forgets its sequences on every hello
+                    self.executor.forget()
                     transport.send(self.sock, self.executor.ready(), identity)
             elif isinstance(msg, StepPlan):
                 self.plans.append(msg)
