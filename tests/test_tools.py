@@ -208,7 +208,8 @@ HERMES_CASES = {
                  None, [("get_weather", {"city": "Paris"}), ("now", {})]),
     "malformed": ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>',
                   '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>', []),
-    "no name": ('<tool_call>{"arguments": {}}</tool_call> ok', '<tool_call>{"arguments": {}}</tool_call> ok', []),
+    "no name": ('<tool_call>{"arguments": {}}</tool_call> ok',
+                '<tool_call>{"arguments": {}}</tool_call> ok', []),
     "unclosed": ('Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Par',
                  'Sure. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Par', []),
     "tricky strings": ('<tool_call>{"name": "run", "arguments": {"code": "if a < b: x = {\\"k\\": [1, {}]}", '
@@ -238,7 +239,8 @@ SMOLLM2_CASES = {
                   '<tool_call>[{"name": "now", "arguments": {]</tool_call>', []),
     "one bad item": ('<tool_call>[{"name": "now", "arguments": {}}, {"arguments": {}}]</tool_call>',
                      '<tool_call>[{"name": "now", "arguments": {}}, {"arguments": {}}]</tool_call>', []),
-    "unclosed": ('<tool_call>[{"name": "now", "arguments": {}}', '<tool_call>[{"name": "now", "arguments": {}}', []),
+    "unclosed": ('<tool_call>[{"name": "now", "arguments": {}}',
+                 '<tool_call>[{"name": "now", "arguments": {}}', []),
     "tricky strings": ('<tool_call>[{"name": "echo", "arguments": {"text": "]</tool_call"}}]</tool_call>',
                        None, [("echo", {"text": "]</tool_call"})]),
 }
@@ -433,3 +435,20 @@ def test_prompt_of_a_template_that_handles_tools():
     assert tok.kw["tokenize"] is False and tok.kw["add_generation_prompt"] is True
     assert tok.messages[2]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert CONVERSATION[2]["tool_calls"][0]["function"]["arguments"] == '{"city": "Paris"}'
+
+
+@pytest.mark.parametrize("tools", [[], None])
+def test_prompt_without_tools_still_renders_earlier_calls(tokenizer, tools):
+    """A conversation that used tools, continued without them (tool_choice "none", say)."""
+    prompt = render_tools_prompt(tokenizer, CONVERSATION[1:], tools, "smollm2")
+    assert prompt.startswith("<|im_start|>user\n") and "<tools>" not in prompt
+    assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+    assert "<tool_response>\n12:05\n</tool_response>" in prompt
+
+
+def test_prompt_developer_message_is_a_system_message(tokenizer):
+    messages = [{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "hi"},
+                {"role": "developer", "content": "Still terse."}]
+    prompt = render_tools_prompt(tokenizer, messages, [NOW], "hermes")
+    assert prompt.startswith("<|im_start|>system\nBe terse.\n\nYou can call")
+    assert "<|im_start|>system\nStill terse.<|im_end|>\n" in prompt and "developer" not in prompt

@@ -97,7 +97,7 @@ def check_tools(tools: Optional[list], tool_choice: ToolChoice) -> None:
     """InvalidRequest (param "tools" or "tool_choice") unless ``tools`` and ``tool_choice`` can
     be served: OpenAI's shape, valid unique names, parameters that are a JSON Schema llguidance
     can enforce, and a choice that names a declared tool."""
-    tools = tools or []
+    tools = [] if tools is None else tools
     if not isinstance(tools, list):
         raise InvalidRequest("tools must be a list", param="tools")
     names: set[str] = set()
@@ -107,13 +107,18 @@ def check_tools(tools: Optional[list], tool_choice: ToolChoice) -> None:
             raise InvalidRequest(f"tool name {name!r} is declared twice", param="tools")
         names.add(name)
     _check_tool_choice(tool_choice)
-    if tool_choice in ("required",) or isinstance(tool_choice, dict):
-        if not tools:
-            raise InvalidRequest("tool_choice requires tools", param="tool_choice")
+    if (tool_choice == "required" or isinstance(tool_choice, dict)) and not tools:
+        raise InvalidRequest("tool_choice requires tools", param="tool_choice")
     named = chosen_name(tool_choice)
     if named is not None and named not in names:
         raise InvalidRequest(f"tool_choice names {named!r}, which is not in tools",
                              param="tool_choice")
+    if tool_choice == "required":                # each tool compiles; so should their union
+        try:
+            check(tool_choice_grammar(tools, "required", True))
+        except GrammarError as e:
+            raise InvalidRequest(f"tools cannot be combined into one grammar: {e}",
+                                 param="tools") from None
 
 
 def resolve_tool_choice(tools: Optional[list], tool_choice: ToolChoice) -> Union[str, dict]:
@@ -429,7 +434,8 @@ def get_tool_parser(name: str) -> TaggedToolParser:
 # The tools section of the system turn, per output format. Both show the exact block the
 # parser of that name reads; the tools are their OpenAI definitions as JSON.
 _HERMES_TOOLS = """
-{{- 'You can call the functions below; each is described by a JSON object inside <tools></tools>:\\n<tools>\\n' }}
+{{- 'You can call the functions below; each is described by a JSON object inside '
+    '<tools></tools>:\\n<tools>\\n' }}
 {%- for tool in tools %}{{- tool | tojson ~ '\\n' }}{%- endfor %}
 {{- '</tools>\\n\\nTo call a function, write one block per call, holding a JSON object with the '
     'name of the function and its arguments:\\n<tool_call>\\n'
@@ -466,14 +472,19 @@ _CHATML_TOOLS_TEMPLATE = """
     {{- '}' }}
 {%- endmacro -%}
 {%- if messages and messages[0].role in ('system', 'developer') %}
-    {%- set system = (messages[0].content or '') ~ '\\n\\n' %}
+    {%- set system = messages[0].content or '' %}
     {%- set turns = messages[1:] %}
 {%- else %}
     {%- set system = '' %}
     {%- set turns = messages %}
 {%- endif %}
-{{- '<|im_start|>system\\n' ~ system }}@TOOLS@
-{{- '<|im_end|>\\n' }}
+{%- if system or tools %}
+    {{- '<|im_start|>system\\n' ~ system }}
+    {%- if tools %}
+        {%- if system %}{{- '\\n\\n' }}{%- endif %}@TOOLS@
+    {%- endif %}
+    {{- '<|im_end|>\\n' }}
+{%- endif %}
 {%- for message in turns %}
     {%- set content = message.content or '' %}
     {%- if message.role == 'tool' %}
@@ -484,7 +495,8 @@ _CHATML_TOOLS_TEMPLATE = """
         {{- '<|im_start|>assistant\\n' ~ content }}@CALLS@
         {{- '<|im_end|>\\n' }}
     {%- else %}
-        {{- '<|im_start|>' ~ message.role ~ '\\n' ~ content ~ '<|im_end|>\\n' }}
+        {%- set role = 'system' if message.role == 'developer' else message.role %}
+        {{- '<|im_start|>' ~ role ~ '\\n' ~ content ~ '<|im_end|>\\n' }}
     {%- endif %}
 {%- endfor %}
 {%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
