@@ -452,3 +452,44 @@ def test_prompt_developer_message_is_a_system_message(tokenizer):
     prompt = render_tools_prompt(tokenizer, messages, [NOW], "hermes")
     assert prompt.startswith("<|im_start|>system\nBe terse.\n\nYou can call")
     assert "<|im_start|>system\nStill terse.<|im_end|>\n" in prompt and "developer" not in prompt
+
+
+# --------------------------------------------------------------------------------------------
+# the grammars under llguidance, token by token (what the scheduler will enforce)
+
+
+@pytest.fixture(scope="module")
+def ll_tokenizer(tokenizer):
+    import llguidance.hf
+    return llguidance.hf.from_tokenizer(tokenizer)
+
+
+def matches(ll_tokenizer, spec, text) -> bool:
+    """Whether llguidance lets the model write ``text`` in full under ``spec`` and stop there."""
+    from llguidance import LLMatcher
+    from shared.grammar import to_llguidance
+
+    matcher = LLMatcher(ll_tokenizer, to_llguidance(spec), log_level=0)
+    return matcher.consume_tokens(ll_tokenizer.tokenize_str(text)) and matcher.is_accepting()
+
+
+def test_llguidance_enforces_required_calls(ll_tokenizer):
+    one = tool_choice_grammar(TOOLS, "required", False)
+    many = tool_choice_grammar(TOOLS, "required", True)
+    weather = '{"name":"get_weather","arguments":{"city":"Paris"}}'
+    now = '{"name":"now","arguments":{}}'
+    assert matches(ll_tokenizer, one, f"[{weather}]")
+    assert not matches(ll_tokenizer, one, f"[{weather},{now}]")
+    assert matches(ll_tokenizer, many, f"[{weather},{now}]")
+    assert not matches(ll_tokenizer, many, '[{"name":"nope","arguments":{}}]')
+    assert not matches(ll_tokenizer, many, '[{"name":"get_weather","arguments":{"town":"Paris"}}]')
+    assert not matches(ll_tokenizer, many, "[]")
+    calls = calls_from_constrained(f"[{weather},{now}]", "required")
+    assert calls_of(calls) == [("get_weather", {"city": "Paris"}), ("now", {})]
+
+
+def test_llguidance_enforces_named_arguments(ll_tokenizer):
+    spec = tool_choice_grammar(TOOLS, named("get_weather"), True)
+    assert matches(ll_tokenizer, spec, '{"city":"Paris","unit":"celsius"}')
+    assert not matches(ll_tokenizer, spec, '{"unit":"celsius"}')
+    assert not matches(ll_tokenizer, spec, '{"city":"Paris"} and more')
