@@ -22,6 +22,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 LOG_LEVELS = ("debug", "info", "warning", "error")
+TOOL_CALL_PARSERS = ("auto", "hermes", "smollm2")   # services/gateway/tools.py has each but auto
 SERVICES = ("executor", "scheduler", "gateway")   # the processes `serve` starts, in start order
 COMMANDS = (*SERVICES, "generate", "serve", "compare")   # compare: `bench compare`
 DEFAULT_MAX_MODEL_LEN = 2048                       # the executor's context limit when none is set
@@ -221,6 +222,9 @@ class GatewayConfig:
     max_header_bytes: int = opt(16 * 1024, "larger request lines + headers get 431", "gateway",
                                 type=int_at_least(1))
     max_n: int = opt(16, "most samples per request (n)", "gateway", type=int_at_least(1))
+    tool_call_parser: str = opt("auto", "how tool_choice=auto reads tool calls in the model's text "
+                                        "(auto = smollm2 for SmolLM2, else hermes)", "gateway",
+                                choices=TOOL_CALL_PARSERS)
     limit_concurrency: int = opt(0, "most open connections before uvicorn answers 503 (0 = no limit)", "gateway",
                                  type=int_at_least(0))
     drain_timeout: float = opt(30.0, "on SIGTERM, seconds in-flight requests get to finish", "gateway serve",

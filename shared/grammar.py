@@ -33,7 +33,17 @@ def to_llguidance(spec: GrammarSpec) -> str:
     cannot even be read (checking what it means is ``check``'s job)."""
     from llguidance import LLMatcher
 
-    kind, value = spec.kind, spec.value
+    try:
+        return _to_llguidance(LLMatcher, spec.kind, spec.value)
+    except ValueError as e:            # llguidance's own refusals (GrammarError is one too)
+        raise GrammarError(str(e)) from None
+
+
+def _to_llguidance(LLMatcher, kind: str, value: str) -> str:
+    if kind == "json_schema" and value.strip() in ("true", "false"):      # boolean schemas
+        if value.strip() == "false":
+            raise GrammarError("the JSON Schema `false` matches nothing")
+        value = "{}"
     if kind == "json_object":
         return LLMatcher.grammar_from_json_schema('{"type": "object"}', defaults=_JSON_DEFAULTS)
     if kind == "json_schema":

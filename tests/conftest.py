@@ -142,6 +142,7 @@ INTEGRATION_MODULES = frozenset({
     "test_launcher", "test_limits", "test_no_torch_import", "test_scheduler_service", "test_security",
     "test_serve_e2e", "test_soak", "test_worker_errors", "test_fuzz_wire", "test_engine_errors", "test_serve_oracle",
     "test_model_families",       # `pagedserve generate` / `serve` subprocesses on built checkpoints
+    "test_structured_serve",     # `pagedserve serve` on the default model
 })
 
 

@@ -30,3 +30,19 @@ def test_scheduler_subcommand_help_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_structured_outputs_in_the_scheduler_do_not_import_torch():
+    """The grammar backend loads the model's tokenizer (transformers' torch-free tokenizer
+    classes) and llguidance, compiles and fills masks: torch stays out."""
+    code = ("import sys\n"
+            "from services.scheduler.grammar import GrammarBackend, TokenizerLoader\n"
+            "from shared.messages import GrammarSpec\n"
+            "backend = GrammarBackend(TokenizerLoader('').bind(49152, [2]), 49152)\n"
+            "m = backend.matcher(GrammarSpec('json_object'))\n"
+            "assert len(backend.fill_masks([m])) == 49152 // 8\n"
+            "heavy = sorted(x for x in sys.modules if x.split('.')[0] in ('torch', 'cupy'))\n"
+            "print(heavy)\n"
+            "sys.exit(1 if heavy else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -342,7 +342,7 @@ def test_stream_equals_parse_for_any_split(parser, case):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from services.gateway.tokenizer import load_tokenizer
+    from shared.tokenizer import load_tokenizer
     try:
         return load_tokenizer("")
     except FileNotFoundError as e:
@@ -493,3 +493,9 @@ def test_llguidance_enforces_named_arguments(ll_tokenizer):
     assert matches(ll_tokenizer, spec, '{"city":"Paris","unit":"celsius"}')
     assert not matches(ll_tokenizer, spec, '{"unit":"celsius"}')
     assert not matches(ll_tokenizer, spec, '{"city":"Paris"} and more')
+
+
+def test_the_tool_call_parser_flag_offers_every_parser():
+    from shared.config import TOOL_CALL_PARSERS as FLAG_CHOICES
+
+    assert FLAG_CHOICES == ("auto", *TOOL_CALL_PARSERS)

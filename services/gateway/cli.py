@@ -28,9 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shared.model_path import resolve_model
-    from shared.transport import check_address
-
     from shared.tokenizer import load_tokenizer
+    from shared.transport import check_address
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(src)
     app = build_app(EngineClient(addrs), tokenizer, gw.served_model_name or src.name,
                     config.engine.scheduler.max_model_len, gw.api_key or None, gw.max_body_bytes, gw.max_n,
-                    gw.max_header_bytes)
+                    gw.max_header_bytes, gw.tool_call_parser)
     serve(app, gw.drain_timeout, **uvicorn_options(gw.host, gw.port, config.process.log_level,
                                                    gw.max_header_bytes, gw.limit_concurrency))
     return 0

@@ -14,9 +14,10 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from shared.messages import SchedulerStats
+from shared.messages import GrammarSpec, SchedulerStats
 
 from . import protocol as P
+from . import tools as T
 from .detokenizer import make_decode
 from .engine_client import EngineClient, EngineError
 from .errors import APIError, json_response
@@ -25,6 +26,7 @@ from .generation import Generation
 from .metrics import CONTENT_TYPE, GatewayMetrics
 from .openapi import openapi_schema
 from .sse import sse_stream
+from .structured import check_spec, grammar_of
 
 log = logging.getLogger("pagedserve.gateway")
 
@@ -45,7 +47,7 @@ class Gateway:
     """Everything the handlers share."""
 
     def __init__(self, engine: EngineClient, tokenizer, served_model_name: str, max_model_len: int,
-                 max_body_bytes: int, max_n: int):
+                 max_body_bytes: int, max_n: int, tool_call_parser: str = "auto"):
         self.engine, self.tokenizer = engine, tokenizer
         self.model_name, self.max_model_len = served_model_name, max_model_len
         self.max_body_bytes, self.max_n = max_body_bytes, max_n
@@ -54,6 +56,7 @@ class Gateway:
         self.decode_token = make_decode(tokenizer, skip_special_tokens=False)
         self.vocab_size = len(tokenizer)
         self.metrics = GatewayMetrics(engine.last_stats, served_model_name)
+        self.tool_call_parser = T.resolve_parser_name(tool_call_parser, tokenizer)
         self.created = int(time.time())
 
     # -- request plumbing ---------------------------------------------------------------------
@@ -195,13 +198,15 @@ def _endpoint(fn):
     return handler
 
 
-async def _generate(gw: Gateway, request: Request, req, prompt_ids: list[int], fmt: type) -> Response:
+async def _generate(gw: Gateway, request: Request, req, prompt_ids: list[int], fmt: type,
+                    grammar: Optional[GrammarSpec] = None, **fmt_options) -> Response:
     """Check, submit and stream (or collect) one generation, shaped by ``fmt`` (a format class)."""
     sampling = await gw.plan(req, prompt_ids, fmt.param, default_max_tokens=fmt.default_max_tokens)
     rid = f"{fmt.prefix}-{uuid.uuid4().hex}"
-    gen = Generation(gw.engine, gw.decode, rid, prompt_ids, sampling, req.stop_strings, gw.metrics.timer())
+    gen = Generation(gw.engine, gw.decode, rid, prompt_ids, sampling, req.stop_strings, gw.metrics.timer(),
+                     grammar)
     await gw.start(request, gen, fmt.param)
-    out = fmt(gw.decode_token, rid, int(time.time()), gw.model_name, sampling)
+    out = fmt(gw.decode_token, rid, int(time.time()), gw.model_name, sampling, **fmt_options)
     if req.stream:
         return sse_stream(rid, gen, out.head(), out.chunks,
                           (lambda: out.usage_chunk(gw.usage(gen))) if req.include_usage else None)
@@ -225,18 +230,34 @@ async def chat_completions(gw: Gateway, request: Request) -> Response:
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
                        param="chat_template_kwargs")
+    tools = [msgspec.to_builtins(t) for t in req.tools or ()]
+    choice = T.resolve_tool_choice(tools, msgspec.to_builtins(req.tool_choice))
+    T.check_tools(tools, choice)
+    grammar = grammar_of(req)
+    reader = None                  # how the reply's text becomes tool calls, if it may hold any
+    if tools and choice != "none":
+        tool_grammar = T.tool_choice_grammar(tools, choice, req.parallel_tool_calls)
+        if tool_grammar is not None:
+            if grammar is not None:
+                raise APIError(400, "response_format / structured_outputs cannot be combined with "
+                                    "tool_choice required or a named tool", param="tool_choice")
+            check_spec(tool_grammar, "tools")
+            grammar, reader = tool_grammar, T.ConstrainedCalls(choice)
+        elif grammar is None:      # auto: parsed from the text (with a constraint: plain JSON reply)
+            reader = T.get_tool_parser(gw.tool_call_parser)
     try:
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in req.messages]
-        prompt = gw.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=req.add_generation_prompt,
-            **(req.chat_template_kwargs or {}))
+        messages = [m.as_template_input() for m in req.messages]
+        prompt = T.render_prompt(gw.tokenizer, messages, tools if choice != "none" else [], gw.tool_call_parser,
+                                 add_generation_prompt=req.add_generation_prompt,
+                                 **(req.chat_template_kwargs or {}))
+    except (P.InvalidRequest, APIError):
+        raise
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # jinja2 errors raised by the template
         raise APIError(400, f"chat template failed: {e}", param="messages") from None
     prompt_ids = await asyncio.to_thread(gw.tokenizer.encode, prompt, add_special_tokens=False)
-    return await _generate(gw, request, req, prompt_ids, ChatFormat)
+    return await _generate(gw, request, req, prompt_ids, ChatFormat, grammar, tools=reader)
 
 
 @_endpoint
@@ -250,7 +271,7 @@ async def completions(gw: Gateway, request: Request) -> Response:
         prompt_ids = await asyncio.to_thread(gw.tokenizer.encode, prompt)
     else:
         prompt_ids = list(prompt)
-    return await _generate(gw, request, req, prompt_ids, CompletionFormat)
+    return await _generate(gw, request, req, prompt_ids, CompletionFormat, grammar_of(req))
 
 
 @_endpoint

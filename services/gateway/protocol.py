@@ -188,26 +188,16 @@ class ChatMessage(Struct):
         return "".join(parts)
 
     def as_template_input(self) -> dict:
-        """The message as chat templates take it (transformers' convention: a tool call's
-        ``arguments`` as an object when they parse, else the text as sent)."""
+        """The message in OpenAI's shape as plain data (tools.prepare_messages readies it for a
+        chat template)."""
         out: dict = {"role": self.role, "content": self.text()}
         if self.name:
             out["name"] = self.name
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         if self.tool_calls:
-            out["tool_calls"] = [{"id": c.id, "type": "function",
-                                  "function": {"name": c.function.name,
-                                               "arguments": _parsed_or_text(c.function.arguments)}}
-                                 for c in self.tool_calls]
+            out["tool_calls"] = msgspec.to_builtins(self.tool_calls)
         return out
-
-
-def _parsed_or_text(arguments: str):
-    try:
-        return msgspec.json.decode(arguments)
-    except msgspec.DecodeError:
-        return arguments
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):

@@ -226,6 +226,40 @@ def calls_from_constrained(text: str, tool_choice: ToolChoice) -> list[ToolCall]
     return [ToolCall(new_call_id(), i["name"], _dump(i["arguments"])) for i in items]
 
 
+class ConstrainedCalls:
+    """Reads the replies of tool_choice "required" or a named tool, generated under
+    ``tool_choice_grammar``, with a parser's face (``parse``, ``stream``). An output that does
+    not parse (cut short by max_tokens) stays content."""
+
+    def __init__(self, tool_choice: ToolChoice):
+        self.tool_choice = tool_choice
+
+    def parse(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
+        try:
+            return None, calls_from_constrained(text, self.tool_choice)
+        except ValueError:
+            return text or None, []
+
+    def stream(self) -> "_WholeReply":
+        return _WholeReply(self)
+
+
+class _WholeReply:
+    """The stream of a constrained reply: nothing until it ends, then its calls (or content)."""
+
+    def __init__(self, reader: ConstrainedCalls):
+        self.reader, self.text = reader, []
+
+    def feed(self, delta: str) -> list:
+        self.text.append(delta)
+        return []
+
+    def finish(self) -> list:
+        content, calls = self.reader.parse("".join(self.text))
+        events = [ContentDelta(content)] if content else []
+        return events + [ToolCallDelta(i, c.id, c.name, c.arguments) for i, c in enumerate(calls)]
+
+
 # --------------------------------------------------------------------------------------------
 # parsing tool_choice "auto" output
 
@@ -419,6 +453,15 @@ _PARSERS = {
 TOOL_CALL_PARSERS = tuple(_PARSERS)
 
 
+def resolve_parser_name(name: str, tokenizer) -> str:
+    """``--tool-call-parser``: "auto" is the default model's own format for SmolLM2 (its chat
+    template names it), hermes for any other model."""
+    if name != "auto":
+        get_tool_parser(name)
+        return name
+    return "smollm2" if "SmolLM" in _template_source(tokenizer) else "hermes"
+
+
 def get_tool_parser(name: str) -> TaggedToolParser:
     """The parser for a model's tool-call format (one of ``TOOL_CALL_PARSERS``)."""
     try:
@@ -566,6 +609,16 @@ def prepare_messages(messages: list[dict]) -> list[dict]:
             message["tool_calls"] = [_parsed_arguments(c) for c in message["tool_calls"]]
         out.append(message)
     return out
+
+
+def render_prompt(tokenizer, messages: list[dict], tools: list[dict], parser_name: str,
+                  add_generation_prompt: bool = True, **kwargs) -> str:
+    """A chat request's prompt: through the tools path when it has tools, earlier calls or tool
+    results, else the model's template as it is."""
+    if tools or any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+        return render_tools_prompt(tokenizer, messages, tools, parser_name, add_generation_prompt, **kwargs)
+    return tokenizer.apply_chat_template(prepare_messages(messages), tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **kwargs)
 
 
 def render_tools_prompt(tokenizer, messages: list[dict], tools: list[dict], parser_name: str,
