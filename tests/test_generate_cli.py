@@ -156,3 +156,30 @@ def test_bad_sampling_option_is_a_clear_error_exit(monkeypatch):
     with pytest.raises(SystemExit) as exc:
         main(["generate", "--prompt", "hi", "--n", "0"])
     assert str(exc.value.code).startswith("pagedserve generate: ")
+
+
+def test_json_schema_constrains_every_output(generate, tmp_path):
+    schema = {"type": "object", "required": ["colour"], "additionalProperties": False,
+              "properties": {"colour": {"enum": ["red", "green", "blue"]}}}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema), encoding="utf-8")
+    status, lines, llm = generate("--prompt", "Pick a colour:", "--prompt", "Another one:", "--json",
+                                     "--json-schema", str(path), "--max-tokens", "32",
+                                     "--temperature", "1.0", "--seed", "3")
+    assert status == 0 and _drained(llm)
+    for line in lines:
+        row = json.loads(line)
+        assert row["finish_reason"] == "stop" and json.loads(row["text"])["colour"] in schema["properties"]["colour"]["enum"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--regex", "[a-"], "--regex: "),
+    (["--json-schema", "/nonexistent/schema.json"], "cannot read"),
+    (["--regex", "a", "--grammar", "g.lark"], "not allowed with"),
+])
+def test_a_bad_constraint_is_a_clear_error_exit_before_loading(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(offline, "LLM", lambda *a, **kw: pytest.fail("the model must not load"))
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "hi", *argv])
+    text = str(exc.value.code) + capsys.readouterr().err
+    assert message in text and "Traceback" not in text
