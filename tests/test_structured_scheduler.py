@@ -70,7 +70,7 @@ def test_schema_outputs_parse_and_validate_and_blocks_are_freed(ll_tokenizer, to
     for text, reason in out.values():
         assert reason == "stop"
         jsonschema.validate(json.loads(text), PERSON)
-    assert s.num_free_blocks == s.block_manager.num_blocks
+    assert s.num_free_blocks == s.block_manager.num_blocks and s.num_constrained == 0
     assert s.grammars.num_compiles == 1 and s.grammars.num_cache_hits == 3
 
 
@@ -106,6 +106,7 @@ def test_forked_samples_each_follow_the_grammar(ll_tokenizer, tok):
     s, ex = make(ll_tokenizer, tok)
     add(s, "r", schema(PERSON), n=3)
     out = texts(run_to_completion(s, ex), tok)
+    assert s.num_constrained == 0
     assert sorted(k[1] for k in out) == [0, 1, 2]
     for text, reason in out.values():
         jsonschema.validate(json.loads(text), PERSON)

@@ -73,6 +73,7 @@ class Scheduler:
         self.block_size = cache_config.block_size
         self.eos_token_ids = frozenset(eos_token_ids)
         self.grammars = grammars
+        self.num_constrained = 0                     # live sequences with a grammar matcher
         self._set_pool(scheduler_config, cache_config)
         self.requests: dict[str, Request] = {}
         self.seqs: dict[int, Sequence] = {}          # live sequences by id
@@ -168,7 +169,9 @@ class Scheduler:
                 return error("invalid", f"the {add.grammar.kind} constraint does not compile: {e}")
         request = Request(add, self.eos_token_ids)
         seq = self._new_seq(request, 0, list(prompt))
-        seq.matcher = matcher
+        if matcher is not None:
+            seq.matcher = matcher
+            self.num_constrained += 1
         self.requests[add.request_id] = request
         self.waiting.append(seq)
         return None
@@ -276,7 +279,7 @@ class Scheduler:
         if not draft.scheduled and not draft.preempted_any:
             return None
         dropped_parents = self._sample_and_fork(draft)
-        if self.grammars is not None:
+        if self.num_constrained:                    # no per-sequence look when none is constrained
             for sid in draft.samplers:
                 matcher = self.seqs[sid].matcher
                 if matcher is not None:
@@ -482,6 +485,7 @@ class Scheduler:
             child.status = RUNNING
             if parent.matcher is not None:
                 child.matcher = parent.matcher.deep_copy()
+                self.num_constrained += 1
             self.block_manager.fork(parent.seq_id, child.seq_id)
             self.running.append(child)
             draft.forks.append(Fork(parent.seq_id, child.seq_id, index))
@@ -571,6 +575,9 @@ class Scheduler:
         if seq.status == RUNNING:
             self._running_dirty = True
         seq.status = FINISHED
+        if seq.matcher is not None:
+            seq.matcher = None
+            self.num_constrained -= 1
         self.block_manager.free(seq.seq_id)
         del self.seqs[seq.seq_id]
         request = seq.request
