@@ -229,6 +229,8 @@ class GatewayConfig:
                                  type=int_at_least(0))
     drain_timeout: float = opt(30.0, "on SIGTERM, seconds in-flight requests get to finish", "gateway serve",
                                type=non_negative)
+    prefix_cache_salt_required: bool = opt(False, "reject (400) a request without `cache_salt`: tenants never "
+                                                  "share prefix-cache blocks unless they share a salt", "gateway")
 
 
 @dataclass

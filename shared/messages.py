@@ -23,6 +23,8 @@ PROTOCOL_VERSION = 1
 NonNegInt = Annotated[int, Meta(ge=0)]
 PosInt = Annotated[int, Meta(ge=1)]
 FinishReason = Literal["stop", "length", "abort"]
+MAX_CACHE_SALT_CHARS = 256     # AddRequest.cache_salt; the gateway's schema has the same bound
+CacheSalt = Annotated[str, Meta(min_length=1, max_length=MAX_CACHE_SALT_CHARS)]
 
 
 class ProtocolError(ValueError):
@@ -86,6 +88,9 @@ class AddRequest(Message, tag="add"):
     sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
     arrival_time: float = 0.0
     grammar: Optional[GrammarSpec] = None    # structured output: every sample is constrained by it
+    # prefix-cache isolation (vLLM's name): enters the digest of the prompt's first block, so
+    # only requests with the same salt share cached KV blocks; None shares with unsalted ones
+    cache_salt: Optional[CacheSalt] = None
 
 
 class AbortRequest(Message, tag="abort"):

@@ -547,3 +547,60 @@ def test_cli_parses_and_rejects_bad_address(capsys):
     assert (args.port, args.api_key, args.max_model_len) == (9, "k", 0)
     assert gateway_cli.run(args) == 2
     assert "bogus" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------
+# cache_salt (prefix-cache isolation)
+
+
+@pytest.fixture(scope="module")
+def salted_server(fake):
+    with serve_gateway(fake, MODEL, max_model_len=128, prefix_cache_salt_required=True) as srv:
+        yield srv
+
+
+@pytest.mark.parametrize("route, body", [("/v1/chat/completions", _chat()),
+                                         ("/v1/completions", {"model": MODEL, "prompt": "Say hello"})])
+def test_cache_salt_reaches_the_scheduler(http, sched, route, body):
+    assert http.post(route, json=dict(body, cache_salt="tenant-a")).status_code == 200
+    assert sched.requests[-1].cache_salt == "tenant-a"
+    assert http.post(route, json=body).status_code == 200
+    assert sched.requests[-1].cache_salt is None
+
+
+@pytest.mark.parametrize("salt", ["", 7, "x" * 257])
+def test_a_bad_cache_salt_is_a_400_naming_it(http, sched, salt):
+    for route, body in (("/v1/chat/completions", _chat()), ("/v1/completions", {"prompt": "x"})):
+        assert _err(http.post(route, json=dict(body, cache_salt=salt)), 400)["param"] == "cache_salt"
+    assert not sched.requests
+
+
+def test_prefix_cache_salt_required_rejects_unsalted_requests(salted_server, sched):
+    url = salted_server.url
+    for route, body in (("/v1/chat/completions", _chat()), ("/v1/completions", {"prompt": "x"})):
+        err = _err(httpx.post(url + route, json=body), 400)
+        assert err["param"] == "cache_salt" and "--prefix-cache-salt-required" in err["message"]
+        assert not sched.requests
+    r = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "cache_salt": "t"})
+    assert r.status_code == 200 and sched.requests[-1].cache_salt == "t"
+
+
+def test_the_gateway_command_passes_prefix_cache_salt_required_to_the_app(monkeypatch):
+    from types import SimpleNamespace
+
+    import shared.model_path
+    import shared.tokenizer
+    from services.gateway import cli
+    from services.cli import build_parser
+
+    built = {}
+    monkeypatch.setattr(shared.model_path, "resolve_model", lambda model: SimpleNamespace(name="m"))
+    monkeypatch.setattr(shared.tokenizer, "load_tokenizer", lambda src: None)
+    monkeypatch.setattr(cli, "EngineClient", lambda addrs: None)
+    monkeypatch.setattr(cli, "serve", lambda app, *a, **kw: None)
+    monkeypatch.setattr(cli, "build_app", lambda *a, **kw: built.setdefault("args", a))
+    for argv, want in (([], False), (["--prefix-cache-salt-required"], True)):
+        built.clear()
+        parser, _ = build_parser(["gateway"])
+        assert cli.run(parser.parse_args(["gateway", "--scheduler-addr", "ipc:///x", *argv])) == 0
+        assert built["args"][-1] is want

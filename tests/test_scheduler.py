@@ -121,6 +121,88 @@ def test_generated_tokens_are_cached_too():
     s.update(plan, ex.execute(plan))
 
 
+# ------------------------------------------------------------------------------------ cache_salt
+
+def add_salted(s, rid, prompt, salt, **params):
+    return s.add_request(AddRequest(request_id=rid, prompt_token_ids=list(prompt), cache_salt=salt,
+                                    sampling=SamplingParams(**params)))
+
+
+@pytest.mark.parametrize("first, second, cached", [("a", "b", 0), ("a", "a", 8), (None, "a", 0),
+                                                   ("a", None, 0), (None, None, 8)])
+def test_only_requests_with_the_same_salt_share_prefix_blocks(first, second, cached):
+    s, ex = make(block_size=4)
+    add_salted(s, "a", prompt_of(9), first, max_tokens=2)
+    run_to_completion(s, ex)
+    add_salted(s, "b", prompt_of(9), second, max_tokens=2)
+    plan = s.schedule()
+    assert plan.new[0].num_computed == cached
+    assert s.update(plan, ex.execute(plan))[0].num_cached_tokens == cached
+    run_to_completion(s, ex)
+    assert_drained(s)
+
+
+def salted_digests(tokens, salt, bs=4):
+    from services.scheduler.block_hash import HashChain
+    chain = HashChain(bs, salt)
+    return {chain.digest(i, tokens) for i in range(len(tokens) // bs)}
+
+
+@pytest.mark.parametrize("scenario", ["recompute", "swap", "fork", "new_executor"])
+def test_the_salt_survives_preemption_forks_and_a_new_executor(scenario):
+    """Every block a salted request publishes, also after recompute, swap-in, a fork or a new
+    executor, is keyed by its salted chain; outputs are those of an unsalted run."""
+    prompts = {f"r{i}": prompt_of(6, 100 * i + 1) for i in range(3)}
+    params = dict(max_tokens=12, n=3 if scenario == "fork" else 1)
+    config = dict(num_blocks=12 if scenario == "fork" else 8, block_size=4)
+    if scenario == "swap":
+        config.update(num_host_blocks=16, preemption_mode="swap")
+    s, ex = make(**config)
+    for rid, p in prompts.items():
+        add_salted(s, rid, p, f"tenant-{rid}", **params)
+    plans, seen = [], set()
+
+    def collect(plan):
+        plans.append(plan)
+        seen.update(s.block_manager.cached_block_ids())
+
+    early = {}
+    if scenario == "new_executor":
+        for _ in range(4):
+            for o in step(s, ex):
+                early[(o.request_id, o.index)] = early.get((o.request_id, o.index), []) + o.token_ids
+        s.reset_for_new_executor()
+        ex = CheckedFakeExecutor(s)
+    results = {k: (early.get(k, []) + tokens, reason)
+               for k, (tokens, reason) in run_to_completion(s, ex, on_plan=collect).items()}
+    assert results == reference_outputs(prompts, **params)
+    if scenario in ("recompute", "swap", "new_executor"):
+        assert s.stats().num_preemptions > 0
+    allowed = set()
+    for (rid, _), (tokens, _) in results.items():
+        allowed |= salted_digests(prompts[rid] + tokens, f"tenant-{rid}")
+    assert seen and seen <= allowed
+    add(s, "unsalted", prompts["r0"] + results[("r0", 0)][0], max_tokens=1)
+    plan = s.schedule()
+    assert plan.new[0].num_computed == 0
+    s.update(plan, ex.execute(plan))
+    assert_drained(s)
+
+
+def test_each_full_block_is_hashed_once_per_sequence(monkeypatch):
+    from services.scheduler import block_hash
+    calls = []
+    real = block_hash.chain_digest
+    monkeypatch.setattr(block_hash, "chain_digest", lambda *a: calls.append(1) or real(*a))
+    s, ex = make(num_blocks=8, block_size=4)
+    for rid, p in CROWDED.items():                          # preempted and recomputed
+        add(s, rid, p, max_tokens=12)
+    results = run_to_completion(s, ex)
+    assert s.stats().num_preemptions > 0
+    # 6 prompt + 12 generated tokens, 17 of them computed: 4 full blocks per request
+    assert len(calls) == sum((6 + len(tokens) - 1) // 4 for tokens, _ in results.values()) == 12
+
+
 def test_prompts_admitted_in_one_step_share_the_blocks_the_first_computes():
     s, ex = make(block_size=4)
     add(s, "a", prompt_of(10), max_tokens=3)

@@ -40,18 +40,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.done: set[tuple[str, int]] = set()
         self.accepted: dict[str, int] = {}                 # request id -> n, until aborted
         self.all_prompts: dict[str, list[int]] = {}        # every accepted prompt, never dropped
+        self.salts: dict[str, object] = {}                 # request id -> its cache_salt
 
     # ------------------------------------------------------------------------------ rules
 
     @rule(base=st.sampled_from([0, 1]), shared=st.integers(0, 20), suffix=st.lists(st.integers(0, 500), max_size=6),
-          n=st.integers(1, 3), max_tokens=st.integers(1, 8), ignore_eos=st.booleans())
-    def add(self, base, shared, suffix, n, max_tokens, ignore_eos):
+          n=st.integers(1, 3), max_tokens=st.integers(1, 8), ignore_eos=st.booleans(),
+          salt=st.sampled_from([None, None, "a", "b"]))
+    def add(self, base, shared, suffix, n, max_tokens, ignore_eos, salt):
         prompt = BASES[base][:shared] + suffix
         rid = f"r{self.next_id}"
         self.next_id += 1
         waiting = self.s.num_waiting
-        err = self.s.add_request(AddRequest(request_id=rid, prompt_token_ids=prompt, sampling=SamplingParams(
-            n=n, max_tokens=max_tokens, ignore_eos=ignore_eos)))
+        err = self.s.add_request(AddRequest(request_id=rid, prompt_token_ids=prompt, cache_salt=salt,
+                                            sampling=SamplingParams(n=n, max_tokens=max_tokens,
+                                                                    ignore_eos=ignore_eos)))
         if not prompt or n > self.s.config.max_num_seqs:
             assert err is not None and err.code == "invalid"
         elif len(prompt) >= self.cap:
@@ -62,6 +65,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert err is None
             self.prompts[rid] = prompt
             self.all_prompts[rid] = prompt
+            self.salts[rid] = salt
             self.accepted[rid] = n
 
     @precondition(lambda self: self.prompts)
@@ -180,14 +184,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not hasattr(self, "s"):
             return
         bm, bs = self.s.block_manager, self.s.block_size
-        expected: dict[int, list[int]] = {}                # chain hash -> the whole prefix
-        seqs = [self.all_prompts[rid] + toks for (rid, _), toks in self.outputs.items()]
-        seqs += list(self.all_prompts.values())             # prompts aborted before sampling
-        for tokens in seqs:
-            parent = None
+        expected: dict[bytes, list[int]] = {}              # chain digest -> the whole prefix
+        seqs = [(rid, self.all_prompts[rid] + toks) for (rid, _), toks in self.outputs.items()]
+        seqs += list(self.all_prompts.items())              # prompts aborted before sampling
+        for rid, tokens in seqs:                            # keyed under its own salt only
+            chain = bm.hash_chain(self.salts[rid])
             for i in range(len(tokens) // bs):
-                parent = bm.block_hash(parent, tokens[i * bs:(i + 1) * bs])
-                expected[parent] = tokens[:(i + 1) * bs]
+                expected[chain.digest(i, tokens)] = tokens[:(i + 1) * bs]
         for h, block_id in bm.cached_block_ids().items():  # (each block's own hash: check_invariants)
             prefix = expected[h]                           # every cached block came from these
             i = len(prefix) // bs - 1

@@ -5,7 +5,7 @@ CPU) checked over HTTP against independent oracles:
   the generated tokens, for chat and completions, several sequences at once, under preemption
   (the KV cache holds a fraction of the load), within ``LOGPROB_TOL``;
 - ``usage.prompt_tokens_details.cached_tokens`` equals the block-rounded prefix the second of two
-  identical prompts can reuse;
+  identical prompts can reuse, and is 0 when their ``cache_salt`` differs;
 - no user text (prompt, stop string, output, ...) appears anywhere in what the three processes
   write (stdout and stderr of gateway, scheduler and executor, every logger, tracebacks).
 
@@ -163,6 +163,21 @@ def test_cached_tokens_report_the_reused_prefix(served):
               for _ in range(2)]
     assert usages[0]["prompt_tokens_details"]["cached_tokens"] == 0
     assert usages[1]["prompt_tokens_details"]["cached_tokens"] == (len(prompt) - 1) // BLOCK_SIZE * BLOCK_SIZE == 96
+
+
+def test_cached_tokens_are_shared_only_under_the_same_cache_salt(served):
+    """A new 100-token prompt under salt A, then under salt B (nothing reused), then under A again
+    (96 reused): the salt enters the first block's key, so tenants with different salts never hit
+    each other's blocks, over the whole path (gateway -> AddRequest -> scheduler -> usage)."""
+    base, _ = served
+    prompt = [random.Random(6).randint(1000, 40000) for _ in range(100)]
+
+    def cached(salt: str) -> int:
+        body = {"prompt": prompt, "max_tokens": 2, "cache_salt": salt}
+        return httpx.post(f"{base}/v1/completions", json=body, timeout=120).json()["usage"][
+            "prompt_tokens_details"]["cached_tokens"]
+
+    assert [cached("tenant-a"), cached("tenant-b"), cached("tenant-a"), cached("tenant-b")] == [0, 0, 96, 96]
 
 
 def test_no_user_text_in_any_process_output(served):

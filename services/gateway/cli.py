@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(src)
     app = build_app(EngineClient(addrs), tokenizer, gw.served_model_name or src.name,
                     config.engine.scheduler.max_model_len, gw.api_key or None, gw.max_body_bytes, gw.max_n,
-                    gw.max_header_bytes, gw.tool_call_parser)
+                    gw.max_header_bytes, gw.tool_call_parser, gw.prefix_cache_salt_required)
     serve(app, gw.drain_timeout, **uvicorn_options(gw.host, gw.port, config.process.log_level,
                                                    gw.max_header_bytes, gw.limit_concurrency))
     return 0

@@ -119,7 +119,8 @@ class EngineClient:
         return len(self._streams)
 
     async def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                  grammar: Optional[GrammarSpec] = None) -> AsyncIterator[RequestOutput]:
+                  grammar: Optional[GrammarSpec] = None,
+                  cache_salt: Optional[str] = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and wait for its first reply.
 
         Raises ``EngineError`` right away when the scheduler refuses it (queue_full, too_long,
@@ -135,7 +136,7 @@ class EngineClient:
         try:
             await conn.sock.send(encode(AddRequest(request_id=request_id, prompt_token_ids=prompt_ids,
                                                    sampling=sampling, arrival_time=time.time(),
-                                                   grammar=grammar)))
+                                                   grammar=grammar, cache_salt=cache_salt)))
             first = await stream.queue.get()
         except BaseException:
             self.abort_nowait(request_id)

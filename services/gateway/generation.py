@@ -41,9 +41,10 @@ class _Sample:
 class Generation:
     def __init__(self, engine: EngineClient, decode: Decode, request_id: str, prompt_ids: list[int],
                  sampling: SamplingParams, stops: Sequence[str], timer: Optional[RequestTimer] = None,
-                 grammar: Optional[GrammarSpec] = None):
+                 grammar: Optional[GrammarSpec] = None, cache_salt: Optional[str] = None):
         self.engine, self.request_id = engine, request_id
         self.grammar = grammar
+        self.cache_salt = cache_salt
         self.prompt_ids, self.sampling = prompt_ids, sampling
         self.timer = timer
         ctx = prompt_ids[-_CONTEXT_TOKENS:]
@@ -62,7 +63,8 @@ class Generation:
 
     async def start(self) -> None:
         """Submit; raises ``EngineError`` if the scheduler refuses (before any response is sent)."""
-        self._outputs = await self.engine.add(self.request_id, self.prompt_ids, self.sampling, self.grammar)
+        self._outputs = await self.engine.add(self.request_id, self.prompt_ids, self.sampling, self.grammar,
+                                              cache_salt=self.cache_salt)
 
     async def deltas(self) -> AsyncIterator[SampleDelta]:
         assert self._outputs is not None, "call start() first"

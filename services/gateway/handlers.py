@@ -47,7 +47,8 @@ class Gateway:
     """Everything the handlers share."""
 
     def __init__(self, engine: EngineClient, tokenizer, served_model_name: str, max_model_len: int,
-                 max_body_bytes: int, max_n: int, tool_call_parser: str = "auto"):
+                 max_body_bytes: int, max_n: int, tool_call_parser: str = "auto",
+                 prefix_cache_salt_required: bool = False):
         self.engine, self.tokenizer = engine, tokenizer
         self.model_name, self.max_model_len = served_model_name, max_model_len
         self.max_body_bytes, self.max_n = max_body_bytes, max_n
@@ -58,6 +59,7 @@ class Gateway:
         self.metrics = GatewayMetrics(engine.last_stats, served_model_name)
         self.tool_call_parser = T.resolve_parser_name(tool_call_parser, tokenizer)
         self.created = int(time.time())
+        self.prefix_cache_salt_required = prefix_cache_salt_required
 
     # -- request plumbing ---------------------------------------------------------------------
 
@@ -113,6 +115,9 @@ class Gateway:
             raise APIError(400, "the prompt is empty", param=prompt_param)
         if req.n > self.max_n:
             raise APIError(400, f"n must be at most {self.max_n}, got {req.n}", param="n")
+        if self.prefix_cache_salt_required and req.cache_salt is None:
+            raise APIError(400, "this server requires a cache_salt on every request "
+                                "(--prefix-cache-salt-required)", param="cache_salt")
         self.check_token_ids(prompt_ids, prompt_param)
         for param, ids in req.token_id_fields().items():
             self.check_token_ids(ids, param)
@@ -204,7 +209,7 @@ async def _generate(gw: Gateway, request: Request, req, prompt_ids: list[int], f
     sampling = await gw.plan(req, prompt_ids, fmt.param, default_max_tokens=fmt.default_max_tokens)
     rid = f"{fmt.prefix}-{uuid.uuid4().hex}"
     gen = Generation(gw.engine, gw.decode, rid, prompt_ids, sampling, req.stop_strings, gw.metrics.timer(),
-                     grammar)
+                     grammar, cache_salt=req.cache_salt)
     await gw.start(request, gen, fmt.param)
     out = fmt(gw.decode_token, rid, int(time.time()), gw.model_name, sampling, **fmt_options)
     if req.stream:

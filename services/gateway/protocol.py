@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from shared.messages import SamplingParams
+from shared.messages import CacheSalt, SamplingParams
 
 log = logging.getLogger("pagedserve.gateway")
 
@@ -95,6 +95,8 @@ class _SamplingFields(Struct, kw_only=True):
     min_tokens: Annotated[int, Meta(ge=0)] = 0
     response_format: Optional[ResponseFormat] = None
     structured_outputs: Optional[StructuredOutputs] = None
+    # prefix-cache isolation: only requests with the same salt share cached KV blocks
+    cache_salt: Optional[CacheSalt] = None
 
     @property
     def stop_strings(self) -> list[str]:

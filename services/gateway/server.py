@@ -42,7 +42,7 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 def build_app(engine_client: EngineClient, tokenizer, served_model_name: str, max_model_len: int = 0,
               api_key: Optional[str] = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
               max_n: int = DEFAULT_MAX_N, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
-              tool_call_parser: str = "auto") -> Starlette:
+              tool_call_parser: str = "auto", prefix_cache_salt_required: bool = False) -> Starlette:
     """The ASGI app. ``max_model_len`` 0 = learn it from the scheduler's stats."""
     routes = [
         Route("/v1/chat/completions", H.chat_completions, methods=["POST"]),
@@ -65,5 +65,5 @@ def build_app(engine_client: EngineClient, tokenizer, served_model_name: str, ma
                                 Middleware(RequireAPIKey, api_key=api_key)])
     app.state.lifecycle = lifecycle
     app.state.gateway = H.Gateway(engine_client, tokenizer, served_model_name, max_model_len, max_body_bytes, max_n,
-                                  tool_call_parser)
+                                  tool_call_parser, prefix_cache_salt_required)
     return app

@@ -5,9 +5,11 @@ A sequence is known here only by its int id; the scheduler passes token lists in
 ``[0, num_computed)`` of a sequence are in the cache; the block holding position ``p`` is
 ``table[p // block_size]``.
 
-Prefix cache: the hash of full block ``i`` chains its parent's,
-``hash((hash of block i-1, tuple(its block_size token ids), extra_keys))``, so equal hashes mean
-equal whole prefixes. A block is published when the step that fills it is *scheduled* (prompt
+Prefix cache: the key of full block ``i`` is a SHA-256 digest chaining its parent's,
+``sha256(digest of block i-1 || its block_size token ids || extra_keys)`` over a canonical
+encoding, block 0's parent being the request's salted (``cache_salt``) or unsalted root
+(block_hash.py), so equal digests mean equal whole prefixes under equal salts. Each sequence's
+``HashChain`` computes a block's digest once and keeps it. A block is published when the step that fills it is *scheduled* (prompt
 or generated tokens), as vLLM does: a request admitted later in the same step can then share it,
 because every backend writes a layer's K/V for all tokens of the step before any token attends.
 ``published`` lists the blocks the step being planned made visible; if that plan never runs,
@@ -29,6 +31,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Hashable, Optional
 
+from services.scheduler.block_hash import ROOT, HashChain, chain_digest, encode_key
 from services.scheduler.block_pool import Block, BlockPool, HostPool
 
 
@@ -66,8 +69,8 @@ class BlockManager:
         self.host = HostPool(num_host_blocks)
         self.tables: dict[int, list[int]] = {}         # seq id -> device block ids
         self.host_tables: dict[int, list[int]] = {}    # seq id -> host block ids (swapped out)
-        self._hashes: dict[int, list[int]] = {}        # seq id -> chained hashes of its full blocks
-        self._extra: dict[int, Hashable] = {}          # seq id -> extra hash keys (adapter, ...)
+        self._hashes: dict[int, list[bytes]] = {}      # seq id -> digests of its published blocks
+        self._chains: dict[int, HashChain] = {}        # seq id -> its digests (salt, extra keys)
         self._released: dict[int, int] = {}            # seq id -> leading entries out of the window
         self.published: list[Block] = []               # blocks the step being planned publishes
         self.prefix_queries = 0                        # prefix-cache lookups, in prompt tokens
@@ -136,23 +139,29 @@ class BlockManager:
         assert len(host) + self.host.num_free == self.host.num_blocks, "a host block is lost"
         assert set(self.tables).isdisjoint(self.host_tables), "a sequence is on device and host"
 
-    def block_hash(self, parent: Optional[int], token_ids, extra_keys: Hashable = None) -> int:
-        return hash((parent, tuple(token_ids), extra_keys))
+    def block_hash(self, parent: Optional[bytes], token_ids, extra_keys: Hashable = None) -> bytes:
+        """The digest of a full block under ``parent`` (None: block 0, unsalted)."""
+        return chain_digest(ROOT if parent is None else parent, token_ids, encode_key(extra_keys))
+
+    def hash_chain(self, salt: Optional[str] = None, extra_keys: Hashable = None) -> HashChain:
+        """A new sequence's (empty) digest chain; the scheduler keeps one per sequence."""
+        return HashChain(self.block_size, salt, extra_keys)
 
     # ---------------------------------------------------------------------------- prefix cache
 
-    def match_prefix(self, token_ids: list[int], extra_keys: Hashable = None) -> PrefixMatch:
+    def match_prefix(self, token_ids: list[int], chain: Optional[HashChain] = None) -> PrefixMatch:
         """Cached blocks covering the longest prefix of ``token_ids``; whole blocks only, at most
-        ``len(token_ids) - 1`` tokens so at least one token is left to compute. No side effects."""
+        ``len(token_ids) - 1`` tokens so at least one token is left to compute. No side effects
+        on the cache; ``chain`` (default: unsalted) keeps the digests it computes."""
         if not self.enable_prefix_caching:
             return NO_PREFIX
-        bs, hits, parent = self.block_size, [], None
+        chain = chain or self.hash_chain()
+        bs, hits, lookup = self.block_size, [], self.pool.lookup
         for i in range((len(token_ids) - 1) // bs):
-            block = self.pool.lookup(self.block_hash(parent, token_ids[i * bs:(i + 1) * bs], extra_keys))
+            block = lookup(chain.digest(i, token_ids))
             if block is None:
                 break
             hits.append(block)
-            parent = block.hash
         keep = self.first_readable(len(hits) * bs)     # hits before it are left out of the table
         return PrefixMatch(hits, len(hits) * bs, sum(b.ref_cnt == 0 for b in hits[keep:]))
 
@@ -162,10 +171,11 @@ class BlockManager:
         return max(cdiv(num_tokens, self.block_size) - len(prefix.blocks), 0) + prefix.num_free
 
     def allocate(self, seq_id: int, num_prompt_tokens: int, prefix: PrefixMatch = NO_PREFIX,
-                 extra_keys: Hashable = None) -> int:
+                 chain: Optional[HashChain] = None) -> int:
         """Register a sequence whose table starts with the prefix-hit blocks (those already out of
         the window as ``NULL_BLOCK``, not held); returns the number of cached tokens. Growth for
-        the tokens to compute comes from ``append_slots``."""
+        the tokens to compute comes from ``append_slots``. ``chain``: the one ``match_prefix``
+        was given (default: unsalted)."""
         if seq_id in self.tables:
             raise RuntimeError(f"seq {seq_id} already has a block table")
         keep = self.first_readable(prefix.num_tokens)
@@ -175,8 +185,7 @@ class BlockManager:
         if keep:
             self._released[seq_id] = keep
         self._hashes[seq_id] = [b.hash for b in prefix.blocks]
-        if extra_keys is not None:
-            self._extra[seq_id] = extra_keys
+        self._chains[seq_id] = chain or self.hash_chain()
         if self.enable_prefix_caching:
             self.prefix_queries += num_prompt_tokens
             self.prefix_hits += prefix.num_tokens
@@ -189,17 +198,16 @@ class BlockManager:
         bs = self.block_size
         if not self.enable_prefix_caching or len(hashes) >= num_computed // bs:
             return
-        table, blocks = self.tables[seq_id], self.pool.blocks
-        extra = self._extra.get(seq_id)
+        table, blocks, chain = self.tables[seq_id], self.pool.blocks, self._chains[seq_id]
         for i in range(len(hashes), num_computed // bs):
             block = blocks[table[i]]
             h = block.hash      # shared blocks (fork, prefix hit) are already published
             if h is None:
-                h = self.block_hash(hashes[-1] if hashes else None, token_ids[i * bs:(i + 1) * bs], extra)
+                h = chain.digest(i, token_ids)
                 self._publish(block, h)
             hashes.append(h)
 
-    def _publish(self, block: Block, block_hash: int) -> None:
+    def _publish(self, block: Block, block_hash: bytes) -> None:
         if self.pool.cache(block, block_hash):
             self.published.append(block)
 
@@ -263,8 +271,9 @@ class BlockManager:
             self._released[seq_id] = end
         return (max(end, start) + 1) * self.block_size + self.sliding_window - 1
 
-    def fork(self, parent_id: int, child_id: int) -> None:
-        """The child's table shares every block the parent's holds (ref counts raised)."""
+    def fork(self, parent_id: int, child_id: int, chain: Optional[HashChain] = None) -> None:
+        """The child's table shares every block the parent's holds (ref counts raised); its
+        digest chain is ``chain`` (default: a copy of the parent's)."""
         table = self.tables[parent_id]
         released = self._released.get(parent_id, 0)
         for block_id in table[released:]:
@@ -273,8 +282,7 @@ class BlockManager:
             self._released[child_id] = released
         self.tables[child_id] = list(table)
         self._hashes[child_id] = list(self._hashes[parent_id])
-        if parent_id in self._extra:
-            self._extra[child_id] = self._extra[parent_id]
+        self._chains[child_id] = chain or self._chains[parent_id].copy()
 
     def free(self, seq_id: int) -> None:
         """Release a sequence's device and host blocks; tail blocks first, so the free list
@@ -288,7 +296,7 @@ class BlockManager:
         if host_table is not None:
             self.host.free(host_table)
         self._hashes.pop(seq_id, None)
-        self._extra.pop(seq_id, None)
+        self._chains.pop(seq_id, None)
 
     # ---------------------------------------------------------------------------- swap
 

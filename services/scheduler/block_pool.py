@@ -22,7 +22,7 @@ class Block:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0
-        self.hash: Optional[int] = None
+        self.hash: Optional[bytes] = None       # its prefix-cache key (block_hash.py), if published
         self.prev: Optional[Block] = None
         self.next: Optional[Block] = None
 
@@ -81,7 +81,7 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_list = FreeBlockList(self.blocks)
-        self.cached: dict[int, Block] = {}      # block hash -> block holding that full block
+        self.cached: dict[bytes, Block] = {}    # block digest -> block holding that full block
 
     @property
     def num_free(self) -> int:
@@ -94,7 +94,7 @@ class BlockPool:
         """The free list, front (next to be allocated) first."""
         return [b.block_id for b in self.free_list]
 
-    def cached_block_ids(self) -> dict[int, int]:
+    def cached_block_ids(self) -> dict[bytes, int]:
         """Block hash -> id of the block holding that content."""
         return {h: b.block_id for h, b in self.cached.items()}
 
@@ -126,7 +126,7 @@ class BlockPool:
         if block.ref_cnt == 0:
             self.free_list.append(block)
 
-    def lookup(self, block_hash: int) -> Optional[Block]:
+    def lookup(self, block_hash: bytes) -> Optional[Block]:
         return self.cached.get(block_hash)
 
     def touch(self, block: Block) -> None:
@@ -135,7 +135,7 @@ class BlockPool:
             self.free_list.remove(block)
         block.ref_cnt += 1
 
-    def cache(self, block: Block, block_hash: int) -> bool:
+    def cache(self, block: Block, block_hash: bytes) -> bool:
         """Publish a full block under its chained hash; True if it was published. If another
         block already holds the same content (two sequences computed it at once), this one
         simply stays uncached."""

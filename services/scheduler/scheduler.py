@@ -436,12 +436,12 @@ class Scheduler:
         """Admit a waiting sequence, after its prefix-cache hit, if its first chunk fits in
         ``free_blocks``; alone, the chunk shrinks to the pool."""
         bm, request = self.block_manager, seq.request
-        prefix = bm.match_prefix(seq.token_ids)
+        prefix = bm.match_prefix(seq.token_ids, seq.hashes)
         room = None if self.running else (bm.num_free_blocks - prefix.num_free) * self.block_size
         num_new = self._chunk_size(len(seq.token_ids) - prefix.num_tokens, draft.budget, room)
         if num_new == 0 or bm.blocks_to_admit(prefix, prefix.num_tokens + num_new) > free_blocks:
             return False
-        seq.num_computed = bm.allocate(seq.seq_id, len(seq.token_ids), prefix)
+        seq.num_computed = bm.allocate(seq.seq_id, len(seq.token_ids), prefix, seq.hashes)
         seq.release_at = 0                     # a new table (first time, or after a recompute)
         if not request.admitted:
             request.admitted = True
@@ -480,13 +480,13 @@ class Scheduler:
         share the parent's blocks and sample from its logits row after the forward pass."""
         request = parent.request
         for index in request.to_fork:
-            child = self._new_seq(request, index, list(parent.token_ids))
+            child = self._new_seq(request, index, list(parent.token_ids), parent.hashes.copy())
             child.num_computed = parent.num_computed
             child.status = RUNNING
             if parent.matcher is not None:
                 child.matcher = parent.matcher.deep_copy()
                 self.num_constrained += 1
-            self.block_manager.fork(parent.seq_id, child.seq_id)
+            self.block_manager.fork(parent.seq_id, child.seq_id, child.hashes)
             self.running.append(child)
             draft.forks.append(Fork(parent.seq_id, child.seq_id, index))
             draft.children.append((child, num_tokens))
@@ -552,8 +552,9 @@ class Scheduler:
         the requests that were in it, which frees their blocks.)"""
         self.block_manager.unpublish_step()
 
-    def _new_seq(self, request: Request, index: int, token_ids: list[int]) -> Sequence:
+    def _new_seq(self, request: Request, index: int, token_ids: list[int], hashes=None) -> Sequence:
         seq = Sequence(self._next_seq_id, request, index, token_ids)
+        seq.hashes = hashes or self.block_manager.hash_chain(request.cache_salt)
         self._next_seq_id += 1
         request.seqs.append(seq)
         self.seqs[seq.seq_id] = seq

@@ -10,12 +10,13 @@ class Request:
     """What all samples of one request share."""
 
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "stop_ids", "seqs", "to_fork",
-                 "drop_parent", "num_cached_tokens", "admitted")
+                 "drop_parent", "num_cached_tokens", "admitted", "cache_salt")
 
     def __init__(self, add: AddRequest, eos_token_ids: frozenset[int]):
         self.request_id = add.request_id
         self.prompt_token_ids = add.prompt_token_ids
         self.sampling = add.sampling
+        self.cache_salt = add.cache_salt        # enters block 0's prefix-cache digest of every sample
         stop = set(add.sampling.stop_token_ids)
         if not add.sampling.ignore_eos:
             stop |= eos_token_ids
@@ -44,7 +45,7 @@ class Sequence:
     """One sample. ``token_ids`` is prompt + outputs; ``num_computed`` of them are in the cache."""
 
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt", "num_computed", "status",
-                 "protected", "release_at", "matcher")
+                 "protected", "release_at", "matcher", "hashes")
 
     def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int]):
         self.seq_id = seq_id
@@ -59,6 +60,9 @@ class Sequence:
         # block manager at the next update); saves a call per sequence and step
         self.release_at = 0
         self.matcher = None                     # structured output: its grammar's state (grammar.py)
+        # the prefix-cache digests of its full blocks (block_hash.HashChain, salted by the
+        # request); kept across preemption so a recompute hashes nothing twice
+        self.hashes = None
 
     @property
     def output_token_ids(self) -> list[int]:
