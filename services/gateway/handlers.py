@@ -227,6 +227,23 @@ async def _generate(gw: Gateway, request: Request, req, prompt_ids: list[int], f
     return json_response(out.response(gw.usage(gen)))
 
 
+def _constraint_and_tool_reader(gw: Gateway, req: P.ChatCompletionRequest, tools: list[dict], choice):
+    """The chat request's output constraint and how its reply becomes tool calls (None: it
+    holds none): tool_choice required / named constrain the output to calls; auto leaves it
+    free and parses it (unless response_format asks for plain JSON); none ignores the tools."""
+    grammar = grammar_of(req)
+    if not tools or choice == "none":
+        return grammar, None
+    tool_grammar = T.tool_choice_grammar(tools, choice, req.parallel_tool_calls)
+    if tool_grammar is None:
+        return grammar, (T.get_tool_parser(gw.tool_call_parser) if grammar is None else None)
+    if grammar is not None:
+        raise APIError(400, "response_format / structured_outputs cannot be combined with "
+                            "tool_choice required or a named tool", param="tool_choice")
+    check_spec(tool_grammar, "tools")
+    return tool_grammar, T.ConstrainedCalls(choice)
+
+
 @_endpoint
 async def chat_completions(gw: Gateway, request: Request) -> Response:
     req = P.decode_request(await gw.read_body(request), P.ChatCompletionRequest)
@@ -238,18 +255,7 @@ async def chat_completions(gw: Gateway, request: Request) -> Response:
     tools = [msgspec.to_builtins(t) for t in req.tools or ()]
     choice = T.resolve_tool_choice(tools, msgspec.to_builtins(req.tool_choice))
     T.check_tools(tools, choice)
-    grammar = grammar_of(req)
-    reader = None                  # how the reply's text becomes tool calls, if it may hold any
-    if tools and choice != "none":
-        tool_grammar = T.tool_choice_grammar(tools, choice, req.parallel_tool_calls)
-        if tool_grammar is not None:
-            if grammar is not None:
-                raise APIError(400, "response_format / structured_outputs cannot be combined with "
-                                    "tool_choice required or a named tool", param="tool_choice")
-            check_spec(tool_grammar, "tools")
-            grammar, reader = tool_grammar, T.ConstrainedCalls(choice)
-        elif grammar is None:      # auto: parsed from the text (with a constraint: plain JSON reply)
-            reader = T.get_tool_parser(gw.tool_call_parser)
+    grammar, reader = _constraint_and_tool_reader(gw, req, tools, choice)
     try:
         messages = [m.as_template_input() for m in req.messages]
         prompt = T.render_prompt(gw.tokenizer, messages, tools if choice != "none" else [], gw.tool_call_parser,
