@@ -23,6 +23,7 @@ class Sample:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None      # beam search: the hypothesis' sum of logprobs
 
 
 @dataclass
@@ -76,6 +77,8 @@ class Engine:
                     sample.token_ids.extend(out.token_ids)
                     if out.logprobs:
                         sample.logprobs = (sample.logprobs or []) + list(out.logprobs)
+                    if out.cumulative_logprob is not None:
+                        sample.cumulative_logprob = out.cumulative_logprob
                     if out.finish_reason is not None:
                         sample.finish_reason = out.finish_reason
                         bar.update()
@@ -134,6 +137,17 @@ class LLM:
                     s.text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
             completions.append(Completion(r.prompt_token_ids, got))
         return completions
+
+
+    def beam_search(self, prompts: list[str] | list[list[int]], beam_width: int, max_tokens: int = 16,
+                    length_penalty: float = 1.0, early_stopping: bool = False,
+                    progress: bool = False) -> list[Completion]:
+        """Beam search per prompt, as HF ``generate(num_beams=beam_width,
+        num_return_sequences=beam_width, do_sample=False, ...)``: each Completion's samples are
+        the ``beam_width`` hypotheses, best first, with their ``cumulative_logprob``."""
+        params = SamplingParams(n=beam_width, max_tokens=max_tokens, temperature=0.0, use_beam_search=True,
+                                length_penalty=length_penalty, early_stopping=early_stopping)
+        return self.generate(prompts, params, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------ CLI
