@@ -113,6 +113,7 @@ class Gateway:
             raise APIError(400, "the prompt is empty", param=prompt_param)
         if req.n > self.max_n:
             raise APIError(400, f"n must be at most {self.max_n}, got {req.n}", param="n")
+        req.check_beam_search()
         self.check_token_ids(prompt_ids, prompt_param)
         for param, ids in req.token_id_fields().items():
             self.check_token_ids(ids, param)
@@ -238,6 +239,9 @@ async def chat_completions(gw: Gateway, request: Request) -> Response:
     if tools and choice != "none":
         tool_grammar = T.tool_choice_grammar(tools, choice, req.parallel_tool_calls)
         if tool_grammar is not None:
+            if req.use_beam_search:
+                raise APIError(400, "use_beam_search does not take tool_choice required or a named tool",
+                               param="tool_choice")
             if grammar is not None:
                 raise APIError(400, "response_format / structured_outputs cannot be combined with "
                                     "tool_choice required or a named tool", param="tool_choice")
