@@ -143,6 +143,8 @@ INTEGRATION_MODULES = frozenset({
     "test_serve_e2e", "test_soak", "test_worker_errors", "test_fuzz_wire", "test_engine_errors", "test_serve_oracle",
     "test_model_families",       # `pagedserve generate` / `serve` subprocesses on built checkpoints
     "test_structured_serve",     # `pagedserve serve` on the default model
+    "test_beam_gateway",         # the gateway over HTTP on the scripted scheduler
+    "test_beam_serve",           # `pagedserve serve` on the default model
 })
 
 
