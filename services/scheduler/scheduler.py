@@ -466,25 +466,42 @@ class Scheduler:
         ones (FCFS) only once none is left swapped, and it stops at the first that does not fit.
 
         A sequence takes ``1 + fork_blocks`` of the ``max_num_seqs`` slots (its future fork
-        children count) and must fit in the free blocks less a reserve: the watermark, kept for
+        children count; a beam search takes n at its first beam's admission, none for the others) and must fit in the free blocks less a reserve: the watermark, kept for
         running sequences to grow, plus the fork blocks of the admitted n > 1 requests not forked
         yet and of this one. Alone (nothing running), it is admitted without a reserve."""
         if not (self.swapped or self.waiting):
             return
         pending = self._pending_fork_blocks()
-        num_seqs = len(self.running) + pending
+        beam_searches = self._beam_slots_held()
+        num_seqs = len(self.running) + pending + sum(beam_searches.values())
         for queue, admit in ((self.swapped, self._swap_in), (self.waiting, self._admit_waiting)):
             while queue and draft.budget > 0:
                 seq = queue[0]
-                fork_blocks = seq.request.fork_blocks
-                if num_seqs + 1 + fork_blocks > self.config.max_num_seqs:
+                request, fork_blocks = seq.request, seq.request.fork_blocks
+                if request.beam is None:
+                    slots = 1 + fork_blocks
+                else:                              # a beam search holds n slots from its first admission
+                    slots = 0 if request.request_id in beam_searches else request.sampling.n
+                if num_seqs + slots > self.config.max_num_seqs:
                     return
                 reserve = self.watermark_blocks + pending + fork_blocks if self.running else 0
                 if not admit(seq, draft, self.block_manager.num_free_blocks - reserve):
                     return
                 queue.popleft()
-                num_seqs += 1 + fork_blocks
+                if request.beam is not None:
+                    beam_searches.setdefault(request.request_id, 0)
+                num_seqs += slots
                 pending += fork_blocks
+
+    def _beam_slots_held(self) -> dict[str, int]:
+        """Per beam search with a running beam: the ``max_num_seqs`` slots it holds beyond its
+        running beams (``n`` in all: its search may fork up to n beams at any step, without
+        admission; its preempted beams come back into those slots)."""
+        running: dict[str, int] = {}
+        for s in self.running:
+            if s.request.beam is not None and s.status == RUNNING:
+                running[s.request.request_id] = running.get(s.request.request_id, 0) + 1
+        return {rid: self.requests[rid].sampling.n - k for rid, k in running.items() if rid in self.requests}
 
     def _swap_in(self, seq: Sequence, draft: StepDraft, free_blocks: int) -> bool:
         """Bring a swapped sequence back if all its blocks and its next chunk fit in ``free_blocks``."""
