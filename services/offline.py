@@ -23,6 +23,7 @@ class Sample:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None      # beam search: the hypothesis' sum of logprobs
 
 
 @dataclass
@@ -76,6 +77,8 @@ class Engine:
                     sample.token_ids.extend(out.token_ids)
                     if out.logprobs:
                         sample.logprobs = (sample.logprobs or []) + list(out.logprobs)
+                    if out.cumulative_logprob is not None:
+                        sample.cumulative_logprob = out.cumulative_logprob
                     if out.finish_reason is not None:
                         sample.finish_reason = out.finish_reason
                         bar.update()
@@ -136,6 +139,17 @@ class LLM:
         return completions
 
 
+    def beam_search(self, prompts: list[str] | list[list[int]], beam_width: int, max_tokens: int = 16,
+                    length_penalty: float = 1.0, early_stopping: bool = False,
+                    progress: bool = False) -> list[Completion]:
+        """Beam search per prompt, as HF ``generate(num_beams=beam_width,
+        num_return_sequences=beam_width, do_sample=False, ...)``: each Completion's samples are
+        the ``beam_width`` hypotheses, best first, with their ``cumulative_logprob``."""
+        params = SamplingParams(n=beam_width, max_tokens=max_tokens, temperature=0.0, use_beam_search=True,
+                                length_penalty=length_penalty, early_stopping=early_stopping)
+        return self.generate(prompts, params, progress=progress)
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
@@ -152,6 +166,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=1)
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true", help="one JSON object per input, in input order")
+    beam = p.add_argument_group("beam search (greedy over K beams; K hypotheses per input, best first)")
+    beam.add_argument("--beam-width", type=int, default=None, metavar="K", help="beam search with K beams")
+    beam.add_argument("--length-penalty", type=float, default=None,
+                      help="a hypothesis scores sum(logprobs) / length ** L (default 1.0)")
+    beam.add_argument("--early-stopping", action="store_true", help="stop once K hypotheses are finished")
     constraint = p.add_mutually_exclusive_group()
     constraint.add_argument("--json-schema", metavar="FILE", help="constrain every output to this JSON Schema")
     constraint.add_argument("--regex", help="constrain every output to this regular expression")
@@ -232,17 +251,45 @@ def read_grammar(args: argparse.Namespace) -> GrammarSpec | None:
     return spec
 
 
+def check_beam_options(args: argparse.Namespace) -> None:
+    """Beam search is greedy over beams: sampling options and constraints make no sense with it."""
+    if args.beam_width is None:
+        given = [f for f, on in (("--length-penalty", args.length_penalty is not None),
+                                 ("--early-stopping", args.early_stopping)) if on]
+        if given:
+            raise _fail(f"{', '.join(given)}: beam search options, given without --beam-width")
+        return
+    if args.beam_width < 1:
+        raise _fail(f"--beam-width must be at least 1, got {args.beam_width}")
+    clashes = [flag for flag, on in (
+        ("--temperature", args.temperature > 0), ("--n", args.n != 1), ("--top-p", args.top_p != 1.0),
+        ("--top-k", args.top_k != -1), ("--seed", args.seed is not None), ("--ignore-eos", args.ignore_eos),
+        ("--json-schema", args.json_schema is not None), ("--regex", args.regex is not None),
+        ("--grammar", args.grammar is not None)) if on]
+    if clashes:
+        raise _fail(f"--beam-width does not combine with {', '.join(clashes)} (beam search is greedy "
+                    "over K beams and returns K hypotheses)")
+
+
 def run(args: argparse.Namespace, worker=None, tokenizer=None) -> int:
     """`pagedserve generate`. ``worker`` / ``tokenizer``: already loaded ones (tests); by default
     both are loaded from ``--model``. Inputs are checked before anything is loaded."""
     import msgspec
 
+    check_beam_options(args)
     items = read_inputs(args)
     grammar = read_grammar(args)
+    beams = args.beam_width is not None
     try:
-        params = msgspec.convert(dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                      top_k=args.top_k, seed=args.seed, n=args.n, ignore_eos=args.ignore_eos),
-                                 SamplingParams)
+        if beams:
+            params = msgspec.convert(dict(max_tokens=args.max_tokens, temperature=0.0, n=args.beam_width,
+                                          use_beam_search=True, early_stopping=args.early_stopping,
+                                          length_penalty=1.0 if args.length_penalty is None else args.length_penalty),
+                                     SamplingParams)
+        else:
+            params = msgspec.convert(dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                          top_k=args.top_k, seed=args.seed, n=args.n, ignore_eos=args.ignore_eos),
+                                     SamplingParams)
         config = config_from_args(args, "generate").engine
         config.scheduler.max_waiting = 1 << 30            # every input is queued at once
     except (msgspec.ValidationError, ValueError) as e:
@@ -262,9 +309,12 @@ def run(args: argparse.Namespace, worker=None, tokenizer=None) -> int:
             texts = [s.text for s in c.samples]
             ids = [s.token_ids for s in c.samples]
             reasons = [s.finish_reason for s in c.samples]
-            one = args.n == 1
-            print(json.dumps({**item, "text": texts[0] if one else texts, "token_ids": ids[0] if one else ids,
-                              "finish_reason": reasons[0] if one else reasons}, ensure_ascii=False))
+            one = args.n == 1 and not beams          # beams: always lists, best first
+            row = {**item, "text": texts[0] if one else texts, "token_ids": ids[0] if one else ids,
+                   "finish_reason": reasons[0] if one else reasons}
+            if beams:
+                row["cumulative_logprob"] = [s.cumulative_logprob for s in c.samples]
+            print(json.dumps(row, ensure_ascii=False))
         else:
             for s in c.samples:
                 print(s.text)

@@ -51,6 +51,11 @@ class SamplingParams(Struct, kw_only=True, omit_defaults=True):
     ignore_eos: bool = False
     logprobs: Optional[Annotated[int, Meta(ge=0, le=20)]] = None   # top-k logprobs of sampled tokens
     logit_bias: dict[NonNegInt, Annotated[float, Meta(ge=-100.0, le=100.0)]] = {}   # token id -> added to its logit
+    # Beam search (HF generate's num_beams=n, num_return_sequences=n, do_sample=False): the n
+    # outputs are the best n hypotheses, best first, sent when the search ends
+    use_beam_search: bool = False
+    length_penalty: float = 1.0            # a hypothesis scores sum(logprobs) / len ** length_penalty
+    early_stopping: bool = False           # True: stop once n hypotheses are finished
 
     @property
     def greedy(self) -> bool:
@@ -125,6 +130,7 @@ class RequestOutput(Struct, array_like=True, omit_defaults=True):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0          # prompt tokens served from the prefix cache
     logprobs: Optional[list[TokenLogprobs]] = None
+    cumulative_logprob: Optional[float] = None     # beam search: the hypothesis' sum of logprobs
 
 
 class RequestOutputs(Message, tag="outputs"):
@@ -200,7 +206,7 @@ class StepPlan(Message, tag="plan"):
     """One step, as a diff against what the executor already holds.
 
     Order of application on the executor: drop ``finished`` and ``preempted``; ``swap_out``;
-    ``swap_in``; ``copies``; register ``new``; apply ``table_updates``; forward pass over the
+    ``swap_in``; ``copies``; register ``new``; apply ``table_updates``; ``appends``; forward pass over the
     new sequences and ``run_seq_ids`` (``run_num_tokens[i]`` tokens each); ``forks``; sample.
     Known sequences are columnar (two int lists) so a 256-sequence decode step is ~1 KB.
     """
@@ -222,6 +228,9 @@ class StepPlan(Message, tag="plan"):
     # is not: the masks follow in a StepMasks frame (computed while the forward pass runs).
     mask_seq_ids: list[NonNegInt] = []
     masks: bytes = b""
+    # Beam search: (seq id, token) appended to a known sequence before the forward pass: the
+    # token the scheduler chose for that beam (the executor never appends to beam sequences).
+    appends: list[tuple[NonNegInt, NonNegInt]] = []
 
 
 class StepMasks(Message, tag="masks"):

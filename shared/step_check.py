@@ -61,8 +61,9 @@ def validate_plan(plan: StepPlan, seqs: Mapping[int, KnownSeq], limits: StepLimi
     known = {sid for sid in seqs if sid not in gone}
     _check_block_moves(plan, limits)
     after: dict[int, SeqShape] = {}          # every sequence the plan touches, as the step leaves it
-    work = _check_new(plan, known, after, limits) + _check_runs(plan, seqs, known, after)
-    _check_table_updates(plan, seqs, known, after, limits)
+    appended = _check_appends(plan, seqs, known, limits.vocab_size)
+    work = _check_new(plan, known, after, limits) + _check_runs(plan, seqs, known, after, appended)
+    _check_table_updates(plan, seqs, known, after, limits, appended)
     num_tokens = _check_capacity(work, after, limits)
     samplers = [sid for sid, _ in work if after[sid].num_computed == after[sid].num_tokens]
     _check_forks(plan, known, after, samplers)
@@ -110,8 +111,20 @@ def _check_new(plan: StepPlan, known: set[int], after: dict[int, SeqShape],
     return work
 
 
+def _check_appends(plan: StepPlan, seqs: Mapping[int, KnownSeq], known: set[int], vocab: int) -> set[int]:
+    """Beam search: one token appended to each of some known sequences, before the forward."""
+    ids = [sid for sid, _ in plan.appends]
+    _unique(ids, "append seq")
+    for sid, token in plan.appends:
+        if sid not in known:
+            raise PlanError(f"append to unknown seq {sid}")
+        if token >= vocab:
+            raise PlanError(f"append: token id {token} outside the vocabulary of {vocab}")
+    return set(ids)
+
+
 def _check_runs(plan: StepPlan, seqs: Mapping[int, KnownSeq], known: set[int],
-                after: dict[int, SeqShape]) -> list[tuple[int, int]]:
+                after: dict[int, SeqShape], appended: set[int]) -> list[tuple[int, int]]:
     if len(plan.run_seq_ids) != len(plan.run_num_tokens):
         raise PlanError(f"run_seq_ids ({len(plan.run_seq_ids)}) and run_num_tokens "
                         f"({len(plan.run_num_tokens)}) differ in length")
@@ -124,6 +137,7 @@ def _check_runs(plan: StepPlan, seqs: Mapping[int, KnownSeq], known: set[int],
         if n < 1:
             raise PlanError(f"run: seq {sid} with {n} tokens")
         s = after[sid] = seqs[sid].shape()
+        s.num_tokens += sid in appended
         if s.num_computed + n > s.num_tokens:
             raise PlanError(f"seq {sid}: {s.num_computed}+{n} tokens > {s.num_tokens} known")
         s.num_computed += n
@@ -132,12 +146,13 @@ def _check_runs(plan: StepPlan, seqs: Mapping[int, KnownSeq], known: set[int],
 
 
 def _check_table_updates(plan: StepPlan, seqs: Mapping[int, KnownSeq], known: set[int],
-                         after: dict[int, SeqShape], limits: StepLimits) -> None:
+                         after: dict[int, SeqShape], limits: StepLimits, appended: set[int]) -> None:
     for tu in plan.table_updates:
         if tu.seq_id not in after:
             if tu.seq_id not in known:
                 raise PlanError(f"table update for unknown seq {tu.seq_id}")
             after[tu.seq_id] = seqs[tu.seq_id].shape()
+            after[tu.seq_id].num_tokens += tu.seq_id in appended
         s = after[tu.seq_id]
         _in_pool(tu.block_ids, limits.num_blocks, "table")
         if tu.start > s.num_blocks:

@@ -144,6 +144,8 @@ INTEGRATION_MODULES = frozenset({
     "test_model_families",       # `pagedserve generate` / `serve` subprocesses on built checkpoints
     "test_structured_serve",     # `pagedserve serve` on the default model
     "test_tools_gateway",        # the gateway over a socket with the scripted scheduler
+    "test_beam_gateway",         # the gateway over HTTP on the scripted scheduler
+    "test_beam_serve",           # `pagedserve serve` on the default model
 })
 
 

@@ -3,7 +3,8 @@
 Every AddRequest is answered by streaming the tokens of ``reply`` (tokenized with the real
 tokenizer) one token per RequestOutput, for each of the ``n`` samples (sample ``i`` streams
 ``sample_replies[i]`` instead when that list is set), cut at ``max_tokens`` (finish "length") or
-ending with EOS (finish "stop"); ``hold_after`` {sample index: k} makes that sample wait after k
+ending with EOS (finish "stop"); a beam search request gets its n hypotheses (the same
+replies) in one message at once, each whole, with ``cumulative_logprob`` -1 - index; ``hold_after`` {sample index: k} makes that sample wait after k
 tokens until it is aborted or the hold is lifted (a window that lasts until the test ends it,
 instead of a delay it must win against). ``error`` makes it refuse requests with that
 RequestError code instead; ``fail_after`` makes it fail them with "executor_error" once that many
@@ -174,6 +175,12 @@ class FakeScheduler:
                 else:
                     tokens.append(list(ids) + [self.eos_token_id])
                     finish.append("stop")
+            if msg.sampling.use_beam_search:        # as the real one: every hypothesis at once, at the end
+                transport.send(self._sock, RequestOutputs(outputs=[RequestOutput(
+                    msg.request_id, i, ids, reason, num_prompt_tokens=len(msg.prompt_token_ids),
+                    cumulative_logprob=-1.0 - i) for i, (ids, reason) in enumerate(zip(tokens, finish))]), identity)
+                self.generated += sum(map(len, tokens))
+                return
             self._active[msg.request_id] = _Active(identity, msg, tokens, finish)
         elif isinstance(msg, AbortRequest) and msg.sample_index is not None:
             self.aborted_samples.append((msg.request_id, msg.sample_index))

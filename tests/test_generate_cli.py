@@ -183,3 +183,41 @@ def test_a_bad_constraint_is_a_clear_error_exit_before_loading(argv, message, mo
         main(["generate", "--prompt", "hi", *argv])
     text = str(exc.value.code) + capsys.readouterr().err
     assert message in text and "Traceback" not in text
+
+
+def test_beam_width_json_lists_the_hypotheses_best_first(generate):
+    """--beam-width 2: text, token_ids, finish_reason and cumulative_logprob are lists of the 2
+    hypotheses, equal to LLM.beam_search's on the same engine."""
+    prompts = ["The capital of France is", "One, two, three,"]
+    status, lines, llm = generate("--prompt", prompts[0], "--prompt", prompts[1], "--json", "--beam-width", "2",
+                                  "--length-penalty", "0.8", "--max-tokens", str(MAX_TOKENS))
+    assert status == 0 and _drained(llm)
+    rows = [json.loads(line) for line in lines]
+    want = llm.beam_search(prompts, 2, MAX_TOKENS, length_penalty=0.8)
+    for prompt, r, c in zip(prompts, rows, want):
+        assert r["prompt"] == prompt
+        assert r["token_ids"] == [s.token_ids for s in c.samples]
+        assert r["text"] == [s.text for s in c.samples]
+        assert r["finish_reason"] == [s.finish_reason for s in c.samples]
+        assert r["cumulative_logprob"] == [s.cumulative_logprob for s in c.samples]
+        assert len(r["text"]) == 2 and all(lp < 0 for lp in r["cumulative_logprob"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--beam-width", "2", "--temperature", "0.7"], "--temperature"),
+    (["--beam-width", "2", "--n", "3"], "--n"),
+    (["--beam-width", "2", "--top-p", "0.9"], "--top-p"),
+    (["--beam-width", "2", "--top-k", "5"], "--top-k"),
+    (["--beam-width", "2", "--seed", "1"], "--seed"),
+    (["--beam-width", "2", "--regex", "a+"], "--regex"),
+    (["--beam-width", "2", "--json-schema", "/nonexistent/schema.json"], "--json-schema"),
+    (["--beam-width", "0"], "--beam-width must be at least 1"),
+    (["--length-penalty", "1.2"], "--length-penalty: beam search options, given without --beam-width"),
+    (["--early-stopping"], "--early-stopping: beam search options, given without --beam-width"),
+])
+def test_bad_beam_options_are_a_clear_error_exit_before_loading(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(offline, "LLM", lambda *a, **kw: pytest.fail("the model must not load"))
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "hi", *argv])
+    text = str(exc.value.code)
+    assert text.startswith("pagedserve generate: ") and message in text and "\n" not in text

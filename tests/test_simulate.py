@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from services.scheduler.sim.simulate import make_workload, possible_prefix_hits, simulate
+from services.scheduler.sim.simulate import BEAM_WIDTH, make_workload, possible_prefix_hits, simulate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ("kv_waste_pct", "peak_concurrency", "admission_failures_with_free_memory", "preemptions",
@@ -102,6 +102,33 @@ def test_parallel_sampling_shares_prompt_blocks():
     assert s["paged"]["free_blocks_at_end"] == 1024
 
 
+def test_beam_search_holds_fewer_blocks_shared_than_as_private_copies():
+    """Beams forked from one parent share the prompt and their common prefix: fewer blocks than
+    if each beam held its own copy, but never fewer than the largest beam's own (at most a
+    1 - 1/width saving); the fake executor checks every KV read (strict)."""
+    s = simulate("beam-search", num_requests=8, num_blocks=1024, block_size=16, max_model_len=4096, seed=2,
+                 strict=True)
+    paged, kv = s["paged"], s["paged"]["beam_kv"]
+    assert paged["finished_sequences"] == 8 * BEAM_WIDTH and not paged["rejected"]
+    assert paged["free_blocks_at_end"] == 1024
+    assert 0 < kv["kv_saving_pct"] <= 100 * (1 - 1 / BEAM_WIDTH)
+    assert 0 < kv["kv_saving_pct_at_peak"] <= 100 * (1 - 1 / BEAM_WIDTH)
+    assert kv["mean_blocks_shared"] < kv["mean_blocks_own_copies"]
+    assert kv["peak_blocks_shared"] <= 1024 < kv["peak_blocks_own_copies"] * 2
+    pct = 100 * (1 - kv["mean_blocks_shared"] / kv["mean_blocks_own_copies"])
+    assert abs(pct - kv["kv_saving_pct"]) < 0.1                # the mean and the sum over steps agree
+    assert "beam_kv" not in simulate("parallel-sampling", num_requests=2, num_blocks=256, block_size=16,
+                                     max_model_len=4096, seed=2)["paged"]
+
+
+def test_beam_search_under_memory_pressure_still_finishes_every_beam():
+    s = simulate("beam-search", num_requests=6, num_blocks=170, block_size=16, max_model_len=4096, seed=5,
+                 strict=True)
+    assert s["paged"]["preemptions"] > 0 and not s["paged"]["rejected"]
+    assert s["paged"]["finished_sequences"] == 6 * BEAM_WIDTH and s["paged"]["free_blocks_at_end"] == 170
+    assert s["paged"]["beam_kv"]["kv_saving_pct"] > 0
+
+
 def test_workloads_follow_their_definitions():
     mixed = make_workload("mixed", 300, 4096, seed=3)
     assert all(16 <= len(r.prompt) <= 2048 and r.n == 1 and 16 <= r.output_lens[0] <= 1024 for r in mixed)
@@ -109,6 +136,8 @@ def test_workloads_follow_their_definitions():
     assert len({tuple(r.prompt[:512]) for r in shared}) <= 10
     assert all(512 + 32 <= len(r.prompt) <= 512 + 128 for r in shared)
     assert all(r.n == 4 for r in make_workload("parallel-sampling", 5, 4096, seed=3))
+    beams = make_workload("beam-search", 20, 4096, seed=3)
+    assert all(r.beam and r.n == BEAM_WIDTH and 64 <= r.max_tokens <= 512 for r in beams)
     poisson = make_workload("mixed", 50, 4096, seed=3, arrival_rate=0.5)
     assert poisson[-1].arrival > 0 and all(a.arrival <= b.arrival for a, b in zip(poisson, poisson[1:]))
     # 50 requests over 10 system prompts of 32 full blocks: all but the first of each can hit them
@@ -260,3 +289,24 @@ def test_the_sliding_window_flag_reaches_the_paged_run(capsys):
         assert paged["free_blocks_at_end"] == 512
         peaks[window] = paged["peak_memory_slots"]
     assert peaks["32"] < peaks["0"]
+
+
+@pytest.mark.parametrize("max_num_seqs, num_blocks", [(8, 1024), (4, 170)])
+def test_beam_search_keeps_within_max_num_seqs(max_num_seqs, num_blocks):
+    """A beam search holds n of the max_num_seqs slots from its first admission (its beams fork
+    without admission); with n slots in all and a small pool it still finishes (no deadlock
+    between a search's running and preempted beams)."""
+    from services.scheduler.sim.fake_executor import FakeExecutor
+
+    rows, execute = [], FakeExecutor.execute
+
+    def counting(self, plan, masks=None):
+        rows.append(len(plan.run_seq_ids) + len(plan.new))
+        return execute(self, plan, masks)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FakeExecutor, "execute", counting)
+        s = simulate("beam-search", num_requests=6, num_blocks=num_blocks, block_size=16, max_model_len=4096,
+                     seed=5, max_num_seqs=max_num_seqs, strict=True)
+    assert max(rows) <= max_num_seqs and s["paged"]["peak_concurrency"] <= max_num_seqs
+    assert s["paged"]["finished_sequences"] == 6 * BEAM_WIDTH and s["paged"]["free_blocks_at_end"] == num_blocks

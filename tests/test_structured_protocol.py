@@ -83,7 +83,7 @@ def test_bad_constraints_name_their_field(fields, param, words):
 
 @pytest.mark.parametrize("field, value", [
     ("functions", [{"name": "f"}]), ("function_call", "auto"), ("guided_json", {"type": "object"}),
-    ("guided_regex", "a"), ("guided_choice", ["a"]), ("guided_grammar", "x"), ("use_beam_search", True),
+    ("guided_regex", "a"), ("guided_choice", ["a"]), ("guided_grammar", "x"),
     ("best_of", 3), ("suffix", "x"), ("prediction", {"type": "content", "content": "x"}),
     ("audio", {"voice": "alloy"}), ("modalities", ["text", "audio"]), ("reasoning_effort", "low"),
 ])
@@ -93,7 +93,7 @@ def test_fields_other_apis_define_but_pagedserve_does_not_implement_are_refused(
     assert e.value.param == field
 
 
-@pytest.mark.parametrize("field, value", [("best_of", 1), ("use_beam_search", False), ("modalities", ["text"]),
+@pytest.mark.parametrize("field, value", [("best_of", 1), ("modalities", ["text"]),
                                           ("functions", None), ("suffix", None)])
 def test_those_fields_at_values_that_change_nothing_are_accepted(field, value):
     chat(**{field: value})

@@ -191,6 +191,8 @@ class Worker:
             table = self.seqs[tu.seq_id].table
             del table[tu.start:]
             table.extend(tu.block_ids)
+        for sid, token in plan.appends:          # beam search: the token the scheduler chose
+            self.seqs[sid].output.append(token)
 
         # who samples, and from which row of the packed token axis (fork children share the
         # parent's row); known before the forward, so the row index rides in the same pack
@@ -216,7 +218,8 @@ class Worker:
         out = self.sampler(logits, meta)
         tokens = out.token_ids.tolist()                                      # the step's one sync
         for s, t in zip(states, tokens):
-            s.output.append(t)
+            if not s.params.use_beam_search:     # a beam's next token comes in the plan (appends)
+                s.output.append(t)
         return StepResult(step_id=plan.step_id, seq_ids=sampled, token_ids=tokens,
                           logprobs=out.logprobs)
 

@@ -118,6 +118,7 @@ class Gateway:
         if self.prefix_cache_salt_required and req.cache_salt is None:
             raise APIError(400, "this server requires a cache_salt on every request "
                                 "(--prefix-cache-salt-required)", param="cache_salt")
+        req.check_beam_search()
         self.check_token_ids(prompt_ids, prompt_param)
         for param, ids in req.token_id_fields().items():
             self.check_token_ids(ids, param)
@@ -237,6 +238,9 @@ def _constraint_and_tool_reader(gw: Gateway, req: P.ChatCompletionRequest, tools
     tool_grammar = T.tool_choice_grammar(tools, choice, req.parallel_tool_calls)
     if tool_grammar is None:
         return grammar, (T.get_tool_parser(gw.tool_call_parser) if grammar is None else None)
+    if req.use_beam_search:
+        raise APIError(400, "use_beam_search does not take tool_choice required or a named tool",
+                       param="tool_choice")
     if grammar is not None:
         raise APIError(400, "response_format / structured_outputs cannot be combined with "
                             "tool_choice required or a named tool", param="tool_choice")

@@ -26,6 +26,7 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300           # logit_bias entries (OpenAI's limit)
 LOGIT_BIAS_RANGE = 100.0       # each bias in [-100, 100]
 MAX_N = 64                     # the wire limit (SamplingParams.n); the gateway's --max-n is lower
+MAX_BEAM_WIDTH = 10            # the scheduler keeps 2n candidates per beam (one EOS id), at most 20
 
 Temperature = Annotated[float, Meta(ge=0.0, le=10.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
@@ -97,6 +98,10 @@ class _SamplingFields(Struct, kw_only=True):
     structured_outputs: Optional[StructuredOutputs] = None
     # prefix-cache isolation: only requests with the same salt share cached KV blocks
     cache_salt: Optional[CacheSalt] = None
+    # beam search (vLLM's extras): n is the beam width; the n choices are the hypotheses, best first
+    use_beam_search: bool = False
+    length_penalty: Optional[Annotated[float, Meta(ge=-10.0, le=10.0)]] = None
+    early_stopping: Optional[bool] = None
 
     @property
     def stop_strings(self) -> list[str]:
@@ -117,8 +122,43 @@ class _SamplingFields(Struct, kw_only=True):
     def requested_logprobs(self) -> Optional[int]:
         return None
 
+    def beam_conflicts(self) -> list[str]:
+        """The parameters given that make no sense with beam search (greedy over beams, whole
+        hypotheses at the end), by name; the endpoint adds its own (logprobs, tools)."""
+        given = {"stream": self.stream, "temperature": (self.temperature or 0) > 0,
+                 "top_p": self.top_p not in (None, 1.0), "top_k": self.top_k not in (None, -1, 0),
+                 "min_p": bool(self.min_p), "presence_penalty": bool(self.presence_penalty),
+                 "frequency_penalty": bool(self.frequency_penalty),
+                 "repetition_penalty": self.repetition_penalty not in (None, 1.0), "seed": self.seed is not None,
+                 "logit_bias": bool(self.logit_bias), "min_tokens": self.min_tokens > 0,
+                 "ignore_eos": self.ignore_eos, "stop": bool(self.stop_strings),
+                 "stop_token_ids": bool(self.stop_token_ids), "response_format": self.response_format is not None
+                 and self.response_format.type != "text", "structured_outputs": self.structured_outputs is not None,
+                 "logprobs": self.requested_logprobs() is not None}
+        return [name for name, on in given.items() if on]
+
+    def check_beam_search(self) -> None:
+        """InvalidRequest naming the first parameter that does not fit beam search (or beam
+        search's options given without it)."""
+        if not self.use_beam_search:
+            for name in ("length_penalty", "early_stopping"):
+                if getattr(self, name) is not None:
+                    raise InvalidRequest(f"{name} applies to beam search only (set use_beam_search)", param=name)
+            return
+        if self.n > MAX_BEAM_WIDTH:
+            raise InvalidRequest(f"beam search takes at most n={MAX_BEAM_WIDTH} beams, got {self.n}", param="n")
+        conflicts = self.beam_conflicts()
+        if conflicts:
+            what = "streaming" if conflicts[0] == "stream" else conflicts[0]
+            raise InvalidRequest(f"use_beam_search does not take {what} (beam search is greedy over n beams and "
+                                 "returns the n best hypotheses when it ends)", param=conflicts[0])
+
     def to_sampling(self, max_tokens: int) -> SamplingParams:
         """Map to the wire SamplingParams; ``None`` fields keep the engine defaults."""
+        if self.use_beam_search:            # greedy over beams: only the search's own options
+            return SamplingParams(n=self.n, max_tokens=max_tokens, temperature=0.0, use_beam_search=True,
+                                  length_penalty=1.0 if self.length_penalty is None else self.length_penalty,
+                                  early_stopping=bool(self.early_stopping))
         kw = dict(n=self.n, max_tokens=max_tokens, min_tokens=min(self.min_tokens, max_tokens),
                   seed=self.seed, ignore_eos=self.ignore_eos, stop_token_ids=self.stop_token_ids or [],
                   logprobs=self.requested_logprobs(), logit_bias=self.logit_bias or {})
@@ -219,6 +259,9 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     def requested_logprobs(self) -> Optional[int]:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def beam_conflicts(self) -> list[str]:
+        return super().beam_conflicts() + (["top_logprobs"] if self.top_logprobs else [])
+
 
 TokenIds = list[TokenId]
 
@@ -261,7 +304,6 @@ NOT_IMPLEMENTED: dict[str, tuple[str, Any]] = {
     "guided_grammar": (f"guided_grammar is not supported ({_STRUCTURED})", None),
     "guided_decoding_backend": ("guided_decoding_backend is not supported (one backend: llguidance)", None),
     "guided_whitespace_pattern": ("guided_whitespace_pattern is not supported", None),
-    "use_beam_search": ("beam search is not supported", False),
     "best_of": ("best_of is not supported", 1),
     "suffix": ("suffix is not supported", None),
     "prediction": ("predicted outputs (`prediction`) are not supported", None),

@@ -34,6 +34,16 @@ service), leaves them to ``step_masks`` so they are computed while the executor 
 pass. ``update`` feeds each sampled token to its matcher; a complete grammar finishes the sample
 with "stop" (even before ``min_tokens``: nothing may follow it).
 
+Beam search (``use_beam_search``, n beams; beam.py decides, as HF ``generate`` does): a request
+starts as one sequence; each step every running beam's executor row returns its best next
+tokens (as logprobs: the executor never appends to a beam), and once the request's every beam
+has them the search picks the next beams. A beam picked once goes on (its token travels in the
+next plan's ``appends``); picked again, it forks a child that shares its blocks (copy-on-write of
+the partial last block, at the child's first step), registered on the executor by a ``NewSeq``;
+picked by none, it is freed. Beams are preempted one at a time like any sequence; the others wait
+(computing nothing) until it is back, and if waiting beams alone hold the blocks a queued one
+needs, they are preempted too. The n outputs, best first, come when the search ends.
+
 Preempted sequences are protected until they produce a token again, so the victim is another
 sequence whenever one is unprotected (anti-thrash). Plans are diffs: decodes are two int lists,
 and only tables that changed travel as ``TableUpdate``.
@@ -43,6 +53,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Iterable, Optional
 
+import msgspec
+
+from services.scheduler.beam import Beam, BeamSearch
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.grammar import GrammarBackend, advance
 from services.scheduler.sequence import FINISHED, RUNNING, SWAPPED, WAITING, Request, Sequence
@@ -50,7 +63,7 @@ from services.scheduler.step_draft import StepDraft
 from shared.config import CacheConfig, SchedulerConfig
 from shared.grammar import GrammarError
 from shared.messages import (AddRequest, FinishReason, Fork, NewSeq, RequestError, RequestOutput,
-                             SchedulerStats, StepMasks, StepPlan, StepResult)
+                             SamplingParams, SchedulerStats, StepMasks, StepPlan, StepResult)
 
 
 def victim_index(running: list[Sequence], i: int) -> int:
@@ -83,6 +96,7 @@ class Scheduler:
         self._next_seq_id = 0
         self._step_id = 0
         self._finished_ids: list[int] = []           # for the next plan
+        self._appends: list[tuple[int, int]] = []    # beam search: (seq id, token) for the next plan
         self._in_flight = StepDraft(0)               # the draft of the plan sent, until its update
         self._in_flight_step = -1
         self._running_dirty = False
@@ -158,6 +172,14 @@ class Scheduler:
                                      f"so at most {self.max_len - 1} prompt tokens fit")
         if len(self.waiting) >= self.config.max_waiting:
             return error("queue_full", f"the waiting queue is full ({self.config.max_waiting} requests)")
+        beam = None
+        if add.sampling.use_beam_search:
+            problem = self._beam_problem(add)
+            if problem is not None:
+                return error(*problem)
+            sampling = add.sampling
+            beam = BeamSearch(sampling.n, sampling.max_tokens, frozenset(self.eos_token_ids),
+                              sampling.length_penalty, sampling.early_stopping)
         matcher = None
         if add.grammar is not None:
             if self.grammars is None:
@@ -168,12 +190,39 @@ class Scheduler:
             except GrammarError as e:
                 return error("invalid", f"the {add.grammar.kind} constraint does not compile: {e}")
         request = Request(add, self.eos_token_ids)
+        if beam is not None:                # each beam's row returns its `keep` best next tokens
+            request.beam = beam
+            request.sampling = msgspec.structs.replace(add.sampling, logprobs=beam.keep, temperature=0.0)
         seq = self._new_seq(request, 0, list(prompt))
+        request.beams = [seq] if beam is not None else []
         if matcher is not None:
             seq.matcher = matcher
             self.num_constrained += 1
         self.requests[add.request_id] = request
         self.waiting.append(seq)
+        return None
+
+    def _beam_problem(self, add: AddRequest) -> Optional[tuple[str, str]]:
+        """Why a beam search request cannot run as asked, or None."""
+        p, default = add.sampling, SamplingParams()
+        width = p.n
+        keep = max(2, 1 + len(self.eos_token_ids)) * width
+        if keep > 20:                       # the executor returns at most 20 logprobs per row
+            return "invalid", (f"beam search keeps {keep} candidates per beam with {width} beams and "
+                               f"{len(self.eos_token_ids)} EOS ids; at most 20 fit (fewer beams)")
+        changed = [name for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                     "presence_penalty", "frequency_penalty", "seed", "logprobs",
+                                     "logit_bias", "min_tokens", "ignore_eos", "stop_token_ids")
+                   if getattr(p, name) != getattr(default, name) and not (name == "temperature" and p.temperature == 0)]
+        if changed:
+            return "invalid", f"beam search does not take {', '.join(changed)} (it is greedy over beams)"
+        if add.grammar is not None:
+            return "invalid", "beam search does not take a structured-output constraint"
+        bs = self.block_size
+        need = -(-len(add.prompt_token_ids) // bs) + width * (-(-p.max_tokens // bs) + 1)
+        if need > self.block_manager.num_blocks:
+            return "too_long", (f"{width} beams of up to {p.max_tokens} tokens after a {len(add.prompt_token_ids)}-token "
+                                f"prompt may need {need} KV blocks; the pool has {self.block_manager.num_blocks}")
         return None
 
     def abort_request(self, request_id: str) -> None:
@@ -195,6 +244,8 @@ class Scheduler:
         request = self.requests.get(request_id)
         if request is None:
             return None
+        if request.beam is not None:        # beams are not samples: the search stops as a whole
+            raise ValueError(f"request {request_id!r} is a beam search: it can only be aborted whole")
         if not 0 <= index < request.sampling.n:
             raise ValueError(f"sample index {index} is out of range: request {request_id!r} "
                              f"has n={request.sampling.n}")
@@ -230,13 +281,14 @@ class Scheduler:
         self._set_pool(scheduler_config or self.config, cache_config)
         live = [s for s in self.running if s.status == RUNNING] + list(self.swapped) + list(self.waiting)
         self.running, self.swapped, self.waiting = [], deque(), deque()
-        self._finished_ids, self._in_flight = [], StepDraft(0)
+        self._finished_ids, self._in_flight, self._appends = [], StepDraft(0), []
         self._in_flight_step, self._running_dirty = -1, False
         too_long: dict[str, int] = {}
         for seq in live:
             if seq.status != WAITING:
                 self.num_preemptions += 1
             seq.status, seq.num_computed, seq.protected = WAITING, 0, False
+            seq.on_executor = False
             self.waiting.append(seq)
             if len(seq.token_ids) >= self.max_len:
                 too_long[seq.request.request_id] = max(too_long.get(seq.request.request_id, 0),
@@ -276,6 +328,8 @@ class Scheduler:
             self._publish(seq, num_tokens)
         if not draft.preempted_any:
             self._admit_queued(draft)
+            if not draft.scheduled and (self.waiting or self.swapped):
+                self._preempt_waiting_beams(draft)
         if not draft.scheduled and not draft.preempted_any:
             return None
         dropped_parents = self._sample_and_fork(draft)
@@ -286,6 +340,10 @@ class Scheduler:
                     draft.mask_seq_ids.append(sid)
                     draft.matchers.append(matcher)
         plan = draft.to_plan(self._step_id, self.block_manager, self._finished_ids)
+        if self._appends:                  # beams whose state the executor still holds
+            seqs = self.seqs
+            plan.appends = [(sid, t) for sid, t in self._appends if sid in seqs and seqs[sid].on_executor]
+            self._appends = []
         if draft.matchers and not defer_masks:
             plan.masks = self.grammars.fill_masks(draft.matchers)
         self._finished_ids = []
@@ -312,9 +370,11 @@ class Scheduler:
         i = 0
         while i < len(running):
             seq = running[i]
-            if len(seq.token_ids) - seq.num_computed > 1:
-                prefilling.append(seq)
-                i += 1
+            remaining = len(seq.token_ids) - seq.num_computed
+            if remaining != 1:
+                if remaining:
+                    prefilling.append(seq)
+                i += 1                                     # 0: a beam waiting for its siblings
                 continue
             if budget == 0:
                 break
@@ -329,6 +389,8 @@ class Scheduler:
                 continue                                   # seq itself was preempted
             if start >= 0:
                 changed.setdefault(seq.seq_id, start)
+            if not seq.on_executor:                        # a beam forked at the last update
+                self._register(seq, 1, draft)
             scheduled.append((seq, 1))
             budget -= 1
             i += 1
@@ -379,7 +441,8 @@ class Scheduler:
         bm = self.block_manager
         self.num_preemptions += 1
         seq.protected = True
-        if self.config.preemption_mode == "swap" and bm.can_swap_out(seq.seq_id):
+        idle = len(seq.token_ids) == seq.num_computed      # a beam waiting: no chunk to swap back in for
+        if self.config.preemption_mode == "swap" and seq.on_executor and not idle and bm.can_swap_out(seq.seq_id):
             draft.swap_out.extend(bm.swap_out(seq.seq_id))
             seq.status = SWAPPED
             self.swapped.appendleft(seq)
@@ -388,7 +451,9 @@ class Scheduler:
             seq.num_computed = 0
             seq.status = WAITING
             self.waiting.appendleft(seq)
-            draft.preempted.append(seq.seq_id)
+            if seq.on_executor:
+                draft.preempted.append(seq.seq_id)
+            seq.on_executor = False
         draft.changed.pop(seq.seq_id, None)
 
     def _pending_fork_blocks(self) -> int:
@@ -401,25 +466,42 @@ class Scheduler:
         ones (FCFS) only once none is left swapped, and it stops at the first that does not fit.
 
         A sequence takes ``1 + fork_blocks`` of the ``max_num_seqs`` slots (its future fork
-        children count) and must fit in the free blocks less a reserve: the watermark, kept for
+        children count; a beam search takes n at its first beam's admission, none for the others) and must fit in the free blocks less a reserve: the watermark, kept for
         running sequences to grow, plus the fork blocks of the admitted n > 1 requests not forked
         yet and of this one. Alone (nothing running), it is admitted without a reserve."""
         if not (self.swapped or self.waiting):
             return
         pending = self._pending_fork_blocks()
-        num_seqs = len(self.running) + pending
+        beam_searches = self._beam_slots_held()
+        num_seqs = len(self.running) + pending + sum(beam_searches.values())
         for queue, admit in ((self.swapped, self._swap_in), (self.waiting, self._admit_waiting)):
             while queue and draft.budget > 0:
                 seq = queue[0]
-                fork_blocks = seq.request.fork_blocks
-                if num_seqs + 1 + fork_blocks > self.config.max_num_seqs:
+                request, fork_blocks = seq.request, seq.request.fork_blocks
+                if request.beam is None:
+                    slots = 1 + fork_blocks
+                else:                              # a beam search holds n slots from its first admission
+                    slots = 0 if request.request_id in beam_searches else request.sampling.n
+                if num_seqs + slots > self.config.max_num_seqs:
                     return
                 reserve = self.watermark_blocks + pending + fork_blocks if self.running else 0
                 if not admit(seq, draft, self.block_manager.num_free_blocks - reserve):
                     return
                 queue.popleft()
-                num_seqs += 1 + fork_blocks
+                if request.beam is not None:
+                    beam_searches.setdefault(request.request_id, 0)
+                num_seqs += slots
                 pending += fork_blocks
+
+    def _beam_slots_held(self) -> dict[str, int]:
+        """Per beam search with a running beam: the ``max_num_seqs`` slots it holds beyond its
+        running beams (``n`` in all: its search may fork up to n beams at any step, without
+        admission; its preempted beams come back into those slots)."""
+        running: dict[str, int] = {}
+        for s in self.running:
+            if s.request.beam is not None and s.status == RUNNING:
+                running[s.request.request_id] = running.get(s.request.request_id, 0) + 1
+        return {rid: self.requests[rid].sampling.n - k for rid, k in running.items() if rid in self.requests}
 
     def _swap_in(self, seq: Sequence, draft: StepDraft, free_blocks: int) -> bool:
         """Bring a swapped sequence back if all its blocks and its next chunk fit in ``free_blocks``."""
@@ -448,10 +530,15 @@ class Scheduler:
             request.num_cached_tokens = seq.num_computed
             self.num_prompt_tokens += len(request.prompt_token_ids)
         self._start_running(seq, num_new, draft)
-        draft.new.append(NewSeq(seq.seq_id, request.prompt_token_ids, seq.output_token_ids,
-                                bm.block_ids(seq.seq_id), seq.num_computed, num_new, request.sampling,
-                                seq.index))
+        self._register(seq, num_new, draft)
         return True
+
+    def _register(self, seq: Sequence, num_new: int, draft: StepDraft) -> None:
+        """The executor learns the sequence with this plan (``new``), ``num_new`` tokens to compute."""
+        draft.new.append(NewSeq(seq.seq_id, seq.request.prompt_token_ids, seq.output_token_ids,
+                                self.block_manager.block_ids(seq.seq_id), seq.num_computed, num_new,
+                                seq.request.sampling, seq.index))
+        seq.on_executor = True
 
     def _start_running(self, seq: Sequence, num_new: int, draft: StepDraft) -> None:
         """An admitted sequence joins the running list with ``num_new`` tokens in this step."""
@@ -488,6 +575,7 @@ class Scheduler:
                 self.num_constrained += 1
             self.block_manager.fork(parent.seq_id, child.seq_id, child.hashes)
             self.running.append(child)
+            child.on_executor = True                   # the plan's Fork registers it
             draft.forks.append(Fork(parent.seq_id, child.seq_id, index))
             draft.children.append((child, num_tokens))
             draft.samplers.append(child.seq_id)
@@ -507,6 +595,7 @@ class Scheduler:
         logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else None
         self._in_flight_step = -1
         outputs = []
+        beam_requests: dict[str, Request] = {}
         bm = self.block_manager
         window = bm.sliding_window
         for seq, num_tokens in self._in_flight.sequences():
@@ -518,10 +607,17 @@ class Scheduler:
             token_ids = seq.token_ids
             if seq.num_computed < len(token_ids):
                 continue                                   # mid-prompt chunk: no sample
-            token = sampled[seq.seq_id]
-            token_ids.append(token)
             seq.protected = False
             request = seq.request
+            if request.beam is not None:                   # the search picks the token (below)
+                lp = logprobs.get(seq.seq_id) if logprobs else None
+                if lp is None:
+                    raise ValueError(f"step {plan.step_id}: beam seq {seq.seq_id} came without its candidates")
+                seq.candidates = list(zip(lp.top_token_ids, lp.top_logprobs))
+                beam_requests[request.request_id] = request
+                continue
+            token = sampled[seq.seq_id]
+            token_ids.append(token)
             num_out = len(token_ids) - seq.num_prompt
             reason = None
             if seq.matcher is not None and (done := advance(seq.matcher, token)) is not None:
@@ -536,8 +632,12 @@ class Scheduler:
                                          [lp] if lp is not None else None))
             if reason is not None:
                 self._finished_ids.append(seq.seq_id)
+                seq.on_executor = False
                 self._finish(seq)
         self.num_generation_tokens += len(outputs)
+        for request in beam_requests.values():
+            if all(b.candidates is not None for b in request.beams):
+                outputs += self._beam_step(request)
         return outputs
 
     # ------------------------------------------------------------------------------- helpers
@@ -560,13 +660,74 @@ class Scheduler:
         self.seqs[seq.seq_id] = seq
         return seq
 
+    def _beam_step(self, request: Request) -> list[RequestOutput]:
+        """Every beam of ``request`` has its candidates: the search moves on. Returns its n
+        outputs once it has ended."""
+        search, beams = request.beam, request.beams
+        chosen = search.step([Beam(b.beam_score, b.output_token_ids, b.candidates) for b in beams])
+        self.num_generation_tokens += len(chosen)
+        if search.done:
+            eos, outputs = self.eos_token_ids, []
+            for rank, h in enumerate(search.results()):
+                reason = "stop" if h.token_ids and h.token_ids[-1] in eos else "length"
+                outputs.append(RequestOutput(request.request_id, rank, h.token_ids, reason,
+                                             len(request.prompt_token_ids), request.num_cached_tokens,
+                                             cumulative_logprob=h.cumulative_logprob))
+            for b in beams:
+                self._drop(b)
+            self.requests.pop(request.request_id, None)
+            return outputs
+        picked: dict[int, tuple[int, float]] = {}
+        next_beams = []
+        for b, token, score in chosen:
+            parent = beams[b]
+            if b not in picked:                            # the beam itself goes on (appended below)
+                picked[b] = (token, score)
+                next_beams.append(parent)
+                continue
+            # the parent's digests cover its full blocks only, which the child shares
+            child = self._new_seq(request, 0, parent.token_ids + [token], parent.hashes.copy())
+            child.beam_score = score
+            if parent.status == RUNNING:                   # shares the parent's blocks
+                child.num_computed = parent.num_computed
+                child.status = RUNNING
+                self.block_manager.fork(parent.seq_id, child.seq_id, child.hashes)
+                self.running.append(child)
+            else:                                          # the parent was preempted: recompute
+                self.waiting.appendleft(child)
+            next_beams.append(child)
+        for b, (token, score) in picked.items():
+            beam = beams[b]
+            beam.token_ids.append(token)
+            beam.beam_score, beam.candidates = score, None
+            if beam.on_executor:
+                self._appends.append((beam.seq_id, token))
+        for b, beam in enumerate(beams):
+            if b not in picked:
+                self._drop(beam)
+        request.beams = next_beams
+        return []
+
+    def _preempt_waiting_beams(self, draft: StepDraft) -> None:
+        """Nothing runs and the queue's head does not fit. If beams waiting for their siblings
+        hold the blocks (a beam search preempted in part), preempt those of the other requests
+        and queue them last, so the head's search gets all of its beams back and moves on."""
+        head = (self.swapped or self.waiting)[0].request
+        idle = [s for s in self.running
+                if s.request is not head and len(s.token_ids) == s.num_computed]
+        for seq in reversed(idle):
+            self.running.remove(seq)
+            self._preempt(seq, draft)                     # idle: always by recompute
+            self.waiting.remove(seq)
+            self.waiting.append(seq)
+
     def _drop(self, seq: Sequence) -> None:
         """Finish a sequence in any state (abort); the executor is told if it holds its state."""
         if seq.status == WAITING:
             self.waiting.remove(seq)
         elif seq.status == SWAPPED:
             self.swapped.remove(seq)
-        if seq.status in (RUNNING, SWAPPED):
+        if seq.status in (RUNNING, SWAPPED) and seq.on_executor:
             self._finished_ids.append(seq.seq_id)
         if seq.status != FINISHED:
             self._finish(seq)
@@ -576,6 +737,7 @@ class Scheduler:
         if seq.status == RUNNING:
             self._running_dirty = True
         seq.status = FINISHED
+        seq.on_executor = False
         if seq.matcher is not None:
             seq.matcher = None
             self.num_constrained -= 1

@@ -1,6 +1,8 @@
 """A request and its sequences (one per sample), as the scheduler tracks them."""
 from __future__ import annotations
 
+from typing import Optional
+
 from shared.messages import AddRequest
 
 WAITING, RUNNING, SWAPPED, FINISHED = "waiting", "running", "swapped", "finished"
@@ -10,7 +12,7 @@ class Request:
     """What all samples of one request share."""
 
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "stop_ids", "seqs", "to_fork",
-                 "drop_parent", "num_cached_tokens", "admitted", "cache_salt")
+                 "drop_parent", "num_cached_tokens", "admitted", "cache_salt", "beam", "beams")
 
     def __init__(self, add: AddRequest, eos_token_ids: frozenset[int]):
         self.request_id = add.request_id
@@ -22,10 +24,13 @@ class Request:
             stop |= eos_token_ids
         self.stop_ids = frozenset(stop)
         self.seqs: list[Sequence] = []
-        self.to_fork = list(range(1, add.sampling.n))   # sample indices the fork will create
+        # sample indices the fork will create (a beam search forks its beams as it goes instead)
+        self.to_fork = [] if add.sampling.use_beam_search else list(range(1, add.sampling.n))
         self.drop_parent = False                # sample 0 finished before the fork: drop it after
         self.num_cached_tokens = 0              # prompt tokens served from the prefix cache
         self.admitted = False
+        self.beam = None                        # beam search: its BeamSearch (beam.py)
+        self.beams: list[Sequence] = []         # beam search: the running beams, in beam order
 
     @property
     def forked(self) -> bool:
@@ -45,7 +50,7 @@ class Sequence:
     """One sample. ``token_ids`` is prompt + outputs; ``num_computed`` of them are in the cache."""
 
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt", "num_computed", "status",
-                 "protected", "release_at", "matcher", "hashes")
+                 "protected", "release_at", "matcher", "hashes", "on_executor", "beam_score", "candidates")
 
     def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int]):
         self.seq_id = seq_id
@@ -63,6 +68,11 @@ class Sequence:
         # the prefix-cache digests of its full blocks (block_hash.HashChain, salted by the
         # request); kept across preemption so a recompute hashes nothing twice
         self.hashes = None
+        self.on_executor = False                # the executor holds its state (registered, not dropped)
+        self.beam_score = 0.0                   # beam search: sum of its generated tokens' logprobs
+        # beam search: its (token, logprob) candidates from the last step, until the request's
+        # every beam has its own and the search moves on (it waits, computing nothing)
+        self.candidates: Optional[list[tuple[int, float]]] = None
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -37,6 +37,7 @@ import zmq
 from shared import transport
 from shared.messages import (
     ExecutorError, ExecutorHello, ExecutorReady, ProtocolError, Shutdown, StepMasks, StepPlan, StepResult,
+    TokenLogprobs,
 )
 from shared.step_check import CheckedPlan, PlanError, SeqShape, StepLimits, check_masks_size, validate_plan
 
@@ -151,6 +152,8 @@ class FakeExecutor:
             self._set_table(tu.seq_id, s, tu.start, tu.block_ids)
             if tu.start == 0:
                 s.swapped = False           # swap-in (or a whole new table): live again
+        for sid, token in plan.appends:     # beam search: the scheduler's choice of next token
+            self.seqs[sid].outputs.append(token)
         for sid, n in checked.work:   # like a real forward pass: every write of the step first,
             self._write(sid, self.seqs[sid], n)
         for sid, n in checked.work:   # then every read (a prompt may share blocks written now)
@@ -169,10 +172,29 @@ class FakeExecutor:
             rows = np.frombuffer(masks, dtype="<i4").reshape(len(plan.mask_seq_ids), -1)
             for i, r in zip(checked.mask_rows, rows):
                 tokens[i] = self._allowed_from(tokens[i], r)
+        logprobs = [self._candidates(self.seqs[sid]) for sid in sampled]
         for sid, tok in zip(sampled, tokens):
-            self.seqs[sid].outputs.append(tok)
+            if not self.seqs[sid].sampling.use_beam_search:
+                self.seqs[sid].outputs.append(tok)
         self.num_steps += 1
-        return StepResult(step_id=plan.step_id, seq_ids=sampled, token_ids=tokens)
+        return StepResult(step_id=plan.step_id, seq_ids=sampled, token_ids=tokens,
+                          logprobs=logprobs if any(lp is not None for lp in logprobs) else None)
+
+    def _candidates(self, s: _Seq) -> Optional[TokenLogprobs]:
+        """Rows asking for logprobs (beam search) get ``k`` distinct tokens with decreasing
+        logprobs, a pure function of the sequence's last token and length (so a recomputed or
+        restarted sequence gets the same), an EOS among them now and then."""
+        k = s.sampling.logprobs
+        if k is None:
+            return None
+        last, n = s.token(s.num_tokens - 1), s.num_tokens
+        base = (last * 7_919 + n * 104_729) % self.vocab_size
+        tokens = [(base + j * 613) % self.vocab_size for j in range(k)]
+        if (last + n) % 5 == 0:
+            tokens[(last + n) % k] = self.eos_token_ids[0]
+        tokens = list(dict.fromkeys(tokens))
+        jitter = ((last * 31 + n) % 97) / 97.0
+        return TokenLogprobs(-0.2 - jitter, tokens, [-(0.2 + jitter) * (j + 1) for j in range(len(tokens))])
 
     # ------------------------------------------------------------------ swapped-out sequences
     #
