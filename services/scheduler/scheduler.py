@@ -466,9 +466,10 @@ class Scheduler:
         ones (FCFS) only once none is left swapped, and it stops at the first that does not fit.
 
         A sequence takes ``1 + fork_blocks`` of the ``max_num_seqs`` slots (its future fork
-        children count; a beam search takes n at its first beam's admission, none for the others) and must fit in the free blocks less a reserve: the watermark, kept for
-        running sequences to grow, plus the fork blocks of the admitted n > 1 requests not forked
-        yet and of this one. Alone (nothing running), it is admitted without a reserve."""
+        children count; a beam search takes n at its first beam's admission, none for the
+        others) and must fit in the free blocks less a reserve: the watermark, kept for running
+        sequences to grow, plus the fork blocks of the admitted n > 1 requests not forked yet
+        and of this one. Alone (nothing running), it is admitted without a reserve."""
         if not (self.swapped or self.waiting):
             return
         pending = self._pending_fork_blocks()
