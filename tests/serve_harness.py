@@ -4,12 +4,15 @@ find its three service processes. Stopping it stays with each test: how it stops
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -47,6 +50,19 @@ def wait_healthy(base: str, proc: subprocess.Popen, log_path: Path, timeout_s: f
             pass
         time.sleep(0.2)
     raise AssertionError(f"serve did not become healthy in {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+
+
+@contextlib.contextmanager
+def serving(args: list[str], tmp_path: Path) -> Iterator[str]:
+    """``pagedserve serve ARGS`` until the block ends (then SIGTERM); yields its base URL once
+    healthy. For the end-to-end modules that share one server (a module-scoped fixture)."""
+    proc, base, log_path = start_serve(args, tmp_path)
+    try:
+        wait_healthy(base, proc, log_path)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
 
 
 def services_of(launcher) -> dict:

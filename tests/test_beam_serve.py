@@ -3,13 +3,11 @@ client with vLLM's extras (``use_beam_search``, ``n`` = beam width): n choices, 
 same hypotheses as ``LLM.beam_search`` in process; streaming with beams is a 400."""
 from __future__ import annotations
 
-import signal
-
 import pytest
 
 from services.offline import LLM
 from shared.config import EngineConfig
-from tests.serve_harness import start_serve, wait_healthy
+from tests.serve_harness import serving
 
 openai = pytest.importorskip("openai")
 
@@ -19,14 +17,8 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_model_source):
-    tmp = tmp_path_factory.mktemp("serve")
-    proc, base, log_path = start_serve(["--num-blocks", "256", "--max-model-len", "1024"], tmp)
-    try:
-        wait_healthy(base, proc, log_path)
+    with serving(["--num-blocks", "256", "--max-model-len", "1024"], tmp_path_factory.mktemp("serve")) as base:
         yield base, default_model_source.name
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
 
 
 @pytest.fixture

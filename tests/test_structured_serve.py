@@ -6,14 +6,13 @@ the engine drains with every block free."""
 from __future__ import annotations
 
 import json
-import signal
 
 import httpx
 import jsonschema
 import pytest
 
 from benchmarks.structured_cases import SCHEMAS, prompt_for
-from tests.serve_harness import start_serve, wait_healthy
+from tests.serve_harness import serving
 
 openai = pytest.importorskip("openai")
 
@@ -31,14 +30,8 @@ SCHEMA_OF = {"get_weather": WEATHER, "get_time": TIME}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_model_source):
-    tmp = tmp_path_factory.mktemp("serve")
-    proc, base, log_path = start_serve(["--num-blocks", "256", "--max-model-len", "1024"], tmp)
-    try:
-        wait_healthy(base, proc, log_path)
+    with serving(["--num-blocks", "256", "--max-model-len", "1024"], tmp_path_factory.mktemp("serve")) as base:
         yield base, default_model_source.name
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
 
 
 @pytest.fixture
