@@ -8,6 +8,8 @@
 - ``default_worker_factory(num_blocks=512, block_size=16, num_host_blocks=64, backend="torch", **engine_kw)``:
   a fresh ``Worker`` (own KV cache and state) around the loaded model, cheap to create; it fails
   when the worker did not get the attention backend asked for (no silent fallback to the reference)
+- ``default_server``: `pagedserve serve` on the default model, (base URL, model name), started once
+  for the HTTP end-to-end modules that only send it requests (test_structured_serve, test_beam_serve)
 - ``attention_backend``: parametrized over every backend this machine has (``BACKEND_PARAMS``:
   torch, cpu, and cuda where CUDA is present); ``backend_worker_factory``: the factory above bound
   to it. The HF-exactness tests use these, so the default CPU path (auto -> cpu) is compared too.
@@ -68,6 +70,15 @@ def hf_tokenizer(default_model_source):
     from transformers import AutoTokenizer
     src = default_model_source
     return AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory, default_model_source):
+    """`pagedserve serve` on the default model (three processes), started once for the HTTP
+    end-to-end modules that only send it requests: (base URL, served model name)."""
+    from tests.serve_harness import serving
+    with serving(["--num-blocks", "256", "--max-model-len", "1024"], tmp_path_factory.mktemp("serve")) as base:
+        yield base, default_model_source.name
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +146,8 @@ def pytest_addoption(parser):
 # one of these modules; every other test is unit, and a unit test that opens a socket or starts a
 # process fails (``_unit_tier_guard``), so a wrong tier shows up in `make test`, not in a slow loop.
 MODEL_FIXTURES = frozenset({"default_model_source", "hf_checkpoint", "hf_model", "hf_tokenizer",
-                            "default_loaded_model", "default_worker_factory", "backend_worker_factory"})
+                            "default_loaded_model", "default_worker_factory", "backend_worker_factory",
+                            "default_server"})
 INTEGRATION_MODULES = frozenset({
     "test_attention_cpu",        # builds the C kernels with cc
     "test_bench", "test_cli_and_compose", "test_config_e2e", "test_fuzz_openapi", "test_gateway", "test_kernels_compile",

@@ -7,7 +7,6 @@ import pytest
 
 from services.offline import LLM
 from shared.config import EngineConfig
-from tests.serve_harness import serving
 
 openai = pytest.importorskip("openai")
 
@@ -15,10 +14,9 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 MAX_TOKENS = 8
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, default_model_source):
-    with serving(["--num-blocks", "256", "--max-model-len", "1024"], tmp_path_factory.mktemp("serve")) as base:
-        yield base, default_model_source.name
+@pytest.fixture
+def server(default_server):
+    return default_server
 
 
 @pytest.fixture

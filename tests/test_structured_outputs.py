@@ -54,7 +54,7 @@ def test_json_object_output_is_an_object_whenever_it_ends(llm):
     prompts = [llm.encode_chat([{"role": "user", "content": text}]) for text in (
         "Describe a cat as a JSON object with two keys.", "Give me a JSON object with your name.",
         "When is the meeting?")]
-    requests = [(p, SamplingParams(max_tokens=128, temperature=t, seed=s), GrammarSpec("json_object"))
+    requests = [(p, SamplingParams(max_tokens=96, temperature=t, seed=s), GrammarSpec("json_object"))
                 for p in prompts for t, s in [(0.0, None)] + [(1.0, s) for s in SEEDS]]
     ended = 0
     for (text, reason), (prompt, params, _) in zip(run_all(llm, requests), requests):
@@ -82,15 +82,15 @@ def test_regex_and_choice_always_match(llm, grammar, matches):
 
 
 def test_grammar_survives_preemption_on_a_small_pool(default_worker_factory, hf_tokenizer):
-    """Twelve sampled requests on 20 blocks of 16: they preempt each other (recompute) and still
+    """Eight sampled requests on 16 blocks of 16: they preempt each other (recompute) and still
     validate, with every block free at the end."""
-    config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=12))
-    llm = LLM(config, worker=default_worker_factory(num_blocks=20, num_host_blocks=0), tokenizer=hf_tokenizer)
+    config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=8))
+    llm = LLM(config, worker=default_worker_factory(num_blocks=16, num_host_blocks=0), tokenizer=hf_tokenizer)
     description, schema = SCHEMAS[19]
     prompt = llm.encode_chat(prompt_for(description))
     grammar = GrammarSpec("json_schema", json.dumps(schema))
     outputs = run_all(llm, [(prompt, SamplingParams(max_tokens=160, temperature=1.0, seed=s), grammar)
-                            for s in range(12)])
+                            for s in range(8)])
     assert llm.engine.scheduler.num_preemptions > 0
     for text, reason in outputs:
         assert reason == "stop"

@@ -12,7 +12,6 @@ import jsonschema
 import pytest
 
 from benchmarks.structured_cases import SCHEMAS, prompt_for
-from tests.serve_harness import serving
 
 openai = pytest.importorskip("openai")
 
@@ -28,10 +27,9 @@ ASK = [{"role": "user", "content": "What is the weather in Paris, and what time 
 SCHEMA_OF = {"get_weather": WEATHER, "get_time": TIME}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, default_model_source):
-    with serving(["--num-blocks", "256", "--max-model-len", "1024"], tmp_path_factory.mktemp("serve")) as base:
-        yield base, default_model_source.name
+@pytest.fixture
+def server(default_server):
+    return default_server
 
 
 @pytest.fixture
