@@ -23,6 +23,11 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def until_eos(rows: list[list[int]], eos: list[int]) -> list[list[int]]:
+    """HF's padded output rows cut after their first EOS (kept, as pagedserve returns it)."""
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))] for row in rows]
+
+
 def hf_search(model, prompt: list[int], width: int, max_new: int, eos: list[int]) -> list[list[int]]:
     import torch
 
@@ -30,11 +35,7 @@ def hf_search(model, prompt: list[int], width: int, max_new: int, eos: list[int]
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=width, num_return_sequences=width,
                              do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos[0])
-    beams = []
-    for row in out[:, len(prompt):].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        beams.append(row[:end])
-    return beams
+    return until_eos(out[:, len(prompt):].tolist(), eos)
 
 
 def hf_batch_search(model, prompts: list[list[int]], width: int, max_new: int, eos: list[int]) -> list[list[list[int]]]:
@@ -47,11 +48,7 @@ def hf_batch_search(model, prompts: list[list[int]], width: int, max_new: int, e
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=mask, num_beams=width, num_return_sequences=width,
                              do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos[0])
-    rows = out[:, longest:].tolist()
-    beams = []
-    for row in rows:
-        end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        beams.append(row[:end])
+    beams = until_eos(out[:, longest:].tolist(), eos)
     return [beams[i * width:(i + 1) * width] for i in range(len(prompts))]
 
 
