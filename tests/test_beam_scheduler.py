@@ -92,6 +92,9 @@ def test_too_many_beams_for_the_candidates_or_the_pool_are_refused():
     s, _ = make(num_blocks=16)
     error = s.add_request(beam_request("big", range(5, 20), 4, 40))
     assert error.code == "too_long"
+    s, _ = make(max_model_len=32)
+    error = s.add_request(beam_request("long", range(5, 20), 2, 20))
+    assert error.code == "too_long" and "context" in error.message
 
 
 # ------------------------------------------------------------------------------ the policy vs HF

@@ -218,6 +218,9 @@ class Scheduler:
             return "invalid", f"beam search does not take {', '.join(changed)} (it is greedy over beams)"
         if add.grammar is not None:
             return "invalid", "beam search does not take a structured-output constraint"
+        if len(add.prompt_token_ids) + p.max_tokens > self.max_len:     # beams do not stop at the context
+            return "too_long", (f"a beam search of {p.max_tokens} tokens after a {len(add.prompt_token_ids)}-token "
+                                f"prompt exceeds the {self.max_len}-token context")
         bs = self.block_size
         need = -(-len(add.prompt_token_ids) // bs) + width * (-(-p.max_tokens // bs) + 1)
         if need > self.block_manager.num_blocks:
