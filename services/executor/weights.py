@@ -53,16 +53,10 @@ def load_hf_checkpoint(source: ModelSource, dtype: Optional[torch.dtype] = None)
     if source.directory is None:
         raise ValueError(f"{source.name!r} has no files to load")
     if source.gguf_file:
-        from transformers import AutoModelForCausalLM
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        hf_config = AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file,
-                                               local_files_only=True)
-        with torch.device("meta"):   # only for the GGUF -> HF tensor name map
-            skeleton = AutoModelForCausalLM.from_config(hf_config)
-        parsed = load_gguf_checkpoint(os.path.join(source.directory, source.gguf_file),
-                                      return_tensors=True, model_to_load=skeleton, torch_dtype=dtype)
-        return hf_config, parsed["tensors"]
+        from services.executor import gguf_cache
+        path = os.path.join(source.directory, source.gguf_file)
+        hf_config, state = gguf_cache.load_or_convert(path, lambda: _convert_gguf(source.directory, source.gguf_file))
+        return hf_config, state if dtype is None else {k: v.to(dtype) for k, v in state.items()}
 
     from safetensors.torch import load_file
 
@@ -79,6 +73,18 @@ def load_hf_checkpoint(source: ModelSource, dtype: Optional[torch.dtype] = None)
         for k, v in load_file(path).items():
             state[k] = v if dtype is None else v.to(dtype)
     return hf_config, state
+
+
+def _convert_gguf(directory: str, gguf_file: str):
+    """transformers' GGUF reader: (config, HF-named tensors as dequantized, before any dtype cast)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    hf_config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file, local_files_only=True)
+    with torch.device("meta"):   # only for the GGUF -> HF tensor name map
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    parsed = load_gguf_checkpoint(os.path.join(directory, gguf_file), return_tensors=True, model_to_load=skeleton)
+    return hf_config, parsed["tensors"]
 
 
 def _transposed(*weights: Tensor) -> Tensor:
