@@ -143,6 +143,23 @@ class RequestError(Message, tag="request_error"):
     message: str
 
 
+class HistogramCounts(Struct, array_like=True):
+    """A histogram as Prometheus exposes it: upper bounds, cumulative counts (one per bound, then
+    +Inf: the total count) and the sum of observed values."""
+
+    bounds: list[float]
+    counts: list[NonNegInt]
+    sum: float
+
+    def __post_init__(self):
+        if len(self.counts) != len(self.bounds) + 1:
+            raise ValueError(f"{len(self.bounds)} bounds need {len(self.bounds) + 1} counts, got {len(self.counts)}")
+        if any(b >= a for a, b in zip(self.bounds[1:], self.bounds)):
+            raise ValueError("histogram bounds must increase")
+        if any(b < a for a, b in zip(self.counts, self.counts[1:])):
+            raise ValueError("cumulative histogram counts must not decrease")
+
+
 class SchedulerStats(Message, tag="stats"):
     num_running: int = 0
     num_waiting: int = 0
@@ -158,6 +175,18 @@ class SchedulerStats(Message, tag="stats"):
     executor_ready: bool = False
     max_model_len: int = 0                     # the engine's context limit, once the executor is ready
     block_size: int = 0
+    # paging at work (docs/OPERATIONS.md); totals since the scheduler started
+    prefix_cache_evictions: int = 0            # cached free blocks taken back for new data
+    recomputed_tokens: int = 0                 # tokens computed again (recompute preemption, executor restart)
+    swapped_out_blocks: int = 0
+    swapped_in_blocks: int = 0
+    repeat_preemptions: int = 0                # preemptions of a sequence preempted before
+    # scheduler-clock histograms (monotonic seconds; tokens per step)
+    e2e_time: Optional[HistogramCounts] = None         # arrival -> last sample finished
+    queue_time: Optional[HistogramCounts] = None       # arrival -> first scheduled
+    prefill_time: Optional[HistogramCounts] = None     # first scheduled -> first token
+    decode_time: Optional[HistogramCounts] = None      # first token -> last sample finished
+    tokens_per_step: Optional[HistogramCounts] = None
 
 
 # --------------------------------------------------------------------------------------------

@@ -82,6 +82,7 @@ class BlockPool:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_list = FreeBlockList(self.blocks)
         self.cached: dict[bytes, Block] = {}    # block digest -> block holding that full block
+        self.num_evictions = 0                  # cached free blocks taken back for new data
 
     @property
     def num_free(self) -> int:
@@ -114,6 +115,7 @@ class BlockPool:
         if block.hash is not None:
             del self.cached[block.hash]
             block.hash = None
+            self.num_evictions += 1
         block.ref_cnt = 1
         return block.block_id
 

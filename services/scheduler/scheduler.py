@@ -50,6 +50,7 @@ and only tables that changed travel as ``TableUpdate``.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Iterable, Optional
 
@@ -58,6 +59,7 @@ import msgspec
 from services.scheduler.beam import Beam, BeamSearch
 from services.scheduler.block_manager import BlockManager
 from services.scheduler.grammar import GrammarBackend, advance
+from services.scheduler.histogram import LATENCY_BUCKETS, TOKENS_PER_STEP_BUCKETS, FixedHistogram
 from services.scheduler.sequence import FINISHED, RUNNING, SWAPPED, WAITING, Request, Sequence
 from services.scheduler.step_draft import StepDraft
 from shared.config import CacheConfig, SchedulerConfig
@@ -87,6 +89,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.grammars = grammars
         self.num_constrained = 0                     # live sequences with a grammar matcher
+        self._retired_pool_counts = [0, 0, 0]        # queries, hits, evictions of replaced pools
         self._set_pool(scheduler_config, cache_config)
         self.requests: dict[str, Request] = {}
         self.seqs: dict[int, Sequence] = {}          # live sequences by id
@@ -103,11 +106,25 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        # paging counters (docs/OPERATIONS.md), counted where the event happens
+        self.num_repeat_preemptions = 0              # preemptions of a sequence preempted before
+        self.num_recomputed_tokens = 0
+        self.num_swapped_out_blocks = 0
+        self.num_swapped_in_blocks = 0
+        self.e2e_time = FixedHistogram(LATENCY_BUCKETS)
+        self.queue_time = FixedHistogram(LATENCY_BUCKETS)
+        self.prefill_time = FixedHistogram(LATENCY_BUCKETS)
+        self.decode_time = FixedHistogram(LATENCY_BUCKETS)
+        self.tokens_per_step = FixedHistogram(TOKENS_PER_STEP_BUCKETS)
 
     def _set_pool(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
         """A new, empty block pool (and prefix cache) for these configs."""
         self.config = scheduler_config
         self.cache_config = cache_config
+        old = getattr(self, "block_manager", None)
+        if old is not None:                          # its counts stay in the totals
+            for i, n in enumerate(self._pool_counts(old)):
+                self._retired_pool_counts[i] += n
         self.block_manager = BlockManager(cache_config.num_blocks, cache_config.block_size,
                                           cache_config.num_host_blocks, cache_config.enable_prefix_caching,
                                           cache_config.sliding_window)
@@ -190,6 +207,7 @@ class Scheduler:
             except GrammarError as e:
                 return error("invalid", f"the {add.grammar.kind} constraint does not compile: {e}")
         request = Request(add, self.eos_token_ids)
+        request.arrival_time = time.monotonic()
         if beam is not None:                # each beam's row returns its `keep` best next tokens
             request.beam = beam
             request.sampling = msgspec.structs.replace(add.sampling, logprobs=beam.keep, temperature=0.0)
@@ -289,7 +307,8 @@ class Scheduler:
         too_long: dict[str, int] = {}
         for seq in live:
             if seq.status != WAITING:
-                self.num_preemptions += 1
+                self._count_preemption(seq)
+            seq.recompute_upto = max(seq.recompute_upto, seq.num_computed)
             seq.status, seq.num_computed, seq.protected = WAITING, 0, False
             seq.on_executor = False
             self.waiting.append(seq)
@@ -305,15 +324,26 @@ class Scheduler:
                         f"this request already has {num_tokens}"))
         return errors
 
+    @staticmethod
+    def _pool_counts(bm: BlockManager) -> tuple[int, int, int]:
+        return bm.prefix_queries, bm.prefix_hits, bm.pool.num_evictions
+
     def stats(self) -> SchedulerStats:
         bm = self.block_manager
+        queries, hits, evictions = (a + b for a, b in zip(self._retired_pool_counts, self._pool_counts(bm)))
         return SchedulerStats(
             num_running=self.num_running, num_waiting=len(self.waiting), num_swapped=len(self.swapped),
             num_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
             kv_cache_usage=1.0 - bm.num_free_blocks / bm.num_blocks,
-            prefix_cache_queries=bm.prefix_queries, prefix_cache_hits=bm.prefix_hits,
+            prefix_cache_queries=queries, prefix_cache_hits=hits,
             num_preemptions=self.num_preemptions, prompt_tokens=self.num_prompt_tokens,
-            generation_tokens=self.num_generation_tokens)
+            generation_tokens=self.num_generation_tokens,
+            prefix_cache_evictions=evictions, recomputed_tokens=self.num_recomputed_tokens,
+            swapped_out_blocks=self.num_swapped_out_blocks, swapped_in_blocks=self.num_swapped_in_blocks,
+            repeat_preemptions=self.num_repeat_preemptions,
+            e2e_time=self.e2e_time.snapshot(), queue_time=self.queue_time.snapshot(),
+            prefill_time=self.prefill_time.snapshot(), decode_time=self.decode_time.snapshot(),
+            tokens_per_step=self.tokens_per_step.snapshot())
 
     # ------------------------------------------------------------------------------- schedule
 
@@ -354,6 +384,8 @@ class Scheduler:
             self._drop(parent)             # after which the executor drops it (next plan)
         self._in_flight_step = self._step_id
         self._step_id += 1
+        if draft.scheduled:
+            self.tokens_per_step.observe(self.config.max_num_batched_tokens - draft.budget)
         return plan
 
     def step_masks(self, plan: StepPlan) -> StepMasks:
@@ -428,6 +460,7 @@ class Scheduler:
                 continue
             if start >= 0:
                 draft.changed.setdefault(seq.seq_id, start)
+            self._note_chunk(seq, num_new, draft)
             draft.add(seq, num_new)
 
     def _chunk_size(self, remaining: int, budget: int, room: Optional[int] = None) -> int:
@@ -442,15 +475,18 @@ class Scheduler:
     def _preempt(self, seq: Sequence, draft: StepDraft) -> None:
         """Swap the sequence out when the host pool has room (swap mode), else recompute later."""
         bm = self.block_manager
-        self.num_preemptions += 1
+        self._count_preemption(seq)
         seq.protected = True
         idle = len(seq.token_ids) == seq.num_computed      # a beam waiting: no chunk to swap back in for
         if self.config.preemption_mode == "swap" and seq.on_executor and not idle and bm.can_swap_out(seq.seq_id):
-            draft.swap_out.extend(bm.swap_out(seq.seq_id))
+            pairs = bm.swap_out(seq.seq_id)
+            self.num_swapped_out_blocks += len(pairs)
+            draft.swap_out.extend(pairs)
             seq.status = SWAPPED
             self.swapped.appendleft(seq)
         else:
             bm.free(seq.seq_id)
+            seq.recompute_upto = max(seq.recompute_upto, seq.num_computed)
             seq.num_computed = 0
             seq.status = WAITING
             self.waiting.appendleft(seq)
@@ -458,6 +494,31 @@ class Scheduler:
                 draft.preempted.append(seq.seq_id)
             seq.on_executor = False
         draft.changed.pop(seq.seq_id, None)
+
+    def _count_preemption(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
+        if seq.num_preempted:
+            self.num_repeat_preemptions += 1
+        seq.num_preempted += 1
+
+    def _note_chunk(self, seq: Sequence, num_new: int, draft: StepDraft) -> None:
+        """Book a prompt chunk (admission or prefill, never a decode): the part of it below the
+        sequence's recompute mark is recomputed; the chunk that ends the first prompt brings the
+        request's first token."""
+        if seq.recompute_upto > seq.num_computed:
+            self.num_recomputed_tokens += min(num_new, seq.recompute_upto - seq.num_computed)
+        if seq.num_computed + num_new == len(seq.token_ids) and not seq.request.first_token_time:
+            draft.first_tokens.append(seq.request)
+
+    def _observe_request(self, request: Request) -> None:
+        """Phase histograms of a request that ended in the scheduler (after its first token)."""
+        if not request.first_token_time:
+            return
+        now = time.monotonic()
+        self.e2e_time.observe(now - request.arrival_time)
+        self.queue_time.observe(request.scheduled_time - request.arrival_time)
+        self.prefill_time.observe(request.first_token_time - request.scheduled_time)
+        self.decode_time.observe(now - request.first_token_time)
 
     def _pending_fork_blocks(self) -> int:
         """Fork blocks of running sequences whose request has not forked yet (admitted, prompt
@@ -513,7 +574,9 @@ class Scheduler:
         num_new = self._chunk_size(len(seq.token_ids) - seq.num_computed, draft.budget)
         if num_new == 0 or bm.blocks_to_swap_in(seq.seq_id, seq.num_computed + num_new) > free_blocks:
             return False
-        draft.swap_in.extend(bm.swap_in(seq.seq_id))
+        pairs = bm.swap_in(seq.seq_id)
+        self.num_swapped_in_blocks += len(pairs)
+        draft.swap_in.extend(pairs)
         self._start_running(seq, num_new, draft)
         draft.changed[seq.seq_id] = 0                      # a whole new table
         return True
@@ -531,6 +594,7 @@ class Scheduler:
         seq.release_at = 0                     # a new table (first time, or after a recompute)
         if not request.admitted:
             request.admitted = True
+            request.scheduled_time = time.monotonic()
             request.num_cached_tokens = seq.num_computed
             self.num_prompt_tokens += len(request.prompt_token_ids)
         self._start_running(seq, num_new, draft)
@@ -547,6 +611,7 @@ class Scheduler:
     def _start_running(self, seq: Sequence, num_new: int, draft: StepDraft) -> None:
         """An admitted sequence joins the running list with ``num_new`` tokens in this step."""
         self.block_manager.append_slots(seq.seq_id, seq.num_computed, num_new, draft.copies)
+        self._note_chunk(seq, num_new, draft)
         self._publish(seq, num_new)            # the next waiting prompt may share these blocks
         seq.status = RUNNING
         self.running.append(seq)
@@ -598,6 +663,10 @@ class Scheduler:
             raise ValueError(f"step {plan.step_id}: result lacks tokens for seqs {missing[:8]}")
         logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else None
         self._in_flight_step = -1
+        if self._in_flight.first_tokens:
+            now = time.monotonic()
+            for request in self._in_flight.first_tokens:
+                request.first_token_time = request.first_token_time or now
         outputs = []
         beam_requests: dict[str, Request] = {}
         bm = self.block_manager
@@ -749,4 +818,5 @@ class Scheduler:
         del self.seqs[seq.seq_id]
         request = seq.request
         if request.forked and all(s.status == FINISHED for s in request.seqs):
-            self.requests.pop(request.request_id, None)
+            if self.requests.pop(request.request_id, None) is not None:     # not aborted whole
+                self._observe_request(request)

@@ -12,7 +12,8 @@ class Request:
     """What all samples of one request share."""
 
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "stop_ids", "seqs", "to_fork",
-                 "drop_parent", "num_cached_tokens", "admitted", "cache_salt", "beam", "beams")
+                 "drop_parent", "num_cached_tokens", "admitted", "cache_salt", "beam", "beams",
+                 "arrival_time", "scheduled_time", "first_token_time")
 
     def __init__(self, add: AddRequest, eos_token_ids: frozenset[int]):
         self.request_id = add.request_id
@@ -31,6 +32,10 @@ class Request:
         self.admitted = False
         self.beam = None                        # beam search: its BeamSearch (beam.py)
         self.beams: list[Sequence] = []         # beam search: the running beams, in beam order
+        # the scheduler's monotonic clock: added, first scheduled, first token (0.0: not yet)
+        self.arrival_time = 0.0
+        self.scheduled_time = 0.0
+        self.first_token_time = 0.0
 
     @property
     def forked(self) -> bool:
@@ -50,7 +55,8 @@ class Sequence:
     """One sample. ``token_ids`` is prompt + outputs; ``num_computed`` of them are in the cache."""
 
     __slots__ = ("seq_id", "request", "index", "token_ids", "num_prompt", "num_computed", "status",
-                 "protected", "release_at", "matcher", "hashes", "on_executor", "beam_score", "candidates")
+                 "protected", "release_at", "matcher", "hashes", "on_executor", "beam_score", "candidates",
+                 "recompute_upto", "num_preempted")
 
     def __init__(self, seq_id: int, request: Request, index: int, token_ids: list[int]):
         self.seq_id = seq_id
@@ -73,6 +79,10 @@ class Sequence:
         # beam search: its (token, logprob) candidates from the last step, until the request's
         # every beam has its own and the search moves on (it waits, computing nothing)
         self.candidates: Optional[list[tuple[int, float]]] = None
+        # tokens below this were computed once and lost (recompute preemption, executor restart):
+        # computing them again counts as recomputed
+        self.recompute_upto = 0
+        self.num_preempted = 0
 
     @property
     def output_token_ids(self) -> list[int]:
