@@ -13,6 +13,7 @@ import sys
 
 import httpx
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -338,9 +339,14 @@ def test_metrics(http, sched):
                  "kv_cache_usage_perc", "prefix_cache_queries_total", "prefix_cache_hits_total",
                  "num_preemptions_total", "prompt_tokens_total", "generation_tokens_total",
                  "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
-                 "e2e_request_latency_seconds_count"]:
+                 "e2e_request_latency_seconds_count", "prefix_cache_evictions_total", "recomputed_tokens_total",
+                 "swapped_out_blocks_total", "swapped_in_blocks_total", "num_repeat_preemptions_total"]:
         assert f"pagedserve:{name}" in text, name
-    assert f'pagedserve:prefix_cache_hits_total{{model_name="{MODEL}"}} 4.0' in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    labels = (("engine", "0"), ("model_name", MODEL))
+    assert samples[("pagedserve:prefix_cache_hits_total", labels)] == 4.0
+    assert samples[("pagedserve:e2e_request_latency_seconds_count", labels)] >= 1.0     # the app serves the module
     count = [line for line in text.splitlines()
              if line.startswith("pagedserve:time_to_first_token_seconds_count")]
     assert count and float(count[0].split()[-1]) >= 1

@@ -210,8 +210,20 @@ class EngineClient:
         return _merge_stats(results)
 
     def last_stats(self) -> SchedulerStats:
-        """The latest stats without asking (for the metrics collector)."""
+        """The latest stats without asking, merged over the schedulers."""
         return _merge_stats([c.last_stats or SchedulerStats() for c in self._conns])
+
+    def engine_stats(self) -> list[tuple[str, SchedulerStats]]:
+        """(engine label, its latest stats) per scheduler, labelled "0".."N-1" in address order
+        (for the metrics collector: every series carries its engine)."""
+        if not self._conns:
+            return [(str(i), SchedulerStats()) for i in range(len(self.addrs))]
+        return [(str(i), c.last_stats or SchedulerStats()) for i, c in enumerate(self._conns)]
+
+    def engine_of(self, request_id: str) -> str:
+        """The engine label of a request in flight ("" once it is gone)."""
+        stream = self._streams.get(request_id)
+        return "" if stream is None else str(self._conns.index(stream.conn))
 
     # -- internals ---------------------------------------------------------------------------
 

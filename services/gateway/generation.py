@@ -65,6 +65,8 @@ class Generation:
         """Submit; raises ``EngineError`` if the scheduler refuses (before any response is sent)."""
         self._outputs = await self.engine.add(self.request_id, self.prompt_ids, self.sampling, self.grammar,
                                               cache_salt=self.cache_salt)
+        if self.timer is not None:
+            self.timer.engine = self.engine.engine_of(self.request_id)
 
     async def deltas(self) -> AsyncIterator[SampleDelta]:
         assert self._outputs is not None, "call start() first"

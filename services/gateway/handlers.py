@@ -56,7 +56,7 @@ class Gateway:
         self.decode = make_decode(tokenizer)
         self.decode_token = make_decode(tokenizer, skip_special_tokens=False)
         self.vocab_size = len(tokenizer)
-        self.metrics = GatewayMetrics(engine.last_stats, served_model_name)
+        self.metrics = GatewayMetrics(engine.engine_stats, served_model_name)
         self.tool_call_parser = T.resolve_parser_name(tool_call_parser, tokenizer)
         self.created = int(time.time())
         self.prefix_cache_salt_required = prefix_cache_salt_required

@@ -460,7 +460,7 @@ class Scheduler:
                 continue
             if start >= 0:
                 draft.changed.setdefault(seq.seq_id, start)
-            self._note_chunk(seq, num_new, draft)
+            self._count_recomputed(seq, num_new)
             draft.add(seq, num_new)
 
     def _chunk_size(self, remaining: int, budget: int, room: Optional[int] = None) -> int:
@@ -501,14 +501,11 @@ class Scheduler:
             self.num_repeat_preemptions += 1
         seq.num_preempted += 1
 
-    def _note_chunk(self, seq: Sequence, num_new: int, draft: StepDraft) -> None:
-        """Book a prompt chunk (admission or prefill, never a decode): the part of it below the
-        sequence's recompute mark is recomputed; the chunk that ends the first prompt brings the
-        request's first token."""
+    def _count_recomputed(self, seq: Sequence, num_new: int) -> None:
+        """The part of a chunk (admission or prefill) below the sequence's recompute mark is
+        computed again. A one-token decode step never is: its token was never computed."""
         if seq.recompute_upto > seq.num_computed:
             self.num_recomputed_tokens += min(num_new, seq.recompute_upto - seq.num_computed)
-        if seq.num_computed + num_new == len(seq.token_ids) and not seq.request.first_token_time:
-            draft.first_tokens.append(seq.request)
 
     def _observe_request(self, request: Request) -> None:
         """Phase histograms of a request that ended in the scheduler (after its first token)."""
@@ -611,7 +608,7 @@ class Scheduler:
     def _start_running(self, seq: Sequence, num_new: int, draft: StepDraft) -> None:
         """An admitted sequence joins the running list with ``num_new`` tokens in this step."""
         self.block_manager.append_slots(seq.seq_id, seq.num_computed, num_new, draft.copies)
-        self._note_chunk(seq, num_new, draft)
+        self._count_recomputed(seq, num_new)
         self._publish(seq, num_new)            # the next waiting prompt may share these blocks
         seq.status = RUNNING
         self.running.append(seq)
@@ -663,10 +660,7 @@ class Scheduler:
             raise ValueError(f"step {plan.step_id}: result lacks tokens for seqs {missing[:8]}")
         logprobs = dict(zip(result.seq_ids, result.logprobs)) if result.logprobs else None
         self._in_flight_step = -1
-        if self._in_flight.first_tokens:
-            now = time.monotonic()
-            for request in self._in_flight.first_tokens:
-                request.first_token_time = request.first_token_time or now
+        now = time.monotonic()                             # a request's first token arrives now
         outputs = []
         beam_requests: dict[str, Request] = {}
         bm = self.block_manager
@@ -682,6 +676,8 @@ class Scheduler:
                 continue                                   # mid-prompt chunk: no sample
             seq.protected = False
             request = seq.request
+            if not request.first_token_time:
+                request.first_token_time = now
             if request.beam is not None:                   # the search picks the token (below)
                 lp = logprobs.get(seq.seq_id) if logprobs else None
                 if lp is None:
@@ -749,6 +745,7 @@ class Scheduler:
             for b in beams:
                 self._drop(b)
             self.requests.pop(request.request_id, None)
+            self._observe_request(request)
             return outputs
         picked: dict[int, tuple[int, float]] = {}
         next_beams = []

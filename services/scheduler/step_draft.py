@@ -37,7 +37,6 @@ class StepDraft:
     # parent dropped after its fork leaves ``Scheduler.seqs`` before deferred masks are filled)
     mask_seq_ids: list[int] = field(default_factory=list)
     matchers: list = field(default_factory=list)
-    first_tokens: list = field(default_factory=list)        # requests whose first token this step brings
 
     def add(self, seq: Sequence, num_tokens: int) -> None:
         self.scheduled.append((seq, num_tokens))
