@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "generate": ("services.offline", "offline batch generation for a list of prompts"),
     "simulate": ("services.scheduler.sim.simulate", "replay a synthetic workload: paged vs contiguous KV memory"),
     "bench": ("services.bench.cli", "benchmark tools: bench serve | bench compare | bench sweep"),
+    "top": ("services.top", "a live terminal view of a server's /metrics (requests, KV cache, paging, latency)"),
 }
 
 

@@ -610,3 +610,15 @@ def test_the_gateway_command_passes_prefix_cache_salt_required_to_the_app(monkey
         parser, _ = build_parser(["gateway"])
         assert cli.run(parser.parse_args(["gateway", "--scheduler-addr", "ipc:///x", *argv])) == 0
         assert built["args"][-1] is want
+
+
+def test_pagedserve_top_once_reads_a_live_gateway(server, http):
+    http.post("/v1/chat/completions", json=_chat())
+    r = subprocess.run([sys.executable, "-m", "services.cli", "top", "--url", server.url, "--once",
+                        "--interval", "0.2"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, COLUMNS="200"))
+    assert r.returncode == 0, r.stderr
+    assert "requests and KV cache" in r.stdout and "TTFT" in r.stdout and "ready" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "services.cli", "top", "--url", server.url + "/v1/models",
+                          "--once"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "pagedserve top:" in bad.stderr and "Traceback" not in bad.stderr
