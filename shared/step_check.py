@@ -90,6 +90,11 @@ def _check_block_moves(plan: StepPlan, limits: StepLimits) -> None:
     _unique((h for _, h in plan.swap_out), "swap_out destination")
     _unique((d for _, d in plan.swap_in), "swap_in destination")
     _unique((d for _, d in plan.copies), "copy destination")
+    # the copies run as one launch, pairs in parallel: a block written by one pair and read by
+    # another (A->B with B->C) would be read before or after its write, as the GPU happens to run
+    chained = {d for _, d in plan.copies} & {s for s, _ in plan.copies}
+    if chained:
+        raise PlanError(f"copies: block(s) {sorted(chained)[:8]} are both a copy source and a destination")
 
 
 def _check_new(plan: StepPlan, known: set[int], after: dict[int, SeqShape],

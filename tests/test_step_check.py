@@ -66,6 +66,8 @@ BAD_PLANS = {
     # block ids and destinations
     "copy outside pool": (plan(copies=[(0, 16)]), "copy block 16 outside"),
     "copy duplicate destination": (plan(copies=[(0, 5), (1, 5)]), "duplicate copy destination 5"),
+    "copy chain": (plan(copies=[(3, 5), (5, 6)]), "block(s) [5] are both a copy source and a destination"),
+    "copy swap": (plan(copies=[(3, 5), (5, 3)]), "block(s) [3, 5] are both"),
     "swap out to host outside pool": (plan(swap_out=[(0, 4)]), "swap_out host block 4"),
     "swap out duplicate destination": (plan(swap_out=[(0, 2), (1, 2)]), "duplicate swap_out destination 2"),
     "swap in from device outside pool": (plan(swap_in=[(0, 20)]), "swap_in device block 20"),
