@@ -144,6 +144,8 @@ def plan_attention(num_seqs: int, num_heads: int, num_kv_heads: int, max_seqlen_
                  and num_tokens <= GRID_YZ_MAX)          # the reduce's grid.y is the token count
     else:
         split = force_split
+        if split and num_tokens > GRID_YZ_MAX:
+            raise ValueError(f"split-K needs the reduce kernel's grid.y = {num_tokens} tokens <= {GRID_YZ_MAX}")
     return AttnPlan(num_seqs, num_heads, num_kv_heads, gc, chunks, q_per_cta, q_tiles,
                     max_parts if split else 1, partition_size if split else 0)
 
@@ -233,6 +235,8 @@ class CudaBackend(AttentionBackend):
             raise ValueError("kv cache must be contiguous")
         if kv.dtype not in DTYPE_TAGS:
             raise ValueError(f"unsupported kv dtype {kv.dtype}")
+        if kv.data_ptr() % 16:     # every K/V row is read as 16-byte vectors (pagedserve_common.cuh)
+            raise ValueError(f"kv cache base address {kv.data_ptr():#x} is not 16-byte aligned")
 
     @staticmethod
     def _vec_ok(t: Tensor) -> bool:
@@ -242,17 +246,38 @@ class CudaBackend(AttentionBackend):
                 and all(s % vec == 0 for s in t.stride()[:-1]))
 
     # ---- interface
+    @classmethod
+    def _vectorizable(cls, t: Tensor) -> Tensor:
+        """``t`` itself when 16-byte vector loads can read it, else an aligned contiguous copy
+        (``.contiguous()`` alone returns a contiguous but misaligned tensor unchanged)."""
+        if cls._vec_ok(t):
+            return t
+        t = t.contiguous()
+        if not cls._vec_ok(t):
+            t = torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)   # fresh: aligned
+        return t
+
+    @classmethod
+    def _kv_inputs(cls, kv: Tensor, key: Tensor, value: Tensor, num_slots: int) -> tuple[Tensor, Tensor]:
+        """key/value ``[T, Hkv, D]`` checked against the cache ``[2, N, Hkv, bs, D]`` and the slot
+        mapping, in the cache's dtype, readable by 16-byte vectors."""
+        _, _, hkv, _, d = kv.shape
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != 3 or tuple(t.shape[1:]) != (hkv, d):
+                raise ValueError(f"{name} must be [T, {hkv}, {d}] for this cache, got {tuple(t.shape)}")
+            if not (t.is_floating_point() and t.device == kv.device):
+                raise ValueError(f"{name} must be a floating tensor on {kv.device}, got {t.dtype} on {t.device}")
+        if key.shape[0] != value.shape[0] or key.shape[0] != num_slots:
+            raise ValueError(f"key has {key.shape[0]} tokens, value {value.shape[0]}, slot mapping {num_slots}")
+        return cls._vectorizable(key.to(kv.dtype)), cls._vectorizable(value.to(kv.dtype))
+
     def write_kv(self, kv: Tensor, key: Tensor, value: Tensor, meta: AttentionMetadata) -> None:
         self._check_cache(kv)
+        key, value = self._kv_inputs(kv, key, value, meta.slot_mapping.shape[0])
         T = key.shape[0]
         if T == 0:
             return
         _, nb, hkv, bs, d = kv.shape
-        key, value = key.to(kv.dtype), value.to(kv.dtype)
-        if not self._vec_ok(key):
-            key = key.contiguous()
-        if not self._vec_ok(value):
-            value = value.contiguous()
         slots = meta.scratch.get("cuda_slots")
         if slots is None:
             slots = meta.scratch["cuda_slots"] = self._dev(meta.slot_mapping, torch.int64)
@@ -327,7 +352,9 @@ class CudaBackend(AttentionBackend):
         return tab
 
     def copy_blocks(self, caches: list[Tensor], pairs: Tensor) -> None:
-        """One launch: for every layer, plane and pair (src, dst): cache[:, dst] = cache[:, src]."""
+        """One launch: for every layer, plane and pair (src, dst): cache[:, dst] = cache[:, src].
+        The pairs run in parallel, so no destination may be a source or repeat: ``validate_plan``
+        refuses such plans before they get here (the pairs are already on the device)."""
         if pairs is None or len(pairs) == 0 or not caches:
             return
         shape = caches[0].shape
