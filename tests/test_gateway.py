@@ -543,6 +543,52 @@ def test_engine_client_spreads_over_schedulers(tokenizer):
             f.close()
 
 
+def test_metrics_carry_the_engine_label_of_each_scheduler(tokenizer):
+    """Two schedulers behind one gateway: their stats come out under engine "0" and "1" (address
+    order), and each request's latency and finish series under the engine that served it."""
+    import asyncio
+
+    from services.gateway.metrics import GatewayMetrics
+    from shared.messages import SamplingParams
+
+    fakes = [FakeScheduler(tokenizer, reply="x " * 50, token_delay=0.01) for _ in range(2)]
+    fakes[1].num_blocks = 300
+
+    async def main():
+        engine = EngineClient([f.addr for f in fakes])
+        metrics = GatewayMetrics(engine.engine_stats, MODEL)
+        served, streams = [], []
+        for i in range(4):                 # all in flight at once: they spread over both
+            rid = f"r{i}"
+            timer = metrics.timer()
+            streams.append((timer, await engine.add(rid, [1 + i, 2, 3], SamplingParams(max_tokens=2))))
+            timer.engine = engine.engine_of(rid)
+            served.append(timer.engine)
+        for timer, stream in streams:
+            async for out in stream:
+                timer.on_tokens(out.index, len(out.token_ids))
+            timer.on_finish("length")
+        await engine.stats()
+        text = metrics.render().decode()
+        await engine.close()
+        return served, text
+
+    try:
+        served, text = asyncio.run(main())
+    finally:
+        for f in fakes:
+            f.close()
+    samples = {(x.name, x.labels.get("engine")): x.value
+               for fam in text_string_to_metric_families(text) for x in fam.samples
+               if x.labels.get("model_name") == MODEL}
+    assert samples[("pagedserve:num_total_blocks", "0")] == 100
+    assert samples[("pagedserve:num_total_blocks", "1")] == 300
+    assert [len(f.requests) for f in fakes] == [served.count("0"), served.count("1")]
+    for engine in ("0", "1"):
+        assert samples.get(("pagedserve:time_to_first_token_seconds_count", engine), 0) == served.count(engine)
+        assert samples.get(("pagedserve:request_success_total", engine), 0) == served.count(engine)
+
+
 def test_cli_parses_and_rejects_bad_address(capsys):
     from services.cli import build_parser
     from services.gateway import cli as gateway_cli
