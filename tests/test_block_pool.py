@@ -150,10 +150,51 @@ def test_fork_shares_and_copy_on_write_before_writing_shared_block():
     assert bm.append_slots(1, 6, 1, copies) == -1                 # the last holder writes in place
     assert bm.block_ids(1)[1] == shared_last and len(copies) == 1
     assert bm.ref_count(bm.block_ids(0)[0]) == 2                  # full prefix block stays shared
+    bm.end_step()                                                 # the copy source may go back now
     bm.free(0)
     bm.free(1)
     assert bm.num_free_blocks == 8 and bm.num_seqs == 0
     bm.check_invariants()
+
+
+def test_a_copy_source_freed_in_its_step_is_not_reallocated_before_the_step_ends():
+    """The step's copies run as one launch: a block one copy reads must not be another's
+    destination (a beam dropped after its sibling copied its partial block, in step 4 of a
+    small-pool beam search)."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    bm.allocate(0, 2)
+    bm.append_slots(0, 0, 2, [])
+    bm.fork(0, 1)
+    bm.begin_step()
+    copies = []
+    src = bm.block_ids(0)[0]
+    bm.append_slots(0, 2, 1, copies)                              # 0 copies the shared block away
+    bm.free(1)                                                    # its last holder goes
+    assert bm.ref_count(src) == 0 and bm.num_free_blocks == 2     # parked, not free
+    bm.check_invariants()
+    dsts = [bm.pool.allocate(), bm.pool.allocate()]
+    assert src not in dsts and bm.num_free_blocks == 0
+    bm.end_step()
+    assert bm.pool.free_block_ids() == [src]
+    for b in dsts:
+        bm.pool.free(b)
+    bm.free(0)
+    assert bm.num_free_blocks == 4
+    bm.check_invariants()
+
+
+def test_a_parked_copy_source_can_still_be_a_prefix_hit():
+    pool = BlockPool(2)
+    b = pool.allocate()
+    pool.cache(pool.blocks[b], b"k")
+    pool.hold_for_step(b)
+    pool.free(b)
+    assert pool.num_free == 1
+    pool.touch(pool.lookup(b"k"))                                  # taken back from the parked ones
+    assert pool.ref_count(b) == 1
+    pool.end_step()
+    assert pool.free_block_ids() == [1 - b]
+    pool.check_invariants()
 
 
 def test_append_slots_fails_without_change_when_out_of_blocks():

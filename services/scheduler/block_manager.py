@@ -213,6 +213,11 @@ class BlockManager:
 
     def begin_step(self) -> None:
         self.published.clear()
+        self.pool.end_step()
+
+    def end_step(self) -> None:
+        """The plan is built: this step's copy sources may be reallocated from the next step on."""
+        self.pool.end_step()
 
     def unpublish_step(self) -> None:
         """The planned step did not run: the blocks it published hold no valid K/V."""
@@ -250,6 +255,7 @@ class BlockManager:
             src = table[first]
             dst = pool.allocate()
             copies.append((src, dst))
+            pool.hold_for_step(src)
             pool.free(src)
             table[first] = dst
             changed = first

@@ -8,6 +8,11 @@ on a free block unlinks it from the middle, all in O(1).
 A freed block whose content is a full, hashed block stays on the free list *and* in the
 hash -> block map, so a later prompt with the same prefix can take it back (a cache hit). Its hash
 is dropped only when ``allocate`` pops it for new data.
+
+A step's copies run as one parallel launch before its forward pass, so a block a copy reads must
+not be handed out again in that step (a later copy into it would race with the read).
+``hold_for_step`` marks a copy source; if its last reference goes during the step, it is parked
+instead of freed, and ``end_step`` puts the parked blocks on the free list.
 """
 from __future__ import annotations
 
@@ -83,6 +88,8 @@ class BlockPool:
         self.free_list = FreeBlockList(self.blocks)
         self.cached: dict[bytes, Block] = {}    # block digest -> block holding that full block
         self.num_evictions = 0                  # cached free blocks taken back for new data
+        self._step_sources: set[int] = set()    # blocks this step's copies read
+        self._parked: list[Block] = []          # of those, freed during the step
 
     @property
     def num_free(self) -> int:
@@ -106,7 +113,8 @@ class BlockPool:
         assert len(free) == len(set(free)) == self.num_free, "free list and its count disagree"
         assert all(self.blocks[i].ref_cnt == 0 for i in free), "a block on the free list is in use"
         in_use = sum(b.ref_cnt > 0 for b in self.blocks)
-        assert self.num_free + in_use == self.num_blocks, "a block is neither free nor in use"
+        assert all(b.ref_cnt == 0 for b in self._parked), "a parked block is in use"
+        assert self.num_free + in_use + len(self._parked) == self.num_blocks, "a block is neither free nor in use"
         assert all(b.hash == h for h, b in self.cached.items()), "a cached block lost its hash"
 
     def allocate(self) -> int:
@@ -126,7 +134,21 @@ class BlockPool:
             raise RuntimeError(f"double free of block {block_id}")
         block.ref_cnt -= 1
         if block.ref_cnt == 0:
+            if self._step_sources and block_id in self._step_sources:
+                self._parked.append(block)
+            else:
+                self.free_list.append(block)
+
+    def hold_for_step(self, block_id: int) -> None:
+        """A copy of this step reads the block: it is not reallocated before ``end_step``."""
+        self._step_sources.add(block_id)
+
+    def end_step(self) -> None:
+        """The step's plan is built: copy sources freed meanwhile go to the free list."""
+        for block in self._parked:
             self.free_list.append(block)
+        self._parked.clear()
+        self._step_sources.clear()
 
     def lookup(self, block_hash: bytes) -> Optional[Block]:
         return self.cached.get(block_hash)
@@ -134,7 +156,10 @@ class BlockPool:
     def touch(self, block: Block) -> None:
         """Take one more reference to a cached block (a prefix hit), reviving it if it was free."""
         if block.ref_cnt == 0:
-            self.free_list.remove(block)
+            if block in self._parked:       # a copy source of this step, freed meanwhile
+                self._parked.remove(block)
+            else:
+                self.free_list.remove(block)
         block.ref_cnt += 1
 
     def cache(self, block: Block, block_hash: bytes) -> bool:

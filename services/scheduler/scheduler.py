@@ -364,6 +364,7 @@ class Scheduler:
             if not draft.scheduled and (self.waiting or self.swapped):
                 self._preempt_waiting_beams(draft)
         if not draft.scheduled and not draft.preempted_any:
+            self.block_manager.end_step()
             return None
         dropped_parents = self._sample_and_fork(draft)
         if self.num_constrained:                    # no per-sequence look when none is constrained
@@ -373,6 +374,7 @@ class Scheduler:
                     draft.mask_seq_ids.append(sid)
                     draft.matchers.append(matcher)
         plan = draft.to_plan(self._step_id, self.block_manager, self._finished_ids)
+        self.block_manager.end_step()
         if self._appends:                  # beams whose state the executor still holds
             seqs = self.seqs
             plan.appends = [(sid, t) for sid, t in self._appends if sid in seqs and seqs[sid].on_executor]
