@@ -3,7 +3,8 @@
 // The kernels deliberately include NO CUDA headers (not cuda_fp16.h / cuda_bf16.h): the same
 // text then compiles under `nvcc --ptx` (tests/test_kernels_compile.py) and under NVRTC through
 // cupy.RawModule without needing a CUDA include path at run time. fp16 conversions use the PTX
-// `cvt` instructions; bf16 is the top half of an fp32 word.
+// `cvt` instructions (in C++ when PAGEDSERVE_HOST compiles them for the CPU); bf16 is the top half
+// of an fp32 word.
 //
 // services/executor/attention/cuda.py inlines this header textually (it replaces the
 // `#include "pagedserve_common.cuh"` line) so CuPy's kernel cache key covers its contents.
@@ -15,6 +16,10 @@
 
 struct F16 {
     typedef unsigned short storage;
+#ifdef PAGEDSERVE_HOST   // the CPU run of the kernels (kernels/host/cuda_host.h): the same IEEE rounding in C++
+    static __forceinline__ float to_float(storage x) { return ps_half_to_float(x); }
+    static __forceinline__ storage from_float(float f) { return ps_float_to_half(f); }
+#else
     static __device__ __forceinline__ float to_float(storage x) {
         float f;
         asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
@@ -25,6 +30,7 @@ struct F16 {
         asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
         return h;
     }
+#endif
 };
 
 struct BF16 {

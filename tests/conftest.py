@@ -158,6 +158,7 @@ INTEGRATION_MODULES = frozenset({
     "test_tools_gateway",        # the gateway over a socket with the scripted scheduler
     "test_beam_gateway",         # the gateway over HTTP on the scripted scheduler
     "test_beam_serve",           # `pagedserve serve` on the default model
+    "test_kernels_host",         # builds the CUDA kernels for the host and runs them in a subprocess
 })
 
 

@@ -213,6 +213,10 @@ class CudaBackend(AttentionBackend):
         with self.cp.cuda.Device(self.device.index), self._stream():
             fn(tuple(int(g) for g in grid), (int(block),), args, shared_mem=int(shared_mem))
 
+    def _empty(self, shape, dtype: torch.dtype) -> Tensor:
+        """A fresh buffer a kernel fills (the host run poisons it with NaN)."""
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
     def _dev(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         """t on our device, given dtype, contiguous (no-op when already so)."""
         if t.device != self.device or t.dtype != dtype:
@@ -317,15 +321,14 @@ class CudaBackend(AttentionBackend):
         if plan is None:
             plan = self.plan(meta, hq, hkv, d, T, window)
         tag = DTYPE_TAGS[kv.dtype]
-        out = torch.empty((T, hq, d), dtype=kv.dtype, device=self.device)
+        out = self._empty((T, hq, d), kv.dtype)
         part_out = part_ml = None
         if plan.split:
             bkey = ("cuda_partials", T, hq, plan.num_partitions, d)
             bufs = meta.scratch.get(bkey)
             if bufs is None:   # one buffer per step, reused by every layer (stream-ordered)
-                bufs = meta.scratch[bkey] = (
-                    torch.empty((T, hq, plan.num_partitions, d), dtype=torch.float32, device=self.device),
-                    torch.empty((T, hq, plan.num_partitions, 2), dtype=torch.float32, device=self.device))
+                bufs = meta.scratch[bkey] = (self._empty((T, hq, plan.num_partitions, d), torch.float32),
+                                             self._empty((T, hq, plan.num_partitions, 2), torch.float32))
             part_out, part_ml = bufs
         self._launch("paged_attention.cu", f"paged_attention_{tag}_d{d}_bs{bs}", plan.grid, NUM_THREADS, (
             _ptr(out), _ptr(part_out), _ptr(part_ml), _ptr(q),
