@@ -216,3 +216,40 @@ def test_no_host_sync(backend):
             backend.copy_blocks([kv], pairs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_executor_on_these_kernels_equals_the_torch_backend(backend):
+    """The whole executor on random weights of the default model's shapes (30 layers, 9 query and 3
+    KV heads of 64), float32: greedy tokens with the kernels equal the torch backend's, through
+    chunked prefill, a prefix hit, a fork and swap preemption on a pool too small for the batch."""
+    from services.executor.worker import Worker
+    from services.offline import Engine
+    from shared.config import CacheConfig, EngineConfig, SchedulerConfig
+    from shared.messages import AddRequest, SamplingParams
+
+    config = EngineConfig(model="random:smollm2-135m", device=DEV.type, dtype="float32", attention_backend="torch",
+                          cache=CacheConfig(block_size=16, num_blocks=10, num_host_blocks=32),
+                          scheduler=SchedulerConfig(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64,
+                                                    preemption_mode="swap")).validate()
+    reference = Engine(config)
+    worker = Worker.from_loaded(reference.worker.loaded, config)
+    worker.backend = backend
+    kernels = Engine(config, worker=worker)
+    g = torch.Generator().manual_seed(3)
+    shared_prefix = torch.randint(3, 49152, (40,), generator=g).tolist()
+    prompts = {"a": shared_prefix + [7, 8, 9], "b": shared_prefix + [11],
+               "c": torch.randint(3, 49152, (70,), generator=g).tolist(), "d": [5, 6]}
+    greedy = {rid: SamplingParams(n=2 if rid == "c" else 1, max_tokens=10, temperature=0.0, ignore_eos=True)
+              for rid in prompts}
+    got = {}
+    for name, engine in (("torch", reference), ("kernels", kernels)):
+        got[name] = engine.run([AddRequest(request_id=rid, prompt_token_ids=ids, sampling=greedy[rid])
+                                for rid, ids in prompts.items()])
+        assert engine.scheduler.num_free_blocks == engine.ready.num_blocks
+        assert engine.scheduler.num_preemptions > 0 and engine.scheduler.stats().prefix_cache_hits > 0
+    for rid in prompts:
+        want = [s.token_ids for s in got["torch"][rid]]
+        assert [s.token_ids for s in got["kernels"][rid]] == want, rid
+        assert all(len(t) == 10 for t in want)
+    if HOST:
+        assert backend.launcher.launches > 0
