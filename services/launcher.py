@@ -9,10 +9,16 @@ the scheduler recomputes in-flight requests on a new executor, the gateway fails
 scheduler with 503); a gateway that exits stops everything with exit code 1. Ctrl-C / SIGTERM
 drains: the gateway refuses new requests and lets in-flight ones finish (``--drain-timeout``),
 then scheduler and executor stop, the socket directory is removed and the launcher exits 0.
+
+``--data-parallel-size N``: N engines, each a scheduler with its own executor (``scheduler-i``,
+``executor-i``), and the one gateway in front of the N schedulers (it routes, see
+services/gateway/routing.py). Each engine is supervised on its own; on a CPU each executor gets
+its share of the cores (``--num-threads``) so the engines do not oversubscribe them.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import subprocess
@@ -23,7 +29,7 @@ import urllib.request
 from dataclasses import replace
 from typing import Callable, Optional
 
-from shared.config import SERVICES, Config, ConfigError, add_options, config_from_args, to_argv
+from shared.config import Config, ConfigError, add_options, config_from_args, to_argv
 from shared.transport import ipc_address, runtime_dir
 
 
@@ -31,15 +37,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, "serve")
 
 
+def service_of(name: str) -> str:
+    """'executor-1' -> 'executor' (the program a child runs)."""
+    return name.partition("-")[0]
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def service_commands(config: Config, sock_dir: str) -> dict[str, list[str]]:
-    """The three command lines, keyed by service name, in start order: each child's argv is
-    generated from ``config`` for that service, with the socket addresses serve picks."""
-    executor_addr = ipc_address(sock_dir, "executor")
-    scheduler_addr = ipc_address(sock_dir, "scheduler")
-    config = replace(config, gateway=replace(config.gateway, scheduler_addr=[scheduler_addr]),
-                     process=replace(config.process, addr=executor_addr, executor_addr=executor_addr,
-                                     gateway_addr=scheduler_addr, shutdown_executor=True))
-    return {name: [sys.executable, "-m", f"services.{name}", *to_argv(config, name)] for name in SERVICES}
+    """The command lines, keyed by child name, in start order: each child's argv is generated
+    from ``config`` for its service, with the socket addresses serve picks. One engine:
+    executor, scheduler, gateway; N engines: executor-i and scheduler-i for each, then the gateway."""
+    n = config.process.data_parallel_size
+    suffixes = [""] if n == 1 else [f"-{i}" for i in range(n)]
+    threads = config.process.num_threads or (max(1, cpu_cores() // n) if n > 1 else 0)
+    commands, scheduler_addrs = {}, []
+    for suffix in suffixes:
+        executor_addr = ipc_address(sock_dir, f"executor{suffix}")
+        scheduler_addr = ipc_address(sock_dir, f"scheduler{suffix}")
+        scheduler_addrs.append(scheduler_addr)
+        engine = replace(config, process=replace(config.process, addr=executor_addr, executor_addr=executor_addr,
+                                                 gateway_addr=scheduler_addr, shutdown_executor=True,
+                                                 num_threads=threads))
+        for name in ("executor", "scheduler"):
+            commands[name + suffix] = [sys.executable, "-m", f"services.{name}", *to_argv(engine, name)]
+    front = replace(config, gateway=replace(config.gateway, scheduler_addr=scheduler_addrs))
+    commands["gateway"] = [sys.executable, "-m", "services.gateway", *to_argv(front, "gateway")]
+    return commands
 
 
 def _die_with_parent() -> None:
@@ -79,10 +105,11 @@ def wait_healthy(url: str, procs: dict[str, subprocess.Popen], timeout: float,
 
 
 def stop_all(procs: dict[str, subprocess.Popen], grace: float = 10.0, drain_timeout: float = 0.0) -> None:
-    """SIGTERM in order gateway (which drains first), scheduler, executor; SIGKILL past grace."""
-    for name in ("gateway", "scheduler", "executor"):
-        proc = procs.get(name)
-        if proc is None or proc.poll() is not None:
+    """SIGTERM in order gateway (which drains first), schedulers, executors; SIGKILL past grace."""
+    order = {"gateway": 0, "scheduler": 1, "executor": 2}
+    for name in sorted(procs, key=lambda name: order.get(service_of(name), 3)):
+        proc = procs[name]
+        if proc.poll() is not None:
             continue
         proc.send_signal(signal.SIGTERM)
         try:
@@ -104,7 +131,7 @@ class Supervisor:
         self.commands, self.max_restarts = commands, max_restarts
         self.backoff, self.max_backoff, self.log = backoff, max_backoff, log
         self.procs: dict[str, subprocess.Popen] = {}
-        self.restarts = {name: 0 for name in self.RESTARTABLE}
+        self.restarts = {name: 0 for name in commands if service_of(name) in self.RESTARTABLE}
         self._due: dict[str, float] = {}              # name -> monotonic time of its restart
 
     def start(self, name: str) -> None:
@@ -122,7 +149,7 @@ class Supervisor:
             code = proc.poll()
             if code is None or name in self._due:
                 continue
-            if name not in self.RESTARTABLE:
+            if service_of(name) not in self.RESTARTABLE:
                 return f"{name} exited with code {code}"
             if self.restarts[name] >= self.max_restarts:
                 return f"{name} exited with code {code} after {self.max_restarts} restarts"

@@ -19,6 +19,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Callable, Iterator, Optional
 
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "cuda")
+ROUTING_POLICIES = ("prefix", "least-loaded", "round-robin")   # services/gateway/routing.py
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -231,6 +232,9 @@ class GatewayConfig:
                                type=non_negative)
     prefix_cache_salt_required: bool = opt(False, "reject (400) a request without `cache_salt`: tenants never "
                                                   "share prefix-cache blocks unless they share a salt", "gateway")
+    routing: str = opt("prefix", "which of several schedulers a new request goes to: prefix (the one sent its "
+                                 "prompt's longest prefix, unless much busier; else the least loaded), "
+                                 "least-loaded, or round-robin", "gateway", choices=ROUTING_POLICIES)
 
 
 @dataclass
@@ -256,6 +260,11 @@ class ProcessConfig:
     ready_timeout: float = opt(600.0, "seconds to wait for the weights to load", "serve", type=positive)
     max_restarts: int = opt(5, "restarts of a crashed executor or scheduler before giving up", "serve",
                             type=int_at_least(0))
+    data_parallel_size: int = opt(1, "engines (a scheduler and its executor each, own KV cache and prefix "
+                                     "cache) behind the one gateway", "serve", type=int_at_least(1))
+    num_threads: int = opt(0, "CPU threads of the executor's torch and C kernels (0 = torch's default; serve "
+                              "with --data-parallel-size N gives each executor the cores / N)", "executor",
+                           type=int_at_least(0))
 
 
 @dataclass

@@ -15,7 +15,7 @@ from shared.messages import ExecutorReady
 
 # values that must be valid where the generic rule below would not give one
 _VALID = {"model": "random:tiny", "device": "cpu", "host": "127.0.0.2", "api_key": "sk-test",
-          "served_model_name": "served", "block_size": 8, "port": 8123}
+          "served_model_name": "served", "block_size": 8, "port": 8123, "data_parallel_size": 2}
 
 
 def _other(flag):
@@ -67,21 +67,36 @@ def test_every_serve_option_arrives_with_its_value_in_each_process_that_uses_it(
     for f in options_of("serve"):
         assert _get(served, f.path) == _get(want, f.path), f.flag
     # ... and each child, parsed by its own parser, gets every option its service uses
-    commands = launcher.service_commands(served, str(tmp_path))
-    assert list(commands) == list(SERVICES)
-    children = {name: _parse(name, cmd[3:]) for name, cmd in commands.items()}
+    commands = launcher.service_commands(served, str(tmp_path))      # two engines (data_parallel_size 2)
+    assert list(commands) == ["executor-0", "scheduler-0", "executor-1", "scheduler-1", "gateway"]
+    children = {name: _parse(launcher.service_of(name), cmd[3:]) for name, cmd in commands.items()}
     for name, child in children.items():
-        taken = [f for f in options_of(name) if not f.option.by_serve]
+        taken = [f for f in options_of(launcher.service_of(name)) if not f.option.by_serve]
         assert taken, name
         for f in taken:
             assert _get(child, f.path) == _get(want, f.path), f"{name} {f.flag}"
-    # the options serve sets itself: the addresses line up, and the scheduler owns the executor
-    ex, sched, gw = children["executor"].process, children["scheduler"].process, children["gateway"].gateway
-    assert sched.executor_addr == ex.addr and gw.scheduler_addr == [sched.gateway_addr]
-    assert sched.shutdown_executor
+    # the options serve sets itself: the addresses line up, and each scheduler owns its executor
+    gw = children["gateway"].gateway
+    engines = [(children[f"executor-{i}"].process, children[f"scheduler-{i}"].process) for i in range(2)]
+    for ex, sched in engines:
+        assert sched.executor_addr == ex.addr and sched.shutdown_executor
+    assert gw.scheduler_addr == [sched.gateway_addr for _, sched in engines]
+    assert len({ex.addr for ex, _ in engines} | set(gw.scheduler_addr)) == 4
     # the limits of the issue reach the executor, not only the scheduler
     for f in ("max_num_batched_tokens", "num_host_blocks", "max_model_len", "block_size", "num_blocks"):
-        assert f"--{f.replace('_', '-')}" in commands["executor"]
+        assert f"--{f.replace('_', '-')}" in commands["executor-0"]
+
+
+def test_one_engine_keeps_the_three_service_names_and_n_engines_share_the_cores(tmp_path, monkeypatch):
+    one = launcher.service_commands(Config(), str(tmp_path))
+    assert list(one) == list(SERVICES)
+    assert _parse("executor", one["executor"][3:]).process.num_threads == 0      # torch's default
+    monkeypatch.setattr(launcher, "cpu_cores", lambda: 8)
+    config = Config()
+    config.process.data_parallel_size = 3
+    three = launcher.service_commands(config, str(tmp_path))
+    assert [_parse("executor", three[f"executor-{i}"][3:]).process.num_threads for i in range(3)] == [2, 2, 2]
+    assert len(_parse("gateway", three["gateway"][3:]).gateway.scheduler_addr) == 3
 
 
 def test_every_option_serve_does_not_set_is_a_serve_flag():

@@ -637,7 +637,7 @@ def test_prefix_cache_salt_required_rejects_unsalted_requests(salted_server, sch
     assert r.status_code == 200 and sched.requests[-1].cache_salt == "t"
 
 
-def test_the_gateway_command_passes_prefix_cache_salt_required_to_the_app(monkeypatch):
+def test_the_gateway_command_passes_salt_required_to_the_app_and_routing_to_the_engine_client(monkeypatch):
     from types import SimpleNamespace
 
     import shared.model_path
@@ -648,14 +648,15 @@ def test_the_gateway_command_passes_prefix_cache_salt_required_to_the_app(monkey
     built = {}
     monkeypatch.setattr(shared.model_path, "resolve_model", lambda model: SimpleNamespace(name="m"))
     monkeypatch.setattr(shared.tokenizer, "load_tokenizer", lambda src: None)
-    monkeypatch.setattr(cli, "EngineClient", lambda addrs: None)
+    monkeypatch.setattr(cli, "EngineClient", lambda addrs, routing: built.setdefault("routing", routing))
     monkeypatch.setattr(cli, "serve", lambda app, *a, **kw: None)
     monkeypatch.setattr(cli, "build_app", lambda *a, **kw: built.setdefault("args", a))
-    for argv, want in (([], False), (["--prefix-cache-salt-required"], True)):
+    for argv, want, routing in (([], False, "prefix"), (["--prefix-cache-salt-required", "--routing", "round-robin"],
+                                                        True, "round-robin")):
         built.clear()
         parser, _ = build_parser(["gateway"])
         assert cli.run(parser.parse_args(["gateway", "--scheduler-addr", "ipc:///x", *argv])) == 0
-        assert built["args"][-1] is want
+        assert built["args"][-1] is want and built["routing"] == routing
 
 
 def test_pagedserve_top_once_reads_a_live_gateway(server, http):

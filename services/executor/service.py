@@ -111,8 +111,12 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"pagedserve executor: {e}", file=sys.stderr)
         return 2
+    import torch
+
     from services.executor.worker import Worker   # imports torch: only once the flags are good
 
+    if full.process.num_threads:
+        torch.set_num_threads(full.process.num_threads)
     try:
         worker = Worker(config)
     except (FileNotFoundError, ValueError, MemoryError, RuntimeError) as e:
@@ -120,9 +124,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     ready = worker.ready()
     log.info("model %s on %s: %d blocks of %d tokens (+%d host), max_model_len %d, %d tokens and %d sequences "
-             "per step, attention backend %s", ready.model, ready.device, ready.num_blocks, ready.block_size,
+             "per step, attention backend %s, %d CPU threads", ready.model, ready.device, ready.num_blocks, ready.block_size,
              ready.num_host_blocks, ready.max_model_len, ready.max_num_batched_tokens, ready.max_num_seqs,
-             worker.backend.name)
+             worker.backend.name, torch.get_num_threads())
     ctx = zmq.Context()
     sock = transport.router(ctx, addr)
     log.info("executor listening on %s", addr)

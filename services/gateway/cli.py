@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"pagedserve gateway: --max-n must be in 1..{P.MAX_N}, got {gw.max_n}")
         return 2
     tokenizer = load_tokenizer(src)
-    app = build_app(EngineClient(addrs), tokenizer, gw.served_model_name or src.name,
+    app = build_app(EngineClient(addrs, routing=gw.routing), tokenizer, gw.served_model_name or src.name,
                     config.engine.scheduler.max_model_len, gw.api_key or None, gw.max_body_bytes, gw.max_n,
                     gw.max_header_bytes, gw.tool_call_parser, gw.prefix_cache_salt_required)
     serve(app, gw.drain_timeout, **uvicorn_options(gw.host, gw.port, config.process.log_level,

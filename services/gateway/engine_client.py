@@ -10,9 +10,10 @@ A socket monitor per connection tracks whether its scheduler is up. When the con
 reconnects by itself; a restarted scheduler knows none of the old requests, which were all ended
 here, so request ids never straddle two scheduler lives.
 
-Several addresses may be given (one gateway fronting several schedulers): a new request goes to
-the connection with the fewest running + waiting requests in its last stats, and stays there
-(aborts are routed by request id). Sockets are created lazily inside the running event loop, so
+Several addresses may be given (one gateway fronting several schedulers, ``--data-parallel-size``):
+``routing.Router`` picks the engine of a new request (by default the one that was sent its prompt's
+longest prefix, else the one with the fewest running + waiting requests in its last stats), and
+the request stays there (aborts are routed by request id). Sockets are created lazily inside the running event loop, so
 an app can be built in one thread and served by uvicorn in another.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from shared.messages import (
 )
 from shared import transport
 from shared.transport import check_address
+from services.gateway.routing import Router
 
 log = logging.getLogger("pagedserve.gateway")
 
@@ -61,6 +63,7 @@ class _Connection:
         self.stats_time = 0.0
         self.stats_waiter: Optional[asyncio.Future] = None
         self.num_active = 0           # requests this gateway has in flight here
+        self.life = 0                 # disconnects seen: a new life has an empty prefix cache
         self.recv_task: Optional[asyncio.Task] = None
         self.monitor_task: Optional[asyncio.Task] = None
 
@@ -77,7 +80,8 @@ class _Stream:
 
 class EngineClient:
     def __init__(self, addrs: str | Sequence[str], stats_ttl: float = 0.5, stats_timeout: float = 2.0,
-                 connect_timeout: float = 2.0):
+                 connect_timeout: float = 2.0, routing: str = "prefix"):
+        self.router = Router(routing)
         self.addrs = [check_address(a) for a in ([addrs] if isinstance(addrs, str) else addrs)]
         if not self.addrs:
             raise ValueError("at least one scheduler address is needed")
@@ -130,7 +134,7 @@ class EngineClient:
         self._ensure_started()
         if request_id in self._streams:
             raise ValueError(f"duplicate request id {request_id!r}")
-        conn = await self._pick_connection()
+        conn = await self._pick_connection(prompt_ids, cache_salt)
         stream = self._streams[request_id] = _Stream(conn, sampling.n)
         conn.num_active += 1
         try:
@@ -227,9 +231,10 @@ class EngineClient:
 
     # -- internals ---------------------------------------------------------------------------
 
-    async def _pick_connection(self) -> _Connection:
-        """The least loaded connection whose scheduler is up; waits ``connect_timeout`` for one
-        (start-up, a scheduler restarting), else ``EngineError(engine_unavailable)``."""
+    async def _pick_connection(self, prompt_ids: list[int], cache_salt: Optional[str]) -> _Connection:
+        """The router's choice among the connections whose scheduler is up; waits
+        ``connect_timeout`` for one (start-up, a scheduler restarting), else
+        ``EngineError(engine_unavailable)``."""
         up = [c for c in self._conns if c.up.is_set()]
         if not up:
             waits = [asyncio.ensure_future(c.up.wait()) for c in self._conns]
@@ -241,12 +246,18 @@ class EngineClient:
             up = [c for c in self._conns if c.up.is_set()]
             if not up:
                 raise EngineError(UNAVAILABLE, "no scheduler is reachable; retry shortly")
-        return min(up, key=_Connection.load)
+        if len(self._conns) == 1:
+            return up[0]
+        block_size = max((c.last_stats.block_size for c in self._conns if c.last_stats), default=0)
+        loads = [c.load() if c.up.is_set() else None for c in self._conns]
+        return self._conns[self.router.pick(loads, [c.life for c in self._conns], prompt_ids, block_size,
+                                            cache_salt)]
 
     def _on_disconnect(self, conn: _Connection) -> None:
         """The scheduler behind ``conn`` is gone, with every request it held: end their streams."""
         conn.up.clear()
         conn.last_stats = None
+        conn.life += 1
         lost = [rid for rid, st in self._streams.items() if st.conn is conn]
         if lost:
             log.error("scheduler at %s disconnected; ending %d requests", conn.addr, len(lost))
