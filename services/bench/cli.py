@@ -11,7 +11,8 @@ from . import compare, serve, sweep
 TOOLS = {
     "serve": (serve, "load generator against a running OpenAI-compatible server (TTFT, TPOT, ITL, throughput)"),
     "compare": (compare, "offline output tok/s: pagedserve vs HF generate vs generate_batch, one process each"),
-    "sweep": (sweep, "sweeps: throughput vs concurrency, max sequences vs KV memory, prefix cache on/off TTFT"),
+    "sweep": (sweep, "sweeps: throughput vs concurrency, max sequences vs KV memory, prefix cache on/off TTFT, "
+                     "data-parallel routing"),
 }
 
 

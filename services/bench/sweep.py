@@ -8,6 +8,9 @@
   prefix       time to first token with prefix caching on vs off: starts `pagedserve serve` on a free
                port twice (``--enable-prefix-caching`` / ``--no-enable-prefix-caching``), one after
                the other, runs the prefix-repetition dataset against each and reports the ratio
+  routing      data parallelism on the prefix-repetition dataset: one engine, then two behind the
+               gateway with prefix-affinity routing, then two with round-robin (three servers in
+               turn); prefix-cache hit rate, requests per engine, TTFT and throughput of each
 Each writes a table on stdout and, with ``--out DIR``, sweep-<mode>.json and sweep-<mode>.png.
 """
 from __future__ import annotations
@@ -211,6 +214,84 @@ def prefix_sweep(args: argparse.Namespace) -> dict:
             "serve_args": args.serve_args, "runs": runs, **prefix_ratios(runs)}
 
 
+ROUTING_RUNS = (("1 engine", 1, "prefix"), ("2 engines, prefix", 2, "prefix"),
+                ("2 engines, round-robin", 2, "round-robin"))
+
+
+def engine_counters(url: str) -> dict[str, dict[str, float]]:
+    """{counter: {engine: value}} of the prefix-cache and prompt-token counters on /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = ("pagedserve:prefix_cache_hits_total", "pagedserve:prefix_cache_queries_total",
+             "pagedserve:prompt_tokens_total")
+    out: dict[str, dict[str, float]] = {n: {} for n in names}
+    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in fam.samples:
+            if sample.name in out:
+                out[sample.name][sample.labels.get("engine", "0")] = sample.value
+    return out
+
+
+def routing_sweep(args: argparse.Namespace) -> dict:
+    import time
+
+    args.dataset = "prefix-repetition"
+    pool = load_pool(args.tokenizer)
+    requests = build_dataset(args, pool)
+    runs = {}
+    for name, dp, routing in ROUTING_RUNS:
+        print(f"{name}: starting pagedserve serve --data-parallel-size {dp} --routing {routing}",
+              file=sys.stderr, flush=True)
+        with running_server([*shlex.split(args.serve_args), "--data-parallel-size", str(dp), "--routing", routing],
+                            args.ready_timeout) as url:
+            before = engine_counters(url)
+            report = benchmark(url, requests, pool, LoadShape(args.request_rate, args.max_concurrency, args.seed),
+                               api_key=args.api_key, ignore_eos=args.ignore_eos, num_warmups=args.num_warmups,
+                               timeout=args.timeout, progress=not args.no_progress)
+            time.sleep(0.6)                       # the gateway caches scheduler stats for 0.5 s
+            after = engine_counters(url)
+        delta = {n: {e: v - before[n].get(e, 0.0) for e, v in after[n].items()} for n in after}
+        hits = sum(delta["pagedserve:prefix_cache_hits_total"].values())
+        queries = sum(delta["pagedserve:prefix_cache_queries_total"].values())
+        runs[name] = dict(report["metrics"], prefix_hit_rate=hits / queries if queries else 0.0,
+                          prompt_tokens_per_engine=delta["pagedserve:prompt_tokens_total"])
+    return {"mode": "routing", "num_prompts": len(requests), "num_prefixes": args.prefix_num_prefixes,
+            "prefix_len": args.prefix_len, "suffix_len": args.prefix_suffix_len, "output_len": args.prefix_output_len,
+            "max_concurrency": args.max_concurrency,
+            "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
+            "serve_args": args.serve_args, "runs": runs}
+
+
+def routing_table(report: dict) -> str:
+    lines = ["| engines, routing | requests ok / failed | prefix hit rate | prompt tokens per engine | TTFT mean ms "
+             "| TTFT p50 ms | output tok/s | requests/s |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in report["runs"].items():
+        t = m["ttft_ms"]
+        spread = " / ".join(f"{v:.0f}" for _, v in sorted(m["prompt_tokens_per_engine"].items()))
+        lines.append(f"| {name} | {m['completed']} / {m['failed']} | {m['prefix_hit_rate']:.1%} | {spread} "
+                     f"| {t['mean']:.0f} | {t['p50']:.0f} | {m['output_throughput']:.1f} "
+                     f"| {m['request_throughput']:.2f} |")
+    return "\n".join(lines)
+
+
+def routing_plot(report: dict, path: str) -> None:
+    plt = _pyplot()
+    names = list(report["runs"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.bar(names, [report["runs"][n]["prefix_hit_rate"] * 100 for n in names], color="tab:blue")
+    a.set_ylabel("prefix-cache hit rate (%)")
+    b.bar(names, [report["runs"][n]["ttft_ms"]["mean"] for n in names], color="tab:gray")
+    b.set_ylabel("mean time to first token (ms)")
+    for ax in (a, b):
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"prefix-repetition: {report['num_prefixes']} prefixes x {report['prefix_len']} tokens, "
+                 f"{report['num_prompts']} requests, concurrency {report['max_concurrency']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def prefix_ratios(runs: dict[str, dict]) -> dict[str, float | None]:
     """TTFT without the prefix cache divided by TTFT with it (mean and p50)."""
     def ratio(stat: str) -> float | None:
@@ -257,6 +338,7 @@ MODES = {
     "concurrency": (concurrency_sweep, concurrency_table, concurrency_plot),
     "memory": (memory_sweep, memory_table, memory_plot),
     "prefix": (prefix_sweep, prefix_table, prefix_plot),
+    "routing": (routing_sweep, routing_table, routing_plot),
 }
 
 
@@ -291,7 +373,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="default 1: TTFT is then the prefill alone, without queueing behind other requests")
     x.set_defaults(num_prompts=50, dataset="prefix-repetition")
 
-    for sp in (c, m, x):
+    r = sub.add_parser("routing", help="data parallelism: one engine, two with prefix routing, two round-robin "
+                                       "(starts pagedserve serve three times)")
+    add_client_arguments(r)
+    add_dataset_arguments(r)
+    r.add_argument("--serve-args", default="", help="extra `pagedserve serve` arguments, one quoted string")
+    r.add_argument("--ready-timeout", type=float, default=600.0)
+    r.add_argument("--request-rate", type=float, default=math.inf)
+    r.add_argument("--max-concurrency", type=int, default=8)
+    r.set_defaults(num_prompts=60, dataset="prefix-repetition")
+
+    for sp in (c, m, x, r):
         sp.add_argument("--out", default="", help="directory for sweep-<mode>.json and .png")
 
 
@@ -303,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
         http_errors = (httpx.HTTPError,)
     sweep, table, plot = MODES[args.sweep_mode]
     try:
-        if args.sweep_mode == "prefix":
+        if args.sweep_mode in ("prefix", "routing"):
             check_load_args(args)
         if args.sweep_mode == "concurrency" and args.num_warmups < 0:
             raise ValueError(f"--num-warmups must be >= 0, got {args.num_warmups}")
