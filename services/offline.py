@@ -42,6 +42,17 @@ class Engine:
         from services.scheduler.grammar import GrammarBackend, llguidance_tokenizer
         from services.scheduler.scheduler import Scheduler
 
+        self.group = None            # tensor parallel: this process is rank 0 (parallel.py)
+        if worker is None and config.tensor_parallel_size > 1:
+            from services.executor.parallel import start_group
+            from shared.config import Config
+
+            self.group = start_group(Config(engine=config))
+            try:
+                worker = Worker(self.group.engine, tp=self.group.tp)
+            except BaseException:
+                self.group.close(timeout=5)
+                raise
         self.worker = worker if worker is not None else Worker(config)
         self.ready = r = self.worker.ready()
         sched, cache = resolve_with_executor(config.scheduler, config.cache, self.ready)
@@ -49,6 +60,12 @@ class Engine:
             lambda: llguidance_tokenizer(tokenizer, r.vocab_size, r.eos_token_ids), r.vocab_size,
             sched.grammar_cache_size)
         self.scheduler = Scheduler(sched, cache, eos_token_ids=self.ready.eos_token_ids, grammars=grammars)
+
+    def close(self) -> None:
+        """End the tensor-parallel group's other ranks (nothing to do without one)."""
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
     def add(self, request: AddRequest) -> None:
         error = self.scheduler.add_request(request)
@@ -304,6 +321,8 @@ def run(args: argparse.Namespace, worker=None, tokenizer=None) -> int:
         completions = llm.generate(prompts, params, progress=len(prompts) > 1, grammar=grammar)
     except ValueError as e:                  # a request the scheduler refuses (e.g. longer than the model)
         raise _fail(str(e))
+    finally:
+        llm.engine.close()                   # the other tensor-parallel ranks, if any
     for item, c in zip(items, completions):
         if args.json:
             texts = [s.text for s in c.samples]

@@ -192,6 +192,9 @@ class EngineConfig:
                                         type=utilization)
     kv_cache_memory: int = opt(0, "bytes for the KV cache (0 = derive)", "executor generate", type=int_at_least(0))
     seed: int = opt(0, "seed of random:<preset> weights", "executor compare", type=int)
+    tensor_parallel_size: int = opt(1, "executor ranks the model is split over (attention heads, MLP, vocab; "
+                                       "the world size of a torch.distributed group: gloo on CPU, NCCL on CUDA)",
+                                    "executor generate", type=int_at_least(1))
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -262,8 +265,13 @@ class ProcessConfig:
                             type=int_at_least(0))
     data_parallel_size: int = opt(1, "engines (a scheduler and its executor each, own KV cache and prefix "
                                      "cache) behind the one gateway", "serve", type=int_at_least(1))
-    num_threads: int = opt(0, "CPU threads of the executor's torch and C kernels (0 = torch's default; serve "
-                              "with --data-parallel-size N gives each executor the cores / N)", "executor",
+    rank: int = opt(-1, "this executor's rank in its tensor-parallel group (-1: rank 0, which starts ranks "
+                        "1..N-1 on this machine; 0..N-1: one rank of a group started by hand, e.g. across "
+                        "machines)", "executor", type=int_at_least(-1), by_serve=True)
+    dist_init: str = opt("", "the group's rendezvous, tcp://HOST:PORT where rank 0 listens ('' with --rank -1: "
+                             "a free local port)", "executor", by_serve=True)
+    num_threads: int = opt(0, "CPU threads of the executor's torch and C kernels (0 = torch's default; cores / N "
+                              "with --data-parallel-size or --tensor-parallel-size N)", "executor",
                            type=int_at_least(0))
 
 

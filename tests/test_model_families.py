@@ -29,6 +29,7 @@ norm_topk_prob flipped, Qwen3's q/k norm off (each: the prefix/fork engine test)
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -150,12 +151,12 @@ def test_the_oracle_sees_the_family_details(name, wrong, checkpoints):
 # ---------------------------------------------------------------------------------------- engine
 
 def _engine(path: str, num_blocks: int = 0, dtype: str = "float32", backend: str = "auto",
-            prefix_caching: bool = True, num_host_blocks: int = 0, **sched):
+            prefix_caching: bool = True, num_host_blocks: int = 0, tensor_parallel_size: int = 1, **sched):
     from services.offline import Engine
     from shared.config import CacheConfig, EngineConfig, SchedulerConfig
 
     config = EngineConfig(model=path, dtype=dtype, device="cuda" if backend == "cuda" else "cpu",
-                          attention_backend=backend,
+                          attention_backend=backend, tensor_parallel_size=tensor_parallel_size,
                           cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=num_blocks,
                                             num_host_blocks=num_host_blocks, enable_prefix_caching=prefix_caching),
                           scheduler=SchedulerConfig(**{"max_model_len": MAX_MODEL_LEN, **sched}))
@@ -202,8 +203,10 @@ def test_engine_equals_hf_with_prefix_hits_and_forks(family, backend):
     come from the prefix cache), then greedy forks: every sample equals HF. ``auto`` is the C
     kernels on a CPU (``cuda``: float32 on the GPU where there is one); the sliding-window families
     run on the torch reference backend too (below)."""
-    f = family
-    engine = _engine(f.path, num_blocks=256, backend=backend)
+    check_prefix_hits_and_forks(family, _engine(family.path, num_blocks=256, backend=backend))
+
+
+def check_prefix_hits_and_forks(f: Family, engine) -> None:
     first = _run(engine, [("short", f.prompts["short"], 1), ("long", f.prompts["long"], 1)])
     for name in ("short", "long"):
         assert_tokens(f.name, "engine", name, first[name][0][0], f.expected[name])
@@ -245,9 +248,11 @@ def test_engine_equals_hf_under_preemption(family, setting):
     swapped to host blocks) and resumed; each still equals HF. The tiny prompts are what forces it
     under a sliding window too: there a long sequence's footprint stays at the window, but a new one
     grows until it covers the window."""
-    f = family
-    engine = _engine(f.path, num_blocks=20, prefix_caching=False, num_host_blocks=64, max_num_seqs=12,
-                     **PRESSURE[setting])
+    check_preemption(family, setting, _engine(family.path, num_blocks=20, prefix_caching=False, num_host_blocks=64,
+                                              max_num_seqs=12, **PRESSURE[setting]))
+
+
+def check_preemption(f: Family, setting: str, engine) -> None:
     jobs = [(f"{name}-{i}", f.prompts[name], 1) for i in range(2) for name in ("long", "extended", "short")]
     jobs += [(f"tiny-{i}", f.prompts["tiny"], 1) for i in range(8)]
     got = _run(engine, jobs)
@@ -258,6 +263,55 @@ def test_engine_equals_hf_under_preemption(family, setting):
         name = rid.rsplit("-", 1)[0]
         assert_tokens(f.name, f"engine (preemption, {setting})", name, got[rid][0][0], f.expected[name])
     assert engine.scheduler.num_free_blocks == engine.ready.num_blocks
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+
+DENSE_FAMILIES = [f for f in mf.FAMILIES if f not in ("mixtral", "qwen3_moe")]
+
+
+@pytest.mark.parametrize("name", DENSE_FAMILIES)
+def test_tensor_parallel_equals_hf_with_prefix_hits_and_forks(name, checkpoints):
+    """Two ranks over gloo (this process is rank 0, one follower process): heads, MLP and vocab
+    split (each family's tokenizer vocabulary is odd-sized: the last rank's rows are padding), q/k/v
+    biases, q/k norms, sandwich norms, windows; every sample equals HF, as with one rank."""
+    engine = _engine(checkpoints[name].path, num_blocks=256, tensor_parallel_size=2)
+    try:
+        check_prefix_hits_and_forks(checkpoints[name], engine)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("name,setting", [("llama", "swap"), ("gemma3", "recompute")])
+def test_tensor_parallel_equals_hf_under_preemption(name, setting, checkpoints):
+    engine = _engine(checkpoints[name].path, num_blocks=20, prefix_caching=False, num_host_blocks=64,
+                     max_num_seqs=12, tensor_parallel_size=2, **PRESSURE[setting])
+    try:
+        check_preemption(checkpoints[name], setting, engine)
+    finally:
+        engine.close()
+
+
+def test_four_ranks_replicate_the_kv_heads(checkpoints):
+    """Four ranks over two KV heads: each rank holds one query head and the KV head it reads
+    (each KV head on two ranks)."""
+    engine = _engine(checkpoints["llama"].path, num_blocks=256, tensor_parallel_size=4)
+    try:
+        assert engine.worker.kv.device_caches[0].shape[2] == 1          # [2, blocks, Hkv local, bs, Dh]
+        check_prefix_hits_and_forks(checkpoints["llama"], engine)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("name,size,refused", [
+    ("mixtral", 2, "tensor parallel for MoE models"),
+    ("llama", 3, "tensor parallel size 3 does not divide the model's num_attention_heads (4)"),
+])
+def test_a_model_tensor_parallel_cannot_split_is_refused(name, size, refused, checkpoints):
+    from services.cli import main
+    with pytest.raises(SystemExit, match=re.escape(refused)):
+        main(["generate", "--model", checkpoints[name].path, "--tensor-parallel-size", str(size),
+              "--prompt", "hi", "--max-tokens", "2"])
 
 
 # ------------------------------------------------------------------------------------------- CLI

@@ -227,6 +227,7 @@ class Block(nn.Module):
         # Gemma 3's sandwich: each sublayer's output is normed before it joins the residual stream
         self.post_attention_norm = RMSNorm(cfg.hidden_size, eps, off) if cfg.sandwich_norms else None
         self.post_ffn_norm = RMSNorm(cfg.hidden_size, eps, off) if cfg.sandwich_norms else None
+        self.reduce = None     # tensor parallel (parallel.py): the all-reduce of each sublayer's partial sums
 
     def forward(self, x, residual, cos, sin, kv, meta, backend, norm_kernel):
         # x [T, D]: the previous block's MLP output (the embeddings for the first block);
@@ -236,10 +237,14 @@ class Block(nn.Module):
         else:
             h, residual = self.attention_norm(x, residual, norm_kernel)
         h = self.attention(h, cos, sin, kv, meta, backend)
+        if self.reduce is not None:
+            h = self.reduce(h)
         if self.post_attention_norm is not None:
             h = self.post_attention_norm(h)
         h, residual = self.ffn_norm(h, residual, norm_kernel)
         h = self.feed_forward(h)
+        if self.reduce is not None:
+            h = self.reduce(h)
         if self.post_ffn_norm is not None:
             h = self.post_ffn_norm(h)
         return h, residual
@@ -258,6 +263,7 @@ class Transformer(nn.Module):
         self.ropes = list(dict.fromkeys(ropes))                    # the distinct RoPEs (Gemma 3: two)
         self.rope_index = [self.ropes.index(r) for r in ropes]     # layer -> its RoPE
         self.build_rope()
+        self.tp = None         # tensor parallel (parallel.py): vocab-parallel embedding and head
 
     def build_rope(self) -> None:
         """(Re)build the RoPE tables, [R, L, 2, Dh] float32 (after loading onto meta, or a move)."""
@@ -282,4 +288,6 @@ class Transformer(nn.Module):
     def compute_logits(self, hidden: Tensor) -> Tensor:
         # hidden [N, D] -> logits [N, V] float32
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        if self.tp is not None:     # this rank's vocab rows, gathered
+            return self.tp.gather_vocab(F.linear(hidden, weight).float(), self.full_vocab_size)
         return F.linear(hidden, weight).float()

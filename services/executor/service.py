@@ -44,7 +44,7 @@ def forget_sequences(worker) -> None:
     and knows nothing of the old ones, so their state (not the weights, not the KV memory) goes.
     A hello also follows a failed step (the scheduler failed every request with state here, and
     the step may have run in part), so nothing the executor holds can disagree with the next plan."""
-    worker.seqs.clear()
+    worker.forget()
 
 
 class MasksFrameError(RuntimeError):
@@ -111,21 +111,36 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"pagedserve executor: {e}", file=sys.stderr)
         return 2
-    import torch
+    import torch                                   # only once the flags are good
 
-    from services.executor.worker import Worker   # imports torch: only once the flags are good
+    from services.executor.parallel import follow, start_group
+    from services.executor.worker import Worker
 
-    if full.process.num_threads:
-        torch.set_num_threads(full.process.num_threads)
+    group = None
     try:
-        worker = Worker(config)
+        if config.tensor_parallel_size > 1:
+            group = start_group(full)
+            config = group.engine
+        elif full.process.num_threads:
+            torch.set_num_threads(full.process.num_threads)
+        worker = Worker(config, tp=group.tp) if group else Worker(config)
+    except ConfigError as e:
+        print(f"pagedserve executor: {e}", file=sys.stderr)
+        return 2
     except (FileNotFoundError, ValueError, MemoryError, RuntimeError) as e:
         print(f"pagedserve executor: {e}", file=sys.stderr)
+        if group is not None:
+            group.close(timeout=5)
         return 1
+    if group is not None and group.tp.rank > 0:
+        try:
+            return follow(worker)
+        finally:
+            group.close()
     ready = worker.ready()
     log.info("model %s on %s: %d blocks of %d tokens (+%d host), max_model_len %d, %d tokens and %d sequences "
-             "per step, attention backend %s, %d CPU threads", ready.model, ready.device, ready.num_blocks, ready.block_size,
-             ready.num_host_blocks, ready.max_model_len, ready.max_num_batched_tokens, ready.max_num_seqs,
+             "per step, attention backend %s, %d CPU threads", ready.model, ready.device, ready.num_blocks,
+             ready.block_size, ready.num_host_blocks, ready.max_model_len, ready.max_num_batched_tokens, ready.max_num_seqs,
              worker.backend.name, torch.get_num_threads())
     ctx = zmq.Context()
     sock = transport.router(ctx, addr)
@@ -136,3 +151,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         sock.close(linger=0)
         ctx.term()
+        if group is not None:
+            group.close(timeout=5)

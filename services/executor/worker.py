@@ -10,6 +10,12 @@ or behind ZMQ (``services/executor/service.py``):
 A plan is validated completely (shared/step_check.py) before anything is mutated, so a bad plan
 changes nothing.
 
+Tensor parallel (``tp``, services/executor/parallel.py): every rank holds a Worker over its
+shard. Rank 0's ``execute`` first broadcasts the plan; every rank validates and runs it alike;
+rank 0 samples and broadcasts the tokens, which every rank appends. Past the broadcast, an
+exception on rank 0 ends the process (the ranks would disagree on what ran): the scheduler's
+recovery starts a new group.
+
 Structured outputs: the plan's ``mask_seq_ids`` sample only what their token masks allow. The
 masks come inline (``plan.masks``) or, when the scheduler computes them while the forward pass
 runs, from ``masks()``, called once after the forward and before sampling (the service receives
@@ -29,10 +35,11 @@ from torch import Tensor
 
 from services.executor.attention import AttentionMetadata, get_backend
 from services.executor.kv_cache import KVCache, activation_bytes, plan_num_blocks, plan_num_host_blocks
+from services.executor.parallel import NO_PARALLEL, TensorParallel, shard_model
 from services.executor.sampler import Sampler, SamplingMetadata
 from services.executor.weights import LoadedModel, load_model
 from shared.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
-from shared.messages import ExecutorError, ExecutorReady, SamplingParams, StepPlan, StepResult
+from shared.messages import ExecutorError, ExecutorReady, SamplingParams, StepPlan, StepResult, encode
 from shared.model_path import resolve_model
 from shared.step_check import CheckedPlan, PlanError, SeqShape, StepLimits, check_masks_size, validate_plan
 
@@ -82,8 +89,9 @@ class SeqState:
 
 
 class Worker:
-    def __init__(self, engine_config: EngineConfig, loaded: Optional[LoadedModel] = None):
-        self.config = engine_config
+    def __init__(self, engine_config: EngineConfig, loaded: Optional[LoadedModel] = None,
+                 tp: TensorParallel = NO_PARALLEL):
+        self.config, self.tp = engine_config, tp
         self.device = resolve_device(engine_config.device)
         self.dtype = resolve_dtype(engine_config.dtype, self.device)
         torch.manual_seed(engine_config.seed)
@@ -95,25 +103,30 @@ class Worker:
             loaded = load_model(source, dtype=self.dtype, device=self.device, seed=engine_config.seed,
                                 max_seq_len=max_len)
             log.info("loaded %s in %.1fs", loaded.name, time.perf_counter() - t0)
+        self.model_config = cfg = kv_cfg = loaded.config
+        if tp.enabled:          # this rank's shard; the full weights go
+            model, kv_cfg = shard_model(loaded.model, cfg, tp)
+            loaded = LoadedModel(loaded.name, cfg, model, loaded.eos_token_ids)
         self.loaded = loaded
         self.model = loaded.model
-        self.model_config = cfg = loaded.config
         # the limits ready() reports (the model caps the context; a whole context fits one step)
         self.max_model_len = min(max_len, self.model.max_seq_len)
         self.max_num_batched_tokens = max(sched.max_num_batched_tokens, self.max_model_len)
         self.max_num_seqs = sched.max_num_seqs
         cache = engine_config.cache
         self.block_size = cache.block_size
-        num_blocks = plan_num_blocks(cfg, self.block_size, self.dtype, self.device,
+        num_blocks = plan_num_blocks(kv_cfg, self.block_size, self.dtype, self.device,
                                      num_blocks=cache.num_blocks,
                                      kv_cache_memory=engine_config.kv_cache_memory,
                                      gpu_memory_utilization=engine_config.gpu_memory_utilization,
                                      max_model_len=self.max_model_len,
-                                     reserve_bytes=activation_bytes(cfg, self.max_num_batched_tokens,
+                                     reserve_bytes=activation_bytes(kv_cfg, self.max_num_batched_tokens,
                                                                     self.max_num_seqs, self.dtype))
-        num_host = plan_num_host_blocks(cfg, self.block_size, self.dtype, self.device, num_blocks,
+        num_host = plan_num_host_blocks(kv_cfg, self.block_size, self.dtype, self.device, num_blocks,
                                         cache.num_host_blocks)
-        self.kv = KVCache(cfg, num_blocks, self.block_size, self.dtype, self.device, num_host)
+        if tp.enabled:          # every rank's pools are rank 0's size (memory may differ a little)
+            num_blocks, num_host = tp.broadcast_ints([num_blocks, num_host])
+        self.kv = KVCache(kv_cfg, num_blocks, self.block_size, self.dtype, self.device, num_host)
         self.backend = get_backend(engine_config.attention_backend, self.device)
         self.sampler = Sampler()
         self.seqs: dict[int, SeqState] = {}
@@ -150,13 +163,21 @@ class Worker:
                           max_model_len=self.max_model_len,
                           max_num_batched_tokens=self.max_num_batched_tokens)
 
+    def forget(self) -> None:
+        """Drop every sequence's state (a new scheduler conversation), on every rank."""
+        if self.tp.enabled and self.tp.rank == 0:
+            self.tp.broadcast_bytes(b"F")
+        self.seqs.clear()
+
     # ------------------------------------------------------------------------------ one step
     def execute(self, plan: StepPlan, masks: Optional[Callable[[], bytes]] = None) -> StepResult | ExecutorError:
         """Run one plan. ``masks``: returns the step's token masks when the plan names
         ``mask_seq_ids`` without carrying them (a StepMasks frame); called after the forward."""
+        if self.tp.enabled and self.tp.rank == 0:
+            self.tp.broadcast_bytes(b"P" + encode(plan))
         try:
             checked = validate_plan(plan, self.seqs, self.limits())
-            if plan.mask_seq_ids and not plan.masks and masks is None:
+            if plan.mask_seq_ids and not plan.masks and masks is None and self.tp.rank == 0:
                 raise PlanError(f"step {plan.step_id}: the masks of {len(plan.mask_seq_ids)} seqs are deferred "
                                 f"to a StepMasks frame, but no source of masks was given")
         except PlanError as e:
@@ -165,9 +186,13 @@ class Worker:
             with torch.inference_mode():
                 return self._apply(plan, checked, masks)
         except PlanError as e:          # deferred masks of the wrong size (_masks), after the forward
+            if self.tp.enabled:
+                raise SystemExit(f"step {plan.step_id}: {e}; ending the tensor-parallel group") from None
             return ExecutorError(step_id=plan.step_id, message=str(e))
         except Exception as e:  # noqa: BLE001 - a failing step must not kill the service
             log.exception("step %d failed", plan.step_id)
+            if self.tp.enabled:      # the ranks may disagree on what ran: the group ends
+                raise SystemExit(f"rank {self.tp.rank}: step {plan.step_id} failed ({e}); ending the group")
             return ExecutorError(step_id=plan.step_id, message=f"step failed: {type(e).__name__}: {e}")
 
     def _apply(self, plan: StepPlan, checked: CheckedPlan,
@@ -213,10 +238,17 @@ class Worker:
             return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
 
         states = [self.seqs[sid] for sid in sampled]
+        if self.tp.rank > 0:            # rank 0 samples; the tokens come from it
+            for s, t in zip(states, self.tp.broadcast_ints([0] * len(states))):
+                if not s.params.use_beam_search:
+                    s.output.append(t)
+            return StepResult(step_id=plan.step_id, seq_ids=sampled, token_ids=[])
         meta = SamplingMetadata.build([(s.params, s.prompt, s.output, s.sample_index) for s in states],
                                       self.device, self._masks(plan, checked, masks))
         out = self.sampler(logits, meta)
         tokens = out.token_ids.tolist()                                      # the step's one sync
+        if self.tp.enabled:
+            self.tp.broadcast_ints(tokens)
         for s, t in zip(states, tokens):
             if not s.params.use_beam_search:     # a beam's next token comes in the plan (appends)
                 s.output.append(t)
