@@ -52,7 +52,8 @@ def service_commands(config: Config, sock_dir: str) -> dict[str, list[str]]:
     executor, scheduler, gateway; N engines: executor-i and scheduler-i for each, then the gateway."""
     n = config.process.data_parallel_size
     suffixes = [""] if n == 1 else [f"-{i}" for i in range(n)]
-    threads = config.process.num_threads or (max(1, cpu_cores() // n) if n > 1 else 0)
+    ranks = n * config.engine.tensor_parallel_size        # executor processes in all
+    threads = config.process.num_threads or (max(1, cpu_cores() // ranks) if n > 1 else 0)
     commands, scheduler_addrs = {}, []
     for suffix in suffixes:
         executor_addr = ipc_address(sock_dir, f"executor{suffix}")

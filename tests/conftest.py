@@ -160,6 +160,7 @@ INTEGRATION_MODULES = frozenset({
     "test_beam_serve",           # `pagedserve serve` on the default model
     "test_kernels_host",         # builds the CUDA kernels for the host and runs them in a subprocess
     "test_data_parallel",        # `pagedserve serve --data-parallel-size 2`
+    "test_tensor_parallel",      # `pagedserve serve --tensor-parallel-size 2`
 })
 
 

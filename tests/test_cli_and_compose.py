@@ -69,6 +69,19 @@ def test_gpu_override_reserves_a_gpu_for_the_executor():
     assert parse(gpu["command"]).device == "cuda"
 
 
+def test_tensor_parallel_override_makes_two_ranks_of_one_group():
+    base, tp = compose("compose.yaml")["services"], compose("compose.tp.yaml")["services"]
+    rank0, rank1 = parse(tp["executor"]["command"]), parse(tp["executor-rank1"]["command"])
+    assert (rank0.rank, rank1.rank) == (0, 1)
+    assert rank0.tensor_parallel_size == rank1.tensor_parallel_size == 2
+    assert rank0.dist_init == rank1.dist_init and rank0.dist_init.startswith("tcp://executor:")
+    for field in ("model", "device", "block_size", "num_blocks"):        # the same engine on both ranks
+        assert getattr(rank0, field) == getattr(rank1, field), field
+    # rank 0 is still the executor the scheduler connects to
+    assert rank0.addr == parse(base["executor"]["command"]).addr
+    assert tp["executor-rank1"]["depends_on"]["executor"]["condition"] == "service_started"
+
+
 def test_launcher_commands_parse(tmp_path):
     ns = parse(["serve", "--port", "8123", "--num-blocks", "64"])
     for name, cmd in launcher.service_commands(config_from_args(ns, "serve"), str(tmp_path)).items():

@@ -29,8 +29,8 @@ norm_topk_prob flipped, Qwen3's q/k norm off (each: the prefix/fork engine test)
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess

@@ -1,0 +1,76 @@
+"""`pagedserve serve --tensor-parallel-size 2`: a rank killed mid-stream is a dead executor; the
+launcher starts a new group, the scheduler recomputes, and the stream ends as it would have.
+(Token-for-token equality with HF: tests/test_model_families.py.)"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import pytest
+
+from tests.serve_harness import start_serve, wait_healthy
+from tests.waits import wait_until
+
+httpx = pytest.importorskip("httpx")
+psutil = pytest.importorskip("psutil")
+
+
+def _stream(base: str, body: dict, events: list, started: threading.Event) -> None:
+    with httpx.stream("POST", f"{base}/v1/completions", json=dict(body, stream=True), timeout=180) as resp:
+        events.append(resp.status_code)
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) > 20:
+                    started.set()
+    started.set()
+
+
+def _rank(launcher, rank: int):
+    for child in launcher.children(recursive=True):
+        try:
+            cmd = child.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        if "services.executor" in " ".join(cmd) and cmd[-4:-2] == ["--rank", str(rank)]:
+            return child
+    return None
+
+
+def test_a_killed_rank_restarts_the_group_and_the_stream_goes_on(tmp_path):
+    proc, base, log_path = start_serve(["random:tiny", "--device", "cpu", "--num-blocks", "200", "--max-model-len",
+                                        "4096", "--tensor-parallel-size", "2"], tmp_path)
+    launcher = psutil.Process(proc.pid)
+    body = {"prompt": [5, 6, 7, 8], "max_tokens": 300, "temperature": 1.0, "seed": 7, "logprobs": 1,
+            "ignore_eos": True}
+    try:
+        wait_healthy(base, proc, log_path)
+        follower = _rank(launcher, 1)
+        assert follower is not None, "no rank 1 under the executor"
+        events, started = [], threading.Event()
+        t = threading.Thread(target=_stream, args=(base, body, events, started))
+        t.start()
+        assert started.wait(60)
+        follower.send_signal(signal.SIGKILL)
+        t.join(180)
+        assert not t.is_alive() and events[0] == 200
+        chunks = [json.loads(e) for e in events[1:] if e.startswith("{")]
+        assert not [c for c in chunks if "error" in c], chunks[-2:]
+        assert events[-1] == "[DONE]"
+        streamed = "".join(c["choices"][0]["text"] for c in chunks)
+        assert sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks) == 300
+        log = log_path.read_text()
+        assert "executor restarted" in log, log[-3000:]
+        new = wait_until(lambda: (r := _rank(launcher, 1)) is not None and r.pid != follower.pid and r, 60)
+        assert new, "the new group has no rank 1"
+        # the same seeded request again, uninterrupted: the same text
+        again = httpx.post(f"{base}/v1/completions", json=body, timeout=180)
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == streamed
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
