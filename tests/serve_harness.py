@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -63,6 +64,29 @@ def serving(args: list[str], tmp_path: Path) -> Iterator[str]:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def stream_completion(base: str, body: dict, events: list, started: threading.Event, after: int = 1) -> None:
+    """POST a streamed /v1/completions; ``events`` gets the status code, then each SSE data line.
+    ``started`` is set once ``after`` data lines came (or the stream ended). For a thread."""
+    with httpx.stream("POST", f"{base}/v1/completions", json=dict(body, stream=True), timeout=180) as resp:
+        events.append(resp.status_code)
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) > after:
+                    started.set()
+    started.set()
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    """SIGTERM; serve must exit 0 within a minute (killed if not)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def services_of(launcher) -> dict:

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from services.launcher import cpu_cores
-from tests.serve_harness import start_serve, wait_healthy
+from tests.serve_harness import start_serve, stop_serve, stream_completion, wait_healthy
 from tests.waits import wait_until
 
 httpx = pytest.importorskip("httpx")
@@ -38,14 +38,6 @@ def settled(base: str, metric: str) -> dict[str, float]:
     return wait_until(same, 30, 0.6) or last
 
 
-def _stream(base: str, body: dict, events: list, started: threading.Event) -> None:
-    with httpx.stream("POST", f"{base}/v1/completions", json=dict(body, stream=True), timeout=120) as resp:
-        events.append(resp.status_code)
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:])
-                started.set()
-    started.set()
 
 
 def _scheduler(launcher, index: int):
@@ -93,7 +85,7 @@ def test_two_engines_behind_one_gateway(tmp_path):
         # one engine dies: its stream fails with engine_unavailable, the other engine's finishes
         long = {"max_tokens": 400, "temperature": 1.0, "seed": 0, "logprobs": 1, "ignore_eos": True}
         streams = [([], threading.Event()) for _ in range(2)]
-        threads_ = [threading.Thread(target=_stream, args=(base, dict(long, prompt=[30 + i] * 20), *s))
+        threads_ = [threading.Thread(target=stream_completion, args=(base, dict(long, prompt=[30 + i] * 20), *s))
                     for i, s in enumerate(streams)]
         for t in threads_:
             t.start()
@@ -114,9 +106,4 @@ def test_two_engines_behind_one_gateway(tmp_path):
             out = httpx.post(f"{base}/v1/completions", json={"prompt": [1 + i] * 5, "max_tokens": 4}, timeout=60)
             assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 4
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=60) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        stop_serve(proc)

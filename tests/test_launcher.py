@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from services.launcher import Supervisor
-from tests.serve_harness import services_of, start_serve, wait_healthy
+from tests.serve_harness import services_of, start_serve, stream_completion, wait_healthy
 from tests.waits import wait_until
 
 httpx = pytest.importorskip("httpx")
@@ -61,14 +61,6 @@ def test_gateway_exit_stops_the_server():
             p.wait()
 
 
-def _stream(base: str, body: dict, events: list, first: threading.Event) -> None:
-    with httpx.stream("POST", f"{base}/v1/completions", json=dict(body, stream=True), timeout=120) as resp:
-        events.append(resp.status_code)
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:])
-                first.set()
-    first.set()
 
 
 def test_scheduler_death_then_sigterm_drain(tmp_path):
@@ -82,7 +74,7 @@ def test_scheduler_death_then_sigterm_drain(tmp_path):
         # 1. the scheduler dies mid-stream, with the launcher stopped so it stays down: the stream
         #    ends with engine_unavailable, /health is 503 at once, a new request gets 503
         events, first = [], threading.Event()
-        t = threading.Thread(target=_stream, args=(base, long_body, events, first))
+        t = threading.Thread(target=stream_completion, args=(base, long_body, events, first))
         t.start()
         assert first.wait(60)
         launcher.suspend()
@@ -114,7 +106,7 @@ def test_scheduler_death_then_sigterm_drain(tmp_path):
         wait_healthy(base, proc, log_path, 120)
         # 3. SIGTERM drains: the in-flight stream finishes, new requests and /health get 503
         events, first = [], threading.Event()
-        t = threading.Thread(target=_stream, args=(base, long_body, events, first))
+        t = threading.Thread(target=stream_completion, args=(base, long_body, events, first))
         t.start()
         assert first.wait(60)
         seen = {p.pid: p for p in services_of(launcher).values()}

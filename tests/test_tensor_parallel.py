@@ -9,22 +9,13 @@ import threading
 
 import pytest
 
-from tests.serve_harness import start_serve, wait_healthy
+from tests.serve_harness import start_serve, stop_serve, stream_completion, wait_healthy
 from tests.waits import wait_until
 
 httpx = pytest.importorskip("httpx")
 psutil = pytest.importorskip("psutil")
 
 
-def _stream(base: str, body: dict, events: list, started: threading.Event) -> None:
-    with httpx.stream("POST", f"{base}/v1/completions", json=dict(body, stream=True), timeout=180) as resp:
-        events.append(resp.status_code)
-        for line in resp.iter_lines():
-            if line.startswith("data: "):
-                events.append(line[6:])
-                if len(events) > 20:
-                    started.set()
-    started.set()
 
 
 def _rank(launcher, rank: int):
@@ -49,7 +40,7 @@ def test_a_killed_rank_restarts_the_group_and_the_stream_goes_on(tmp_path):
         follower = _rank(launcher, 1)
         assert follower is not None, "no rank 1 under the executor"
         events, started = [], threading.Event()
-        t = threading.Thread(target=_stream, args=(base, body, events, started))
+        t = threading.Thread(target=stream_completion, args=(base, body, events, started, 20))
         t.start()
         assert started.wait(60)
         follower.send_signal(signal.SIGKILL)
@@ -68,9 +59,4 @@ def test_a_killed_rank_restarts_the_group_and_the_stream_goes_on(tmp_path):
         again = httpx.post(f"{base}/v1/completions", json=body, timeout=180)
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == streamed
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=60) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        stop_serve(proc)
