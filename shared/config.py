@@ -101,6 +101,7 @@ class Option:
     positional_in: tuple[str, ...] = ()   # commands taking it as a positional argument
     env: Optional[str] = None             # environment variable that sets the default
     repeat: bool = False                  # a list: the flag is repeated
+    aliases: tuple[str, ...] = ()         # other spellings of the flag (another engine's name for it)
 
 
 def opt(default, help: str, uses: str, **kw) -> Any:
@@ -194,7 +195,7 @@ class EngineConfig:
     seed: int = opt(0, "seed of random:<preset> weights", "executor compare", type=int)
     tensor_parallel_size: int = opt(1, "executor ranks the model is split over (attention heads, MLP, vocab; "
                                        "the world size of a torch.distributed group: gloo on CPU, NCCL on CUDA)",
-                                    "executor generate", type=int_at_least(1))
+                                    "executor generate", type=int_at_least(1), aliases=("--world-size",))
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -344,7 +345,7 @@ def add_options(parser: argparse.ArgumentParser, command: str) -> None:
         if command in o.positional_in:
             parser.add_argument(f.name, nargs="?", **kw)
         else:
-            parser.add_argument(f.flag, **kw)
+            parser.add_argument(f.flag, *o.aliases, **kw)
 
 
 def _lookup(config, path: tuple[str, ...]):

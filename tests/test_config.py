@@ -99,6 +99,14 @@ def test_one_engine_keeps_the_three_service_names_and_n_engines_share_the_cores(
     assert len(_parse("gateway", three["gateway"][3:]).gateway.scheduler_addr) == 3
 
 
+def test_world_size_is_another_spelling_of_tensor_parallel_size():
+    argv = ["--world-size", "2", "--rank", "1", "--dist-init", "tcp://10.0.0.1:29500"]
+    config = _parse("executor", argv)
+    assert config.engine.tensor_parallel_size == 2 and config.process.rank == 1
+    assert config.process.dist_init == "tcp://10.0.0.1:29500"
+    assert "--tensor-parallel-size" in to_argv(config, "executor")
+
+
 def test_every_option_serve_does_not_set_is_a_serve_flag():
     serve = {f.path for f in options_of("serve")}
     for name in SERVICES:
