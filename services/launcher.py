@@ -29,7 +29,7 @@ import urllib.request
 from dataclasses import replace
 from typing import Callable, Optional
 
-from shared.config import Config, ConfigError, add_options, config_from_args, to_argv
+from shared.config import Config, ConfigError, add_options, config_from_args, env_of, to_argv
 from shared.transport import ipc_address, runtime_dir
 
 
@@ -65,8 +65,15 @@ def service_commands(config: Config, sock_dir: str) -> dict[str, list[str]]:
         for name in ("executor", "scheduler"):
             commands[name + suffix] = [sys.executable, "-m", f"services.{name}", *to_argv(engine, name)]
     front = replace(config, gateway=replace(config.gateway, scheduler_addr=scheduler_addrs))
-    commands["gateway"] = [sys.executable, "-m", "services.gateway", *to_argv(front, "gateway")]
+    commands["gateway"] = [sys.executable, "-m", "services.gateway",
+                           *to_argv(front, "gateway", secrets_in_env=True)]
     return commands
+
+
+def service_env(config: Config) -> dict[str, str]:
+    """What the children get in their environment besides ours: the secrets (the API key), which
+    ``service_commands`` keeps off their command lines (``ps`` shows those to every user)."""
+    return env_of(config, "gateway")
 
 
 def _die_with_parent() -> None:
@@ -128,15 +135,16 @@ class Supervisor:
     RESTARTABLE = ("executor", "scheduler")
 
     def __init__(self, commands: dict[str, list[str]], max_restarts: int = 5, backoff: float = 0.5,
-                 max_backoff: float = 10.0, log=print):
+                 max_backoff: float = 10.0, log=print, env: Optional[dict[str, str]] = None):
         self.commands, self.max_restarts = commands, max_restarts
+        self.env = None if env is None else {**os.environ, **env}
         self.backoff, self.max_backoff, self.log = backoff, max_backoff, log
         self.procs: dict[str, subprocess.Popen] = {}
         self.restarts = {name: 0 for name in commands if service_of(name) in self.RESTARTABLE}
         self._due: dict[str, float] = {}              # name -> monotonic time of its restart
 
     def start(self, name: str) -> None:
-        self.procs[name] = subprocess.Popen(self.commands[name], start_new_session=True,
+        self.procs[name] = subprocess.Popen(self.commands[name], start_new_session=True, env=self.env,
                                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
 
     def start_all(self) -> None:
@@ -175,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     gw, sock_dir = config.gateway, runtime_dir()
     supervisor = Supervisor(service_commands(config, sock_dir), config.process.max_restarts,
-                            log=lambda line: print(f"pagedserve serve: {line}", file=sys.stderr, flush=True))
+                            log=lambda line: print(f"pagedserve serve: {line}", file=sys.stderr, flush=True),
+                            env=service_env(config))
 
     def on_signal(signum, frame):  # SIGTERM behaves like Ctrl-C: leave the wait loop and drain
         raise KeyboardInterrupt

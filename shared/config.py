@@ -364,11 +364,15 @@ def config_from_args(args: argparse.Namespace, command: str) -> Config:
     return config
 
 
-def to_argv(config: Config, command: str) -> list[str]:
-    """The flags that make ``command``'s parser produce ``config`` again (positional first)."""
+def to_argv(config: Config, command: str, secrets_in_env: bool = False) -> list[str]:
+    """The flags that make ``command``'s parser produce ``config`` again (positional first).
+    ``secrets_in_env``: leave out the options read from an environment variable (the API key):
+    the caller passes them in the child's environment (``env_of``), where ``ps`` does not show them."""
     head, argv = [], []
     for f in options_of(command):
         value = _lookup(config, f.path)
+        if secrets_in_env and f.option.env:
+            continue
         if command in f.option.positional_in:
             head.append(str(value))
         elif isinstance(value, bool):
@@ -379,6 +383,11 @@ def to_argv(config: Config, command: str) -> list[str]:
         else:
             argv += [f.flag, str(value)]
     return head + argv
+
+
+def env_of(config: Config, command: str) -> dict[str, str]:
+    """The environment variables that carry ``command``'s env-backed options (see ``to_argv``)."""
+    return {f.option.env: str(_lookup(config, f.path)) for f in options_of(command) if f.option.env}
 
 
 # ------------------------------------------------------------------------------ the handshake merge

@@ -60,7 +60,7 @@ def _everything_changed() -> Config:
     return config
 
 
-def test_every_serve_option_arrives_with_its_value_in_each_process_that_uses_it(tmp_path):
+def test_every_serve_option_arrives_with_its_value_in_each_process_that_uses_it(tmp_path, monkeypatch):
     want = _everything_changed()
     # serve's own command line carries every one of its options ...
     served = _parse("serve", to_argv(want, "serve"))
@@ -68,6 +68,8 @@ def test_every_serve_option_arrives_with_its_value_in_each_process_that_uses_it(
         assert _get(served, f.path) == _get(want, f.path), f.flag
     # ... and each child, parsed by its own parser, gets every option its service uses
     commands = launcher.service_commands(served, str(tmp_path))      # two engines (data_parallel_size 2)
+    for name, value in launcher.service_env(served).items():        # the API key: in the environment
+        monkeypatch.setenv(name, value)
     assert list(commands) == ["executor-0", "scheduler-0", "executor-1", "scheduler-1", "gateway"]
     children = {name: _parse(launcher.service_of(name), cmd[3:]) for name, cmd in commands.items()}
     for name, child in children.items():
@@ -97,6 +99,15 @@ def test_one_engine_keeps_the_three_service_names_and_n_engines_share_the_cores(
     three = launcher.service_commands(config, str(tmp_path))
     assert [_parse("executor", three[f"executor-{i}"][3:]).process.num_threads for i in range(3)] == [2, 2, 2]
     assert len(_parse("gateway", three["gateway"][3:]).gateway.scheduler_addr) == 3
+
+
+def test_the_api_key_reaches_the_gateway_in_its_environment_not_on_a_command_line(tmp_path):
+    config = Config()
+    config.gateway.api_key = "sk-secret-value"
+    commands = launcher.service_commands(config, str(tmp_path))
+    assert not [cmd for cmd in commands.values() if any("sk-secret-value" in a for a in cmd)]
+    assert not [cmd for cmd in commands.values() if "--api-key" in cmd]
+    assert launcher.service_env(config) == {"PAGEDSERVE_API_KEY": "sk-secret-value"}
 
 
 def test_world_size_is_another_spelling_of_tensor_parallel_size():

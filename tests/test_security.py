@@ -131,3 +131,24 @@ def test_no_user_text_in_info_logs(fake, caplog):
     assert fake.requests, "the requests reached the scheduler"
     leaked = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO and marker in r.getMessage()]
     assert not leaked
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_serve_hands_the_api_key_to_the_gateway_off_every_command_line(tmp_path):
+    """`serve --api-key`: the gateway enforces it, and no process's command line shows it."""
+    psutil = pytest.importorskip("psutil")
+    from tests.serve_harness import start_serve, stop_serve, wait_healthy
+
+    proc, base, log_path = start_serve(["random:tiny", "--device", "cpu", "--num-blocks", "64",
+                                        "--api-key", API_KEY], tmp_path)
+    try:
+        wait_healthy(base, proc, log_path)
+        assert httpx.get(f"{base}/v1/models", timeout=10).status_code == 401
+        ok = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=10)
+        assert ok.status_code == 200
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3
+        assert not [c for c in children if any(API_KEY in a for a in c.cmdline())]
+    finally:
+        stop_serve(proc)
