@@ -303,6 +303,37 @@ def test_four_ranks_replicate_the_kv_heads(checkpoints):
         engine.close()
 
 
+def test_tensor_parallel_grammar_masks_and_beam_search_equal_one_rank(checkpoints):
+    """The sampler paths only rank 0 runs, at TP=2: structured outputs (a regex, a choice; the
+    masks reach rank 0's sampler alone) and beam search (its candidates' logprobs): the same
+    outputs as one rank."""
+    from services.offline import LLM
+    from shared.config import CacheConfig, EngineConfig, SchedulerConfig
+    from shared.messages import GrammarSpec, SamplingParams
+
+    words = "[a-z]+( [a-z]+)*"
+    outs = {}
+    for tp in (1, 2):
+        llm = LLM(EngineConfig(model=checkpoints["llama"].path, device="cpu", dtype="float32",
+                               tensor_parallel_size=tp, cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=256),
+                               scheduler=SchedulerConfig(max_model_len=MAX_MODEL_LEN)))
+        try:
+            regex = llm.generate(["the cat", "a dog and"], SamplingParams(max_tokens=12, temperature=0.0),
+                                 grammar=GrammarSpec("regex", words))
+            choice = llm.generate(["is it?"], SamplingParams(max_tokens=8, temperature=0.0),
+                                  grammar=GrammarSpec("choice", '["yes", "no"]'))
+            beams = llm.beam_search(["the cat"], beam_width=3, max_tokens=8)
+        finally:
+            llm.engine.close()
+        outs[tp] = ([s.token_ids for c in regex + choice for s in c.samples],
+                    [s.token_ids for s in beams[0].samples], [s.cumulative_logprob for s in beams[0].samples],
+                    [s.text for c in regex + choice for s in c.samples])
+    assert outs[2][:2] == outs[1][:2]
+    assert outs[2][2] == pytest.approx(outs[1][2], abs=1e-3)
+    texts = outs[2][3]
+    assert all(re.fullmatch(words, t) for t in texts[:2]) and texts[2] in ("yes", "no"), texts
+
+
 @pytest.mark.parametrize("name,size,refused", [
     ("mixtral", 2, "tensor parallel for MoE models"),
     ("llama", 3, "tensor parallel size 3 does not divide the model's num_attention_heads (4)"),
