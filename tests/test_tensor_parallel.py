@@ -60,3 +60,32 @@ def test_a_killed_rank_restarts_the_group_and_the_stream_goes_on(tmp_path):
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == streamed
     finally:
         stop_serve(proc)
+
+
+def test_the_ranks_wait_for_the_next_plan_past_the_collective_timeout(monkeypatch):
+    """Ranks 1..N-1 wait for plans in a control group without a timeout, so an idle spell longer
+    than the model collectives' timeout (here 2 s) breaks nothing."""
+    import time
+
+    from services.executor.parallel import TIMEOUT_ENV
+    from services.offline import Engine
+    from shared.config import CacheConfig, EngineConfig
+    from shared.messages import AddRequest, SamplingParams
+
+    monkeypatch.setenv(TIMEOUT_ENV, "2")
+    engine = Engine(EngineConfig(model="random:tiny", device="cpu", dtype="float32", tensor_parallel_size=2,
+                                 cache=CacheConfig(block_size=16, num_blocks=32)).validate())
+    followers = engine.group.followers
+    try:
+        def once(rid: str) -> list[int]:
+            request = AddRequest(request_id=rid, prompt_token_ids=[3, 4, 5, 6],
+                                 sampling=SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+            return engine.run([request])[rid][0].token_ids
+
+        first = once("a")
+        time.sleep(4)
+        assert once("b") == first and len(first) == 6
+        assert all(p.poll() is None for p in followers)
+    finally:
+        engine.close()
+    assert [p.returncode for p in followers] == [0]          # ended by the shutdown broadcast

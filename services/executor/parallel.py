@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from shared.config import Config, EngineConfig
 
 log = logging.getLogger("pagedserve.executor")
+TIMEOUT_ENV = "PAGEDSERVE_DIST_TIMEOUT_S"    # seconds a model collective may wait for a peer (600)
 
 
 def free_tcp_address(host: str = "127.0.0.1") -> str:
@@ -53,10 +55,16 @@ def free_tcp_address(host: str = "127.0.0.1") -> str:
 
 @dataclass
 class TensorParallel:
-    """This process's place in the group and the collectives the model and worker need."""
+    """This process's place in the group and the collectives the model and worker need.
+
+    Two process groups: the default one (NCCL on CUDA, gloo on CPU; ``timeout_s``) carries the
+    model's all-reduces and all-gathers, and a gloo ``control`` group on CPU tensors carries rank
+    0's broadcasts (plans, tokens, sizes). The control group never times out: ranks 1..N-1 wait
+    in it for the next plan as long as the server is idle. A dead rank still breaks it at once."""
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    control: Optional[object] = None
 
     @property
     def enabled(self) -> bool:
@@ -68,7 +76,8 @@ class TensorParallel:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
-        return cls(rank, world_size, device)
+        control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=3650))
+        return cls(rank, world_size, device, control)
 
     def all_reduce(self, x: Tensor) -> Tensor:
         dist.all_reduce(x)
@@ -81,21 +90,20 @@ class TensorParallel:
         return torch.cat(parts, dim=-1)[:, :vocab_size]
 
     def broadcast_bytes(self, data: Optional[bytes]) -> bytes:
-        """Rank 0's ``data`` on every rank (a length, then the bytes)."""
-        n = torch.tensor([len(data) if self.rank == 0 else 0], dtype=torch.int64, device=self.device)
-        dist.broadcast(n, 0)
+        """Rank 0's ``data`` on every rank (a length, then the bytes; the control group)."""
+        n = torch.tensor([len(data) if self.rank == 0 else 0], dtype=torch.int64)
+        dist.broadcast(n, 0, group=self.control)
         if self.rank == 0:
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device) if data else \
-                torch.empty(0, dtype=torch.uint8, device=self.device)
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         else:
-            buf = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
+            buf = torch.empty(int(n.item()), dtype=torch.uint8)
         if buf.numel():
-            dist.broadcast(buf, 0)
-        return data if self.rank == 0 else bytes(buf.cpu().numpy())
+            dist.broadcast(buf, 0, group=self.control)
+        return data if self.rank == 0 else bytes(buf.numpy())
 
     def broadcast_ints(self, values: list[int]) -> list[int]:
-        t = torch.tensor(values, dtype=torch.int64, device=self.device)
-        dist.broadcast(t, 0)
+        t = torch.tensor(values, dtype=torch.int64)
+        dist.broadcast(t, 0, group=self.control)
         return t.tolist()
 
     def shutdown(self) -> None:
@@ -265,7 +273,7 @@ def start_group(config: "Config") -> Group:
         device = torch.device("cuda", rank % torch.cuda.device_count())
         engine = replace(engine, device=str(device))
     try:
-        tp = TensorParallel.join(rank, world, init, device)
+        tp = TensorParallel.join(rank, world, init, device, float(os.environ.get(TIMEOUT_ENV, 600)))
     except BaseException:
         for p in followers:
             p.kill()
