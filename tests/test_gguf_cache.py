@@ -100,3 +100,26 @@ def test_an_unwritable_cache_still_loads(gguf_file, tmp_path, caplog):
 def test_the_root_follows_pagedserve_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path))
     assert gguf_cache.cache_root() == tmp_path
+
+
+def test_the_cached_config_is_read_without_the_tensors(gguf_file, tmp_path, monkeypatch):
+    """What tensor parallelism checks before starting its ranks: the config alone, from the entry."""
+    root = tmp_path / "cache"
+    assert gguf_cache.cached_config(str(gguf_file), root=root) is None          # not converted yet
+    conv = Converter(gguf_file)
+    gguf_cache.load_or_convert(str(gguf_file), conv, root=root)
+    config = gguf_cache.cached_config(str(gguf_file), root=root)
+    assert config.num_attention_heads == 2 and config.vocab_size == 16
+    monkeypatch.setenv("PAGEDSERVE_GGUF_CACHE", "0")
+    assert gguf_cache.cached_config(str(gguf_file), root=root) is None
+
+
+def test_a_random_preset_and_a_folder_give_their_config_without_weights(tmp_path):
+    from services.executor.weights import load_model_config
+    from shared.model_path import resolve_model
+    from tests import model_families as mf
+
+    assert load_model_config(resolve_model("random:tiny")).num_heads == 4
+    folder = mf.make_checkpoint("qwen3", tmp_path / "qwen3")
+    config = load_model_config(resolve_model(folder))
+    assert (config.architecture, config.head_dim, config.qk_norm) == ("Qwen3ForCausalLM", 32, True)

@@ -58,6 +58,15 @@ def _dist_version(name: str) -> str:
         return "unknown"
 
 
+def cached_config(gguf_path: str, root: Path | None = None):
+    """The HF config of ``gguf_path``'s cache entry, or None (no entry, or the cache is off)."""
+    entry = (root or cache_root()) / f"gguf-{entry_key(gguf_path)}"
+    if not enabled() or not (entry / _CONFIG).is_file():
+        return None
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(str(entry), local_files_only=True)
+
+
 def load_or_convert(gguf_path: str, convert: Callable[[], tuple[object, dict[str, Tensor]]],
                     root: Path | None = None):
     """(HF config, state dict) from the cache entry of ``gguf_path``, else from ``convert()``, whose

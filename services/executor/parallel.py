@@ -260,6 +260,10 @@ def start_group(config: "Config") -> Group:
         raise ConfigError(f"--rank {process.rank} is not below --tensor-parallel-size {world}")
     if process.rank >= 0 and not process.dist_init:
         raise ConfigError("--rank needs --dist-init tcp://HOST:PORT (rank 0's address)")
+    from services.executor.weights import load_model_config
+    from shared.model_path import resolve_model
+
+    local_shape(load_model_config(resolve_model(engine.model)), world)    # refuse before a rank starts
     threads = process.num_threads or threads_per_rank(world)
     torch.set_num_threads(threads)
     rank, init, followers = process.rank, process.dist_init, []

@@ -210,6 +210,23 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.
     return _finish(model, cfg, dtype, device)
 
 
+def load_model_config(source: ModelSource) -> ModelConfig:
+    """The model's ``ModelConfig`` without its weights (a config file or a GGUF's metadata)."""
+    from transformers import AutoConfig
+
+    if source.random_preset is not None:
+        return ModelConfig.from_preset(source.random_preset)
+    if source.directory is None:
+        raise ValueError(f"{source.name!r} has no files to load")
+    if source.gguf_file:                  # the converted cache's config.json, else the GGUF's metadata
+        from services.executor import gguf_cache
+        cached = gguf_cache.cached_config(os.path.join(source.directory, source.gguf_file))
+        if cached is not None:
+            return ModelConfig.from_hf(cached)
+    return ModelConfig.from_hf(AutoConfig.from_pretrained(source.directory, gguf_file=source.gguf_file,
+                                                          local_files_only=True))
+
+
 def load_model(source: ModelSource, *, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", seed: int = 0,
                max_seq_len: Optional[int] = None) -> LoadedModel:
