@@ -46,6 +46,11 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def cpu_share(processes: int) -> int:
+    """CPU threads for each of ``processes`` executor processes sharing this machine's cores."""
+    return max(1, cpu_cores() // processes)
+
+
 def service_commands(config: Config, sock_dir: str) -> dict[str, list[str]]:
     """The command lines, keyed by child name, in start order: each child's argv is generated
     from ``config`` for its service, with the socket addresses serve picks. One engine:
@@ -53,7 +58,7 @@ def service_commands(config: Config, sock_dir: str) -> dict[str, list[str]]:
     n = config.process.data_parallel_size
     suffixes = [""] if n == 1 else [f"-{i}" for i in range(n)]
     ranks = n * config.engine.tensor_parallel_size        # executor processes in all
-    threads = config.process.num_threads or (max(1, cpu_cores() // ranks) if n > 1 else 0)
+    threads = config.process.num_threads or (cpu_share(ranks) if n > 1 else 0)
     commands, scheduler_addrs = {}, []
     for suffix in suffixes:
         executor_addr = ipc_address(sock_dir, f"executor{suffix}")

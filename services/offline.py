@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from services.scheduler.step_loop import StepFailed, run_step
-from shared.config import EngineConfig, add_options, config_from_args, resolve_with_executor
+from shared.config import Config, EngineConfig, add_options, config_from_args, resolve_with_executor
 from shared.messages import AddRequest, GrammarSpec, RequestOutput, SamplingParams, TokenLogprobs
 
 
@@ -38,21 +38,13 @@ class Engine:
 
     def __init__(self, config: EngineConfig, worker=None, tokenizer=None):
         """``tokenizer``: the model's (HF fast) tokenizer, for structured outputs; None: none."""
-        from services.executor.worker import Worker
+        from services.executor.worker import Worker, start_worker
         from services.scheduler.grammar import GrammarBackend, llguidance_tokenizer
         from services.scheduler.scheduler import Scheduler
 
         self.group = None            # tensor parallel: this process is rank 0 (parallel.py)
         if worker is None and config.tensor_parallel_size > 1:
-            from services.executor.parallel import start_group
-            from shared.config import Config
-
-            self.group = start_group(Config(engine=config))
-            try:
-                worker = Worker(self.group.engine, tp=self.group.tp)
-            except BaseException:
-                self.group.close(timeout=5)
-                raise
+            worker, self.group = start_worker(Config(engine=config))
         self.worker = worker if worker is not None else Worker(config)
         self.ready = r = self.worker.ready()
         sched, cache = resolve_with_executor(config.scheduler, config.cache, self.ready)

@@ -226,11 +226,6 @@ def spawn_followers(argv: list[str], world: int, init: str) -> list[subprocess.P
             for rank in range(1, world)]
 
 
-def threads_per_rank(world: int) -> int:
-    from services.launcher import cpu_cores
-    return max(1, cpu_cores() // world)
-
-
 @dataclass
 class Group:
     """This process's rank, the engine config it runs with, and the ranks it started."""
@@ -264,7 +259,9 @@ def start_group(config: "Config") -> Group:
     from shared.model_path import resolve_model
 
     local_shape(load_model_config(resolve_model(engine.model)), world)    # refuse before a rank starts
-    threads = process.num_threads or threads_per_rank(world)
+    from services.launcher import cpu_share
+
+    threads = process.num_threads or cpu_share(world)
     torch.set_num_threads(threads)
     rank, init, followers = process.rank, process.dist_init, []
     if rank < 0:

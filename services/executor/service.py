@@ -113,24 +113,22 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch                                   # only once the flags are good
 
-    from services.executor.parallel import follow, start_group
-    from services.executor.worker import Worker
+    from services.executor.parallel import follow
+    from services.executor.worker import Worker, start_worker
 
     group = None
     try:
         if config.tensor_parallel_size > 1:
-            group = start_group(full)
-            config = group.engine
-        elif full.process.num_threads:
-            torch.set_num_threads(full.process.num_threads)
-        worker = Worker(config, tp=group.tp) if group else Worker(config)
+            worker, group = start_worker(full)
+        else:
+            if full.process.num_threads:
+                torch.set_num_threads(full.process.num_threads)
+            worker = Worker(config)
     except ConfigError as e:
         print(f"pagedserve executor: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError, MemoryError, RuntimeError) as e:
         print(f"pagedserve executor: {e}", file=sys.stderr)
-        if group is not None:
-            group.close(timeout=5)
         return 1
     if group is not None and group.tp.rank > 0:
         try:

@@ -35,10 +35,10 @@ from torch import Tensor
 
 from services.executor.attention import AttentionMetadata, get_backend
 from services.executor.kv_cache import KVCache, activation_bytes, plan_num_blocks, plan_num_host_blocks
-from services.executor.parallel import NO_PARALLEL, TensorParallel, shard_model
+from services.executor.parallel import NO_PARALLEL, Group, TensorParallel, shard_model, start_group
 from services.executor.sampler import Sampler, SamplingMetadata
 from services.executor.weights import LoadedModel, load_model
-from shared.config import DEFAULT_MAX_MODEL_LEN, EngineConfig
+from shared.config import DEFAULT_MAX_MODEL_LEN, Config, EngineConfig
 from shared.messages import ExecutorError, ExecutorReady, SamplingParams, StepPlan, StepResult, encode
 from shared.model_path import resolve_model
 from shared.step_check import CheckedPlan, PlanError, SeqShape, StepLimits, check_masks_size, validate_plan
@@ -238,22 +238,20 @@ class Worker:
             return StepResult(step_id=plan.step_id, seq_ids=[], token_ids=[])
 
         states = [self.seqs[sid] for sid in sampled]
+        logprobs = None
         if self.tp.rank > 0:            # rank 0 samples; the tokens come from it
-            for s, t in zip(states, self.tp.broadcast_ints([0] * len(states))):
-                if not s.params.use_beam_search:
-                    s.output.append(t)
-            return StepResult(step_id=plan.step_id, seq_ids=sampled, token_ids=[])
-        meta = SamplingMetadata.build([(s.params, s.prompt, s.output, s.sample_index) for s in states],
-                                      self.device, self._masks(plan, checked, masks))
-        out = self.sampler(logits, meta)
-        tokens = out.token_ids.tolist()                                      # the step's one sync
-        if self.tp.enabled:
-            self.tp.broadcast_ints(tokens)
+            tokens = self.tp.broadcast_ints([0] * len(states))
+        else:
+            meta = SamplingMetadata.build([(s.params, s.prompt, s.output, s.sample_index) for s in states],
+                                          self.device, self._masks(plan, checked, masks))
+            out = self.sampler(logits, meta)
+            tokens, logprobs = out.token_ids.tolist(), out.logprobs          # the step's one sync
+            if self.tp.enabled:
+                self.tp.broadcast_ints(tokens)
         for s, t in zip(states, tokens):
             if not s.params.use_beam_search:     # a beam's next token comes in the plan (appends)
                 s.output.append(t)
-        return StepResult(step_id=plan.step_id, seq_ids=sampled, token_ids=tokens,
-                          logprobs=out.logprobs)
+        return StepResult(step_id=plan.step_id, seq_ids=sampled, token_ids=tokens, logprobs=logprobs)
 
     def _masks(self, plan: StepPlan, checked: CheckedPlan,
                masks: Optional[Callable[[], bytes]]) -> Optional[tuple[list[int], bytes]]:
@@ -339,3 +337,14 @@ class Worker:
         self._pinned_free = torch.cuda.Event()
         self._pinned_free.record()
         return out
+
+
+def start_worker(config: Config) -> tuple[Worker, Group]:
+    """This process's rank of the tensor-parallel group (``parallel.start_group``) and its Worker
+    over its shard; the group ends if the worker cannot be built."""
+    group = start_group(config)
+    try:
+        return Worker(group.engine, tp=group.tp), group
+    except BaseException:
+        group.close(timeout=5)
+        raise

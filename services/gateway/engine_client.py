@@ -13,8 +13,8 @@ here, so request ids never straddle two scheduler lives.
 Several addresses may be given (one gateway fronting several schedulers, ``--data-parallel-size``):
 ``routing.Router`` picks the engine of a new request (by default the one that was sent its prompt's
 longest prefix, else the one with the fewest running + waiting requests in its last stats), and
-the request stays there (aborts are routed by request id). Sockets are created lazily inside the running event loop, so
-an app can be built in one thread and served by uvicorn in another.
+the request stays there (aborts are routed by request id). Sockets are created lazily inside the
+running event loop, so an app can be built in one thread and served by uvicorn in another.
 """
 from __future__ import annotations
 
