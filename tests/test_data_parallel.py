@@ -53,7 +53,8 @@ def test_two_engines_behind_one_gateway(tmp_path):
                                         str(BS), "--max-model-len", "4096", "--data-parallel-size", "2"], tmp_path)
     launcher = psutil.Process(proc.pid)
     try:
-        wait_healthy(base, proc, log_path)
+        wait_healthy(base, proc, log_path)          # healthy once one engine is: wait for both
+        assert wait_until(lambda: per_engine(base, "pagedserve:executor_ready") == {"0": 1.0, "1": 1.0}, 120, 0.3)
         # each executor got its share of the cores (--num-threads reached both)
         threads = max(1, cpu_cores() // 2)
         assert log_path.read_text().count(f", {threads} CPU threads") == 2, log_path.read_text()[-3000:]

@@ -543,6 +543,39 @@ def test_engine_client_spreads_over_schedulers(tokenizer):
             f.close()
 
 
+def test_engine_client_routes_around_an_engine_whose_executor_is_not_ready(tokenizer):
+    """Two schedulers, one still waiting for its executor: every request goes to the ready one
+    (one of them would otherwise get not_ready), and to both once both are ready."""
+    import asyncio
+
+    from shared.messages import SamplingParams
+
+    fakes = [FakeScheduler(tokenizer, reply="x " * 50, token_delay=0.01) for _ in range(2)]
+    fakes[0].executor_ready = False
+
+    async def main():
+        engine = EngineClient([f.addr for f in fakes], stats_ttl=0.0)
+        got = []
+        for i in range(4):
+            await engine.stats()                 # what the handlers do before each request
+            got.append([o async for o in await engine.add(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=2))])
+        fakes[0].executor_ready = True
+        await engine.stats()
+        streams = [await engine.add(f"s{i}", [1, 2, 3], SamplingParams(max_tokens=2)) for i in range(2)]
+        for s in streams:
+            got.append([o async for o in s])
+        await engine.close()
+        return got
+
+    try:
+        got = asyncio.run(main())
+        assert all(sum(len(o.token_ids) for o in outs) == 2 for outs in got)
+        assert [len(f.requests) for f in fakes] == [1, 5]
+    finally:
+        for f in fakes:
+            f.close()
+
+
 def test_metrics_carry_the_engine_label_of_each_scheduler(tokenizer):
     """Two schedulers behind one gateway: their stats come out under engine "0" and "1" (address
     order), and each request's latency and finish series under the engine that served it."""

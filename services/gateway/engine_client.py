@@ -248,8 +248,11 @@ class EngineClient:
                 raise EngineError(UNAVAILABLE, "no scheduler is reachable; retry shortly")
         if len(self._conns) == 1:
             return up[0]
+        # an engine whose scheduler is up but whose executor is not (loading, recovering) would
+        # answer not_ready: route around it while another engine is ready
+        ready = [c for c in up if c.last_stats is None or c.last_stats.executor_ready] or up
         block_size = max((c.last_stats.block_size for c in self._conns if c.last_stats), default=0)
-        loads = [c.load() if c.up.is_set() else None for c in self._conns]
+        loads = [c.load() if c in ready else None for c in self._conns]
         return self._conns[self.router.pick(loads, [c.life for c in self._conns], prompt_ids, block_size,
                                             cache_salt)]
 
