@@ -175,3 +175,13 @@ def test_resumed_sample_keeps_its_own_seeded_stream(tiny_config, worker):
     fresh = Worker.from_loaded(worker.loaded, tiny_config)
     r = fresh.execute(StepPlan(step_id=0, new=[NewSeq(2, prompt, [first[2]], [3, 4], 0, 7, params, 1)]))
     assert r.token_ids == [second[2]]
+
+
+@pytest.mark.parametrize("argv,refused", [
+    (["--rank", "2", "--dist-init", "tcp://127.0.0.1:1"], "--rank 2 is not below --tensor-parallel-size 2"),
+    (["--rank", "1"], "--rank needs --dist-init tcp://HOST:PORT"),
+])
+def test_a_tensor_parallel_rank_that_cannot_be_is_a_cli_error(argv, refused, capsys):
+    from services.cli import main
+    assert main(["executor", "--model", "random:tiny", "--device", "cpu", "--tensor-parallel-size", "2", *argv]) == 2
+    assert refused in capsys.readouterr().err
